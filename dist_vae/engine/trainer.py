@@ -67,11 +67,17 @@ class Window:
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
-    # On CPU Accelerate must be told gloo, or every process believes it is rank 0 of 1; a single
-    # process (WORLD_SIZE unset) must get no backend at all.
-    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if multi_cpu else []
-    accelerator = Accelerator(mixed_precision=_PRECISION[cfg.train.precision], kwargs_handlers=handlers)
+    # Without a GPU, Accelerate needs cpu=True to treat torchrun's processes as MULTI_CPU (else it
+    # reports DistributedType.NO and nothing is wrapped in DDP), but cpu=True also turns DeepSpeed
+    # off, which handles CPU by itself. Either way the backend must be gloo, not MPI.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    no_gpu = not torch.cuda.is_available()
+    cpu = no_gpu and not deepspeed
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if no_gpu and multi else []
+    accelerator = Accelerator(
+        cpu=cpu, mixed_precision=_PRECISION[cfg.train.precision], kwargs_handlers=handlers
+    )
     # The launcher's environment may carry its own accumulation count; the run config decides.
     accelerator.gradient_accumulation_steps = cfg.train.accumulate
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
