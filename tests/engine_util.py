@@ -52,8 +52,8 @@ def free_port() -> int:
 
 
 def train_args(run_dir: Path, shards: Path, *overrides: str) -> list[str]:
-    return ["--config", str(ROOT / "configs" / "debug.yaml"), f"run_dir={run_dir}", f"data.path={shards}", *TINY,
-            *overrides]  # fmt: skip
+    config = str(ROOT / "configs" / "debug.yaml")
+    return ["--config", config, f"run_dir={run_dir}", f"data.path={shards}", *TINY, *overrides]
 
 
 def python_cmd(run_dir: Path, shards: Path, *overrides: str) -> list[str]:
@@ -71,7 +71,9 @@ def env(**extra: str) -> dict[str, str]:
 
 
 def run(cmd: list[str], timeout: float = 240, **extra_env: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=env(**extra_env), capture_output=True, text=True, timeout=timeout
+    )
     return proc
 
 
@@ -91,7 +93,9 @@ def checkpoint_contents(path: Path) -> dict[str, Any]:
 def assert_same(a: Any, b: Any, where: str = "") -> None:
     """Recursive exact equality of nested checkpoint contents; the message names the first difference."""
     if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"tensor differs at {where}"
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), (
+            f"tensor differs at {where}"
+        )
     elif isinstance(a, np.ndarray):
         assert np.array_equal(a, b), f"array differs at {where}"
     elif isinstance(a, dict):

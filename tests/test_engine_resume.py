@@ -53,7 +53,11 @@ def test_sigkill_at_random_moments_always_resumes(reference: Path, demo_shards: 
         proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         started = time.monotonic()
         # Wait for the process to get going (imports take seconds), then kill at a random moment.
-        while not complete_checkpoints(tmp_path)[kills:] and proc.poll() is None and time.monotonic() - started < 120:
+        while (
+            not complete_checkpoints(tmp_path)[kills:]
+            and proc.poll() is None
+            and time.monotonic() - started < 120
+        ):
             time.sleep(0.05)
         time.sleep(rng.uniform(0.0, 1.5))
         if proc.poll() is not None:
@@ -66,4 +70,6 @@ def test_sigkill_at_random_moments_always_resumes(reference: Path, demo_shards: 
     assert (tmp_path / "done").is_file()
     assert all((path / COMPLETE).is_file() for _, path in complete_checkpoints(tmp_path))
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp")]
-    assert_same(checkpoint_contents(final_checkpoint(reference)), checkpoint_contents(final_checkpoint(tmp_path)))
+    assert_same(
+        checkpoint_contents(final_checkpoint(reference)), checkpoint_contents(final_checkpoint(tmp_path))
+    )

@@ -123,10 +123,10 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
+        resume_from = checkpoint.resolve_resume(cfg.resume, self.run_dir)
         self.accelerator = make_accelerator(cfg)
         acc = self.accelerator
         self.batch_size = per_rank_batch(cfg)
-        resume_from = checkpoint.resolve_resume(cfg.resume, self.run_dir)
         if acc.is_main_process:
             checkpoint.clean_partial(self.run_dir)
             write_text_atomic(self.run_dir / "config.yaml", to_yaml(cfg))
