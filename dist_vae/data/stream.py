@@ -206,7 +206,7 @@ class _Plan:
             offset += count
         return segments
 
-    def _samples(self, epoch: int, start: int, stop: int, bad: list[str]) -> Iterator[bytes]:
+    def _samples(self, epoch: int, start: int, stop: int, bad: list[tuple[str, str]]) -> Iterator[bytes]:
         """The range's encoded images, then (only if a bad shard left it short) the ones after it."""
         order = self.shard_order(epoch)
         fallback = self._segments(order, stop, self.total) + self._segments(order, 0, start)
@@ -215,14 +215,16 @@ class _Plan:
             try:
                 images = _read_shard(self.directory / entry["name"], entry)
             except _BadShard as exc:
-                bad.append(f"{self.directory / entry['name']}: {exc}")
+                bad.append((entry["name"], str(exc)))
                 continue
             yield from images[lo:hi]
 
-    def lane_batches(self, lane: int, epoch: int, skip: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    def lane_batches(
+        self, lane: int, epoch: int, skip: int
+    ) -> Iterator[tuple[torch.Tensor, list[tuple[str, str]]]]:
         """Lane `lane`'s batches of `epoch` (uint8 [b,3,R,R]), the first `skip` of them not decoded."""
         sizes, start, stop = self.lane_range(epoch, lane)
-        bad: list[str] = []
+        bad: list[tuple[str, str]] = []
         samples = islice(self._samples(epoch, start, stop, bad), stop - start)
         if self.training and self.shuffle_buffer > 1:
             samples = _shuffled(
@@ -233,9 +235,8 @@ class _Plan:
             raw = list(islice(samples, size))
             flip = [self.flip and flips.random() < 0.5 for _ in raw]
             if len(raw) < size:
-                raise DataError(
-                    f"{self.directory}: too few readable shards to fill a batch ({'; '.join(bad)})"
-                )
+                reasons = "; ".join(f"{name}: {why}" for name, why in bad)
+                raise DataError(f"{self.directory}: too few readable shards to fill a batch ({reasons})")
             if i < skip:
                 continue
             batch = np.stack([_decode(data, self.resolution, f) for data, f in zip(raw, flip, strict=True)])
@@ -250,7 +251,7 @@ class _LaneDataset(IterableDataset):
         super().__init__()
         self.plan, self.epoch, self.batch = plan, epoch, batch
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[tuple[str, str]]]]:
         plan = self.plan
         info = get_worker_info()
         worker = info.id if info is not None else 0
@@ -320,9 +321,14 @@ class ShardStream:
                 f"split {split!r} of {directory} has {self.total} images: too few for "
                 f"world_size {world_size} x batch_size {self.batch_size}"
             )
-        self.skipped_shards = 0  # bad shards met while reading (again on each pass that meets them)
+        self.bad_shards: dict[str, str] = {}  # shard name -> why it was skipped
         self._epoch = 0
         self._batch = 0
+
+    @property
+    def skipped_shards(self) -> int:
+        """How many distinct shards were found bad and skipped so far."""
+        return len(self.bad_shards)
 
     @property
     def epoch(self) -> int:
@@ -365,9 +371,10 @@ class ShardStream:
         dataset = _LaneDataset(self._plan, self._epoch, self._batch)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
         for images, bad in loader:
-            for message in bad:
-                self.skipped_shards += 1
-                log.warning("skipped shard %s", message)
+            for name, why in bad:
+                if name not in self.bad_shards:
+                    self.bad_shards[name] = why
+                    log.warning("skipped shard %s: %s", self._plan.directory / name, why)
             self._batch += 1
             if self._batch == self.batches_per_epoch:
                 self._epoch, self._batch = self._epoch + 1, 0
