@@ -160,7 +160,7 @@ def test_bad_directories_and_settings_are_named(shard_dir: Path, tmp_path: Path)
     with pytest.raises(DataError, match=r"manifest\.json is not valid JSON"):
         read_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text(
-        json.dumps({"resolution": 8, "splits": {"train": {"shards": [{}]}}})
+        json.dumps({"resolution": 8, "format": "png", "splits": {"train": {"shards": [{}]}}})
     )
     with pytest.raises(DataError, match=r"splits.train.shards\[0\]"):
         read_manifest(tmp_path)

@@ -37,7 +37,7 @@ from dist_vae.config import DataConfig
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("webp", "png", "jpg")
+PIL_FORMATS = {"webp": "WEBP", "png": "PNG", "jpg": "JPEG"}  # manifest format -> the one decoder to try
 STATE_VERSION = 1
 
 
@@ -61,6 +61,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 
     need(isinstance(manifest, dict), "a JSON object")
     need(isinstance(manifest.get("resolution"), int), "an integer 'resolution'")
+    need(manifest.get("format") in PIL_FORMATS, f"a 'format' among {sorted(PIL_FORMATS)}")
     need(isinstance(manifest.get("splits"), dict), "a 'splits' object")
     for split, body in manifest["splits"].items():
         need(
@@ -97,7 +98,7 @@ def _read_shard(path: Path, entry: dict[str, Any]) -> list[bytes]:
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for member in tar:
-                if member.isfile() and member.name.rpartition(".")[2] in IMAGE_EXTENSIONS:
+                if member.isfile() and member.name.rpartition(".")[2] in PIL_FORMATS:
                     images.append(tar.extractfile(member).read())  # type: ignore[union-attr]
     except tarfile.TarError as exc:
         raise _BadShard(f"not a readable tar ({exc})") from exc
@@ -120,13 +121,12 @@ def _shuffled(items: Iterator[bytes], size: int, rng: random.Random) -> Iterator
     yield from buffer
 
 
-def _decode(data: bytes, resolution: int, flip: bool) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as img:
+def _decode(data: bytes, pil_format: str, resolution: int, flip: bool) -> Image.Image:
+    with Image.open(io.BytesIO(data), formats=[pil_format]) as img:
         img = img.convert("RGB")
     if img.size != (resolution, resolution):
         img = img.resize((resolution, resolution), Image.LANCZOS)
-    array = np.asarray(img)
-    return array[:, ::-1] if flip else array
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img
 
 
 class _Plan:
@@ -137,6 +137,7 @@ class _Plan:
         directory: Path,
         shards: list[dict[str, Any]],
         *,
+        pil_format: str,
         resolution: int,
         batch_size: int,
         rank: int,
@@ -147,7 +148,7 @@ class _Plan:
         flip: bool,
         shuffle_buffer: int,
     ) -> None:
-        self.directory, self.shards = directory, shards
+        self.directory, self.shards, self.pil_format = directory, shards, pil_format
         self.resolution, self.batch_size, self.rank, self.world_size = (
             resolution,
             batch_size,
@@ -222,7 +223,7 @@ class _Plan:
     def lane_batches(
         self, lane: int, epoch: int, skip: int
     ) -> Iterator[tuple[torch.Tensor, list[tuple[str, str]]]]:
-        """Lane `lane`'s batches of `epoch` (uint8 [b,3,R,R]), the first `skip` of them not decoded."""
+        """Lane `lane`'s batches of `epoch` ([b,3,R,R] in [-1, 1]), the first `skip` of them not decoded."""
         sizes, start, stop = self.lane_range(epoch, lane)
         bad: list[tuple[str, str]] = []
         samples = islice(self._samples(epoch, start, stop, bad), stop - start)
@@ -239,8 +240,12 @@ class _Plan:
                 raise DataError(f"{self.directory}: too few readable shards to fill a batch ({reasons})")
             if i < skip:
                 continue
-            batch = np.stack([_decode(data, self.resolution, f) for data, f in zip(raw, flip, strict=True)])
-            yield torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2))), bad[:]
+            # Converted here, in the worker (torch gives workers one thread): the main process only waits.
+            images = torch.empty((len(raw), 3, self.resolution, self.resolution))
+            for k, (data, f) in enumerate(zip(raw, flip, strict=True)):
+                pixels = np.array(_decode(data, self.pil_format, self.resolution, f))
+                images[k].copy_(torch.from_numpy(pixels).permute(2, 0, 1))
+            yield images.div_(127.5).sub_(1.0), bad[:]
             bad.clear()
 
 
@@ -304,6 +309,7 @@ class ShardStream:
         self._plan = _Plan(
             directory,
             manifest["splits"][split]["shards"],
+            pil_format=PIL_FORMATS[manifest["format"]],
             resolution=cfg.resolution,
             batch_size=self.batch_size,
             rank=rank,
@@ -378,4 +384,4 @@ class ShardStream:
             self._batch += 1
             if self._batch == self.batches_per_epoch:
                 self._epoch, self._batch = self._epoch + 1, 0
-            yield images.float().div_(127.5).sub_(1.0)
+            yield images
