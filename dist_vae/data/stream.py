@@ -149,14 +149,9 @@ class _Plan:
         shuffle_buffer: int,
     ) -> None:
         self.directory, self.shards, self.pil_format = directory, shards, pil_format
-        self.resolution, self.batch_size, self.rank, self.world_size = (
-            resolution,
-            batch_size,
-            rank,
-            world_size,
-        )
-        self.lanes, self.seed, self.training = lanes, seed, training
-        self.flip, self.shuffle_buffer = flip, shuffle_buffer
+        self.resolution, self.batch_size = resolution, batch_size
+        self.rank, self.world_size, self.lanes = rank, world_size, lanes
+        self.seed, self.training, self.flip, self.shuffle_buffer = seed, training, flip, shuffle_buffer
         self.total = sum(s["count"] for s in shards)
         per_round = world_size * batch_size
         self.batches_per_epoch = self.total // per_round if training else math.ceil(self.total / per_round)
@@ -367,7 +362,8 @@ class ShardStream:
                 )
         if not 0 <= state["batch"] < self.batches_per_epoch or state["epoch"] < 0:
             raise DataError(
-                f"data stream state position (epoch, batch) = ({state['epoch']}, {state['batch']})"
+                f"data stream state position (epoch, batch) = ({state['epoch']}, {state['batch']}): "
+                f"expected epoch >= 0 and batch in [0, {self.batches_per_epoch})"
             )
         self._epoch, self._batch = state["epoch"], state["batch"]
 
@@ -375,7 +371,9 @@ class ShardStream:
         if not self.training:
             self._epoch, self._batch = 0, 0
         dataset = _LaneDataset(self._plan, self._epoch, self._batch)
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
+        loader = DataLoader(
+            dataset, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available()
+        )
         for images, bad in loader:
             for name, why in bad:
                 if name not in self.bad_shards:
