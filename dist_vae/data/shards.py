@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 from collections import Counter
@@ -111,7 +112,9 @@ def square_image(data: bytes, resolution: int) -> Image.Image:
         with Image.open(io.BytesIO(data)) as img:
             img = img.convert("RGB")
     except Exception as exc:  # PIL raises many unrelated types for damaged data
-        raise SkipImage("undecodable", f"{type(exc).__name__}: {exc}") from exc
+        # Messages may quote object addresses, which would make the manifest differ run to run.
+        detail = re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(exc).__name__}: {exc}")
+        raise SkipImage("undecodable", detail) from exc
     w, h = img.size
     scale = resolution / min(w, h)
     size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
