@@ -135,6 +135,9 @@ def test_a_killed_run_is_finished_by_the_next(tmp_path: Path) -> None:
     proc.wait()
     assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
     assert 3 <= len(list(out.glob("*.tar"))) < 80
+    other = ShardSettings(source=f"lmdb:{lmdb_path}", resolution=16, shard_size=1, val_fraction=0.2)
+    with pytest.raises(ValueError, match="holds an unfinished run with settings"):
+        build_shards(other, out, progress=False)
 
     subprocess.run([*cmd, "--out", str(out)], env=env, check=True, capture_output=True)
     subprocess.run([*cmd, "--out", str(tmp_path / "whole")], env=env, check=True, capture_output=True)

@@ -240,6 +240,18 @@ def _finished_manifest(out: Path, settings: ShardSettings) -> dict[str, Any] | N
     return manifest
 
 
+def _claim_progress(out: Path, settings: ShardSettings) -> None:
+    """Mark `.progress/` as this settings' work; an unfinished run with other settings is refused."""
+    path = out / PROGRESS_DIR / "settings.json"
+    if path.is_file() and json.loads(path.read_text()) != asdict(settings):
+        raise ShardError(
+            f"{out} holds an unfinished run with settings {json.loads(path.read_text())}, not "
+            f"{asdict(settings)}: finish it with those settings, or choose another --out"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(path, asdict(settings))
+
+
 def _done_record(out: Path, job: ShardJob) -> dict[str, Any] | None:
     """The record of a shard a previous run finished, if its file still matches it."""
     progress = out / PROGRESS_DIR / f"{job.name}.json"
@@ -267,11 +279,10 @@ def build_shards(
     if settings.limit is not None:
         keys = keys[: settings.limit]
     jobs = plan(keys, settings)
-    (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
+    _claim_progress(out, settings)
     for stale in [*out.glob("*.tmp-*"), *(out / PROGRESS_DIR).glob("*.tmp-*")]:
         stale.unlink()
-    records = {job.name: _done_record(out, job) for job in jobs}
-    pending = [job for job in jobs if records[job.name] is None]
+    pending = [job for job in jobs if _done_record(out, job) is None]
     bar = tqdm(
         total=len(keys),
         initial=len(keys) - sum(len(j.keys) for j in pending),
