@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import webdataset as wds
 from PIL import Image
 
 from dist_vae.data.shards import ShardSettings, build_shards
@@ -147,3 +148,16 @@ def test_a_killed_run_is_finished_by_the_next(tmp_path: Path) -> None:
     }
     assert not (out / ".progress").exists() and not list(out.glob("*.tmp-*"))
     assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["count"] > 50
+
+
+def test_limit_and_jpeg_output_are_readable_by_webdataset(mixed_lmdb, tmp_path: Path) -> None:
+    path, items, _, corrupt = mixed_lmdb
+    settings = settings_for(path, format="jpg", quality=90, limit=10, val_fraction=0.0)
+    manifest = build_shards(settings, tmp_path / "out", progress=False)
+    first = sorted(items)[:10]
+    assert manifest["splits"]["train"]["count"] + manifest["skipped"]["count"] == 10
+    assert manifest["skipped"]["count"] == len(corrupt & set(first))
+    urls = [str(tmp_path / "out" / s["name"]) for s in manifest["splits"]["train"]["shards"]]
+    samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+    assert {json.loads(s["json"])["key"] for s in samples} == set(first) - corrupt
+    assert all(sniff_format(s["jpg"]) == "jpeg" for s in samples)
