@@ -4,11 +4,14 @@ Everything is computed from the manifest's per-shard counts, so every rank agree
 an epoch lays the split's shards end to end (in a seeded order when training) as one sequence of
 `total` samples; rank r takes the contiguous range [r * n, (r + 1) * n) with n = batches_per_epoch *
 batch_size (the remainder is dropped), so every rank yields the same number of batches whatever the
-shard sizes. Within a rank, global batch g belongs to "lane" g % L (L = max(1, num_workers)) and each
-lane reads its own contiguous sub-range, so DataLoader's round-robin over workers returns batches in
-order. The position (epoch, batch) is all a restart needs: the lanes replay their shard reads and
-shuffle buffers from the start of the epoch without decoding, and the workers are rotated so the
-first worker serves the next batch.
+shard sizes. Evaluation (training=False) instead cuts the split, in manifest order, into
+world_size * batches_per_epoch near-equal batches: nothing is dropped and the counts still match.
+
+Within a rank, global batch g belongs to "lane" g % L (L = max(1, num_workers)) and each lane reads
+its own contiguous sub-range, so DataLoader's round-robin over workers returns batches in order.
+The position (epoch, batch) is all a restart needs: the lanes replay their shard reads and shuffle
+buffers from the start of the epoch without decoding, and the workers are rotated so the first
+worker serves the next batch.
 
 A shard whose size, sha256 or sample count disagrees with the manifest is skipped with a warning and
 counted; its lane makes up the shortfall from the shards after its range, so batch counts never change.
@@ -77,11 +80,12 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 
 
 def _rng(*parts: object) -> random.Random:
+    """A generator seeded from `parts`, the same in every process (unlike the salted hash())."""
     return random.Random(int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big"))
 
 
 class _BadShard(Exception):
-    pass
+    """A shard that disagrees with its manifest entry; the message says how."""
 
 
 def _read_shard(path: Path, entry: dict[str, Any]) -> list[bytes]:
