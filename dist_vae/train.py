@@ -5,7 +5,7 @@ DeepSpeed ZeRO-1/2, CPU gloo) is chosen by the accelerate config file alone.
 
 Exit codes: 0 when train.steps is reached (RUN_DIR/done is written), 3 (`REQUEUE_EXIT_CODE`) after a
 SIGUSR1/SIGTERM checkpoint (RUN_DIR/requeue is written, since multi-process launchers may report
-their own code instead), 2 for a bad configuration.
+their own code instead), 2 for a bad configuration or unusable data.
 
 Signals under launchers: send SIGUSR1 or SIGTERM to the worker processes (Slurm's `srun` signals
 every task; `kill -- -PGID` does too), or SIGTERM to `accelerate launch`, which forwards it to its
@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dist_vae.config import ConfigError, load_config
+from dist_vae.data.stream import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         from dist_vae.engine.trainer import Trainer
 
         trainer = Trainer(cfg)
-    except ConfigError as exc:
+    except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     code = trainer.fit()

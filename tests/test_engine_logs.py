@@ -1,4 +1,4 @@
-"""One short run with an injected NaN loss: the update is skipped and counted, logs and samples exist."""
+"""One short run with injected NaN and spike losses: both updates skipped and counted; logs and samples."""
 
 from __future__ import annotations
 
@@ -19,44 +19,47 @@ SCALARS = [
 
 
 @pytest.fixture(scope="module")
-def nan_run(demo_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """3 steps; the training forward of step index 1 (the second update) returns a NaN loss."""
-    run_dir = tmp_path_factory.mktemp("nan_run")
-    overrides = ["train.steps=3", "train.checkpoint_every=1", "train.keep_checkpoints=3", "train.log_every=1",
-                 "train.eval_every=3", "train.sample_every=3"]  # fmt: skip
-    check(run(python_cmd(run_dir, demo_shards, *overrides), HARNESS_NAN_AT="1"))
+def bad_run(demo_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 steps, a checkpoint after each; update 1 gets a NaN loss and update 4 a 1000x loss spike."""
+    run_dir = tmp_path_factory.mktemp("bad_run")
+    overrides = ["train.steps=6", "train.checkpoint_every=1", "train.keep_checkpoints=6", "train.log_every=1",
+                 "train.eval_every=3", "train.sample_every=6", "train.spike_warmup=2",
+                 "train.spike_k=50"]  # fmt: skip
+    check(run(python_cmd(run_dir, demo_shards, *overrides), HARNESS_NAN_AT="1", HARNESS_SPIKE_AT="4"))
     return run_dir
 
 
-def test_nan_update_is_skipped_and_counted(nan_run: Path) -> None:
-    assert [step for step, _ in complete_checkpoints(nan_run)] == [1, 2, 3]
-    step1, step2, step3 = (checkpoint_contents(path) for _, path in complete_checkpoints(nan_run))
-    assert step1["trainer.pt"]["skipped"] == {"nonfinite": 0, "spike": 0}
-    assert step2["trainer.pt"]["skipped"] == {"nonfinite": 1, "spike": 0}
-    # The skipped update left weights, optimizer moments and EMA as they were...
-    assert_same(step1["pytorch_model.bin"], step2["pytorch_model.bin"])
-    assert_same(step1["optimizer.bin"]["state"], step2["optimizer.bin"]["state"])
-    assert_same(step1["trainer.pt"]["ema"], step2["trainer.pt"]["ema"])
-    # ...and the next one was applied normally.
-    after = step3["pytorch_model.bin"]
-    assert all(torch.isfinite(w).all() for w in after.values())
-    assert any(not torch.equal(w, after[k]) for k, w in step2["pytorch_model.bin"].items())
+def test_nan_and_spike_updates_are_skipped_and_counted(bad_run: Path) -> None:
+    assert [step for step, _ in complete_checkpoints(bad_run)] == [1, 2, 3, 4, 5, 6]
+    ckpt = {step: checkpoint_contents(path) for step, path in complete_checkpoints(bad_run)}
+    assert ckpt[1]["trainer.pt"]["skipped"] == {"nonfinite": 0, "spike": 0}
+    assert ckpt[2]["trainer.pt"]["skipped"] == {"nonfinite": 1, "spike": 0}
+    assert ckpt[6]["trainer.pt"]["skipped"] == {"nonfinite": 1, "spike": 1}
+    for before, after in [(1, 2), (4, 5)]:  # a skipped update leaves weights, moments and EMA as they were
+        assert_same(ckpt[before]["pytorch_model.bin"], ckpt[after]["pytorch_model.bin"])
+        assert_same(ckpt[before]["optimizer.bin"]["state"], ckpt[after]["optimizer.bin"]["state"])
+        assert_same(ckpt[before]["trainer.pt"]["ema"], ckpt[after]["trainer.pt"]["ema"])
+    for before, after in [(2, 3), (5, 6)]:  # and the next one is applied normally
+        weights = ckpt[after]["pytorch_model.bin"]
+        assert all(torch.isfinite(w).all() for w in weights.values())
+        assert any(not torch.equal(w, weights[k]) for k, w in ckpt[before]["pytorch_model.bin"].items())
 
 
-def test_tensorboard_holds_scalars_and_samples(nan_run: Path) -> None:
-    events = EventAccumulator(str(nan_run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+def test_tensorboard_holds_scalars_and_samples(bad_run: Path) -> None:
+    events = EventAccumulator(str(bad_run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
     tags = events.Tags()
     missing = [tag for tag in SCALARS if tag not in tags["scalars"]]
     assert not missing, f"missing scalars {missing}; have {tags['scalars']}"
-    assert [e.value for e in events.Scalars("skipped/nonfinite")] == [0.0, 1.0, 1.0]
-    assert [e.step for e in events.Scalars("val/bpd")] == [3]
-    assert 0 < events.Scalars("val/bpd")[0].value < 16
+    assert [e.value for e in events.Scalars("skipped/nonfinite")] == [0, 1, 1, 1, 1, 1]
+    assert [e.value for e in events.Scalars("skipped/spike")] == [0, 0, 0, 0, 1, 1]
+    assert [e.step for e in events.Scalars("val/bpd")] == [3, 6]
+    assert all(0 < e.value < 16 for e in events.Scalars("val/bpd"))
+    assert [e.step for e in events.Scalars("lr/main")] == list(range(1, 7))
     assert "samples" in tags["images"]
-    pngs = sorted(p.name for p in (nan_run / "samples").glob("*.png"))
-    assert pngs == ["step-00000003.png"]
-    assert (nan_run / "config.yaml").read_text().count("steps: 3") == 1
-    assert (nan_run / "done").read_text().startswith("step 3")
+    assert sorted(p.name for p in (bad_run / "samples").glob("*.png")) == ["step-00000006.png"]
+    assert (bad_run / "config.yaml").read_text().count("steps: 6") == 1
+    assert (bad_run / "done").read_text().startswith("step 6")
 
 
 @pytest.mark.parametrize(
@@ -65,6 +68,7 @@ def test_tensorboard_holds_scalars_and_samples(nan_run: Path) -> None:
         ("train.bogus=1", ["unknown key 'train.bogus'", "ema_decay"]),
         ("train.precision=fp8", ["train.precision", "fp8", "bf16"]),
         ("resume=/nonexistent/ckpt", ["resume", "/nonexistent/ckpt", "COMPLETE"]),
+        ("data.path=/nonexistent/shards", ["/nonexistent/shards"]),
     ],
 )
 def test_bad_configuration_fails_clearly(

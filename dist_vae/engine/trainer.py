@@ -22,7 +22,7 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from torch import nn
 
 from dist_vae.config import Config, ConfigError, to_yaml
-from dist_vae.data.stream import ShardStream
+from dist_vae.data.stream import ShardStream, read_manifest
 from dist_vae.engine import checkpoint
 from dist_vae.engine.atomic import write_text_atomic
 from dist_vae.engine.ema import EMA
@@ -70,6 +70,9 @@ def make_accelerator(cfg: Config) -> Accelerator:
     # Without a GPU, Accelerate needs cpu=True to treat torchrun's processes as MULTI_CPU (else it
     # reports DistributedType.NO and nothing is wrapped in DDP), but cpu=True also turns DeepSpeed
     # off, which handles CPU by itself. Either way the backend must be gloo, not MPI.
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        # Accelerate would silently run fp32 (no loss scaler) on CPU.
+        raise ConfigError("bad value 'fp16' for 'train.precision': fp16 needs a GPU; use bf16 or fp32 on CPU")
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     no_gpu = not torch.cuda.is_available()
     cpu = no_gpu and not deepspeed
@@ -124,6 +127,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         resume_from = checkpoint.resolve_resume(cfg.resume, self.run_dir)
+        read_manifest(cfg.data.path)  # a wrong data.path fails before any process group exists
         self.accelerator = make_accelerator(cfg)
         acc = self.accelerator
         self.batch_size = per_rank_batch(cfg)
@@ -149,6 +153,7 @@ class Trainer:
         self.stream = ShardStream(
             cfg.data, "train", acc.process_index, acc.num_processes, cfg.seed, batch_size=self.batch_size
         )
+        self._val_stream()  # a missing or too small val split fails now, not at the first evaluation
         if resume_from is not None:
             trainer_state, rank_state = checkpoint.load_checkpoint(acc, resume_from)
             self._load_trainer_state(trainer_state)
@@ -260,6 +265,13 @@ class Trainer:
     def _eval_model(self) -> nn.Module:
         return self.ema.model if self.ema is not None else self.raw_model
 
+    def _val_stream(self) -> ShardStream:
+        acc = self.accelerator
+        return ShardStream(
+            self.cfg.data, "val", acc.process_index, acc.num_processes, self.cfg.seed,
+            batch_size=self.batch_size, training=False,
+        )  # fmt: skip
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean bits/dim over (at most train.eval_batches batches per rank of) the val split."""
@@ -267,10 +279,7 @@ class Trainer:
         net = self._eval_model()
         was_training = net.training
         totals = torch.zeros(2, dtype=torch.float64, device=acc.device)
-        stream = ShardStream(
-            cfg.data, "val", acc.process_index, acc.num_processes, cfg.seed,
-            batch_size=self.batch_size, training=False,
-        )  # fmt: skip
+        stream = self._val_stream()
         with preserved_rng(), acc.autocast():
             torch.manual_seed(cfg.seed + self.step)
             net.eval()
