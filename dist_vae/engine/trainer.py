@@ -88,6 +88,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
         ds["train_micro_batch_size_per_gpu"] = per_rank_batch(cfg)
         ds["gradient_accumulation_steps"] = cfg.train.accumulate
         ds["gradient_clipping"] = cfg.train.grad_clip
+        ds["steps_per_print"] = 2**31 - 1  # the progress bar and TensorBoard are the only per-step output
     return accelerator
 
 
