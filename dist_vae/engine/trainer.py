@@ -59,6 +59,7 @@ class Window:
     steps: int = 0
     grad_norm: float = 0.0
     data_wait: float = 0.0
+    paused: float = 0.0  # evaluation, sampling, checkpoints: not part of the training rate
     started: float = field(default_factory=time.perf_counter)
 
     def add(self, name: str, value: torch.Tensor) -> None:
@@ -312,7 +313,7 @@ class Trainer:
         names = sorted(window.scalars)
         means = torch.stack([window.scalars[n] / window.micro_batches for n in names]).to(acc.device)
         means = acc.reduce(means, "mean")
-        elapsed = time.perf_counter() - window.started
+        elapsed = time.perf_counter() - window.started - window.paused
         images = window.micro_batches * self.batch_size * acc.num_processes
         values = {f"train/{n}": float(v) for n, v in zip(names, means, strict=True)}
         values["train/grad_norm"] = window.grad_norm / window.steps
@@ -343,6 +344,7 @@ class Trainer:
                     window = Window()
                 else:
                     self.logger.progress(self.step, None)
+                paused = time.perf_counter()
                 if self.step % t.eval_every == 0:
                     self.logger.scalars({"val/bpd": self.evaluate()}, self.step)
                 if self.step % t.sample_every == 0:
@@ -350,6 +352,7 @@ class Trainer:
                 preempted = self._preemption_agreed()
                 if preempted or self.step % t.checkpoint_every == 0 or self.step == t.steps:
                     self.save()
+                window.paused += time.perf_counter() - paused
                 if preempted:
                     if acc.is_main_process:
                         write_requeue_marker(self.run_dir, self.step, self.preemption.signal_name or "peer")
