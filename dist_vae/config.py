@@ -67,8 +67,9 @@ class ModelConfig:
     latent_dims: list[int] = field(default_factory=lambda: [20, 30, 30, 30])
     mode: str = choice("greedy", "greedy", "joint")
     channels: int = at_least(64, 1)
-    rec_weight: float = at_least(16.0, 0.0)
+    rec_weight: float = at_least(16.0, 1.0e-3)  # 1 / (2 sigma^2) of the fixed-variance Gaussian decoder
     kl_warmup: float = at_least(1.0e4, 0.0)  # KL weight is 1 - exp(-step / kl_warmup); 0 disables warm-up
+    blocks: int = at_least(1, 1)  # residual blocks per resolution level in every encoder and generator
 
 
 @dataclass
