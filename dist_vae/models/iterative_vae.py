@@ -327,7 +327,9 @@ class IterativeVAE(nn.Module):
         """Sum over steps of rec_weight * ||x - canvas_t||^2 + w(step) * KL_t, per dimension, batch mean.
 
         That is the original's per-step objective divided by the number of dimensions D, which keeps
-        the loss scale (and thus clipping thresholds) independent of the resolution.
+        the loss scale (and thus clipping thresholds) independent of the resolution. Scalars (t from 1):
+        'rec/step<t>' mean squared error per dimension, 'kl/step<t>' KL in nats per image,
+        'gate/step<t>' mean gate r (t >= 2), their sums 'rec' and 'kl', 'kl_weight', and 'bpd'.
         """
         outputs = self.unroll(x)
         dims = x[0].numel()
@@ -342,7 +344,7 @@ class IterativeVAE(nn.Module):
         scalars["rec"] = torch.stack([scalars[f"rec/step{t}"] for t in range(1, len(outputs) + 1)]).sum()
         total_kl = torch.stack([o.kl.detach() for o in outputs]).sum(0)
         scalars["kl"] = total_kl.mean()
-        scalars["kl_weight"] = torch.tensor(beta)
+        scalars["kl_weight"] = torch.tensor(beta, device=loss.device)
         nll = (self.rec_weight * outputs[-1].sse.detach() + total_kl).mean() / dims
         nll = nll + 0.5 * math.log(math.pi / self.rec_weight) + _BIN_NATS
         scalars["bpd"] = nll / math.log(2.0)
