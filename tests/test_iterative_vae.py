@@ -165,3 +165,14 @@ def test_single_step_baseline_and_bad_settings_are_named() -> None:
         IterativeVAE(48)
     with pytest.raises(ValueError, match=r"\[B, 3, 16, 16\]"):
         tiny()(torch.zeros(2, 3, 32, 32))
+
+
+def test_bf16_autocast_with_checkpointing_trains_and_samples() -> None:
+    model = tiny("joint", checkpointing=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images(2), step=10)
+        canvases = model.sample(2)
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert all(c.dtype == torch.float32 and c.abs().max() <= 1 for c in canvases)
