@@ -34,6 +34,8 @@ def perturb(model: torch.nn.Module) -> None:
 
 def test_sample_returns_t_canvases_in_range_that_change() -> None:
     model = tiny()
+    storages = [{p.data_ptr() for p in step.parameters()} for step in model.steps]
+    assert all(a.isdisjoint(b) for a, b in itertools.combinations(storages, 2))  # no weights shared
     canvases = model.sample(5, generator=torch.Generator().manual_seed(3))
     assert len(canvases) == 3
     for c in canvases:

@@ -12,7 +12,8 @@ rec_weight * ||x - canvas_t||^2 equal to that Gaussian's negative log density up
 logged bits/dim measure the objective being trained (a learned variance would report a better number
 for a model trained on something else). The posterior q(z_t | x, canvas_{t-1}) depends on z_<t through
 the canvas, so -ELBO = -log p(x | canvas_T) + sum_t KL_t; 'bpd' is that per dimension, in bits, with
-the density turned into the probability of an 8-bit bin (width 2/255 in [-1, 1]). The reconstructions
+the probability of an 8-bit bin taken as density times bin width (2/255, as the data stream maps uint8
+k to k / 127.5 - 1; the bin is much narrower than sigma, so the error is negligible). The reconstructions
 of earlier steps are auxiliary losses that shape the refinement and are not part of the bound.
 """
 
@@ -143,7 +144,6 @@ class Generator(nn.Module):
         self.sizes = list(sizes)
         self.widths = list(widths)
         self.ladder = dict(ladder)
-        self.refine = refine
         self.canvas_path = DownPath(3, widths, blocks) if refine else None
         self.inject = nn.ModuleDict(
             {
