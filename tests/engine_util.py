@@ -19,7 +19,7 @@ ACCELERATE = Path(sys.executable).parent / "accelerate"
 # A PixelVAE small enough for well under a second per CPU step, with dropout on so that a resume
 # that failed to restore the RNG streams would show.
 TINY = [
-    "data.resolution=32",
+    "data.resolution=16",  # the stream resizes the 32 px demo shards on the fly
     "data.batch_size=4",
     "data.num_workers=0",
     "data.shuffle_buffer=50",

@@ -1,7 +1,9 @@
 """Adaptive loss-spike detection on gradient norms.
 
 A fixed threshold can reject every update once the norm drifts past it (openai/vdvae#25). Here the
-threshold follows the run: median + k * MAD of the recent accepted norms, and after
+threshold follows the run: median + k * MAD of the recent accepted norms (the MAD floored at a tenth
+of the median, so that a stretch of near-identical norms does not turn every small rise into a
+spike), and after
 `max_consecutive` rejections the next update is accepted whatever its norm, so training cannot stall.
 """
 
@@ -26,7 +28,7 @@ class SpikeDetector:
             return math.inf
         values = torch.tensor(list(self.history), dtype=torch.float64)
         median = values.median()
-        mad = (values - median).abs().median()
+        mad = torch.maximum((values - median).abs().median(), 0.1 * median)
         return float(median + self.k * mad)
 
     def is_spike(self, norm: float) -> bool:
