@@ -4,6 +4,9 @@ The InfoVAE family replaces (part of) the per-sample KL, which with a PixelCNN d
 code to carry nothing, by a divergence between the *aggregate* posterior q(z) and the prior, which
 keeps z samplable without forbidding it to depend on x. All three estimates below work on a batch
 of codes z ~ q(z|x) (one per image) against the same number of prior draws.
+
+Kernel sums are computed in fp32 with autocast off: in bf16 the differences between kernel values,
+which are the whole signal, are at the level of the rounding error.
 """
 
 from __future__ import annotations
@@ -29,12 +32,13 @@ def mmd(z: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     keeps the kernel away from 0 and 1 (where its gradients vanish) at any latent size.
     """
     n, dim = z.shape
-    both = torch.cat([z, prior]).float()
-    kernel = torch.exp(-torch.cdist(both, both).square() / (2.0 * dim))
-    off_diagonal = 1.0 - torch.eye(n, device=z.device)
-    kqq = (kernel[:n, :n] * off_diagonal).sum() / (n * (n - 1))
-    kpp = (kernel[n:, n:] * off_diagonal).sum() / (n * (n - 1))
-    return kqq + kpp - 2.0 * kernel[:n, n:].mean()
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        both = torch.cat([z, prior]).float()
+        kernel = torch.exp(-torch.cdist(both, both).square() / (2.0 * dim))
+        off_diagonal = 1.0 - torch.eye(n, device=z.device)
+        kqq = (kernel[:n, :n] * off_diagonal).sum() / (n * (n - 1))
+        kpp = (kernel[n:, n:] * off_diagonal).sum() / (n * (n - 1))
+        return kqq + kpp - 2.0 * kernel[:n, n:].mean()
 
 
 def stein(z: torch.Tensor) -> torch.Tensor:
@@ -47,15 +51,16 @@ def stein(z: torch.Tensor) -> torch.Tensor:
     codes match the prior and is what gets logged.
     """
     n = z.shape[0]
-    particles = z.detach().float()
-    sq_dist = torch.cdist(particles, particles).square()
-    bandwidth = (sq_dist.median() / math.log(n + 1.0)).clamp(min=1e-6)
-    kernel = torch.exp(-sq_dist / bandwidth)
-    attraction = -kernel @ particles  # sum_j k(z_j, z_i) * grad log p(z_j), grad log p(z) = -z
-    repulsion = (2.0 / bandwidth) * (particles * kernel.sum(dim=1, keepdim=True) - kernel @ particles)
-    phi = (attraction + repulsion) / n
-    surrogate = -(z.float() * phi).sum(dim=1).mean()
-    return phi.square().sum(dim=1).mean() + (surrogate - surrogate.detach())
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        particles = z.detach().float()
+        sq_dist = torch.cdist(particles, particles).square()
+        bandwidth = (sq_dist.median() / math.log(n + 1.0)).clamp(min=1e-6)
+        kernel = torch.exp(-sq_dist / bandwidth)
+        attraction = -kernel @ particles  # sum_j k(z_j, z_i) * grad log p(z_j), grad log p(z) = -z
+        repulsion = (2.0 / bandwidth) * (particles * kernel.sum(dim=1, keepdim=True) - kernel @ particles)
+        phi = (attraction + repulsion) / n
+        surrogate = -(z.float() * phi).sum(dim=1).mean()
+        return phi.square().sum(dim=1).mean() + (surrogate - surrogate.detach())
 
 
 class Critic(nn.Module):
