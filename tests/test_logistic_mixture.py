@@ -4,6 +4,9 @@ import pytest
 import torch
 
 from dist_vae.models import logistic_mixture as lm
+from tests.model_fixtures import one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 LEVELS = torch.arange(256, dtype=torch.float32) / 127.5 - 1.0
 
