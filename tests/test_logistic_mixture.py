@@ -29,7 +29,7 @@ def enumerated() -> tuple[torch.Tensor, torch.Tensor]:
     About 20 s of CPU: 16.7M evaluations of the real `log_prob`, shared by the two tests below.
     """
     params = random_params(nr_mix=2)
-    params[0, 2:4] = torch.tensor([-0.99, 0.99])  # red's means at both edges: the edge bins get mass
+    params[0, 2:4, 0, 0] = torch.tensor([-0.99, 0.99])  # red's means at both edges: the edge bins get mass
     green, blue = torch.meshgrid(LEVELS, LEVELS, indexing="ij")
     rows = []
     for red in LEVELS.split(8):
