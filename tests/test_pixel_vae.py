@@ -96,7 +96,7 @@ def mean_of(history: list[dict[str, float]], key: str) -> float:
 
 
 @pytest.mark.slow
-def test_training_lowers_bpd_and_the_kl_penalty_starves_the_code() -> None:
+def test_training_lowers_bpd_and_the_elbo_squeezes_the_code() -> None:
     steps = 300
     runs = {reg: train(reg, steps) for reg in ("elbo", "none")}
     report = {
@@ -110,7 +110,9 @@ def test_training_lowers_bpd_and_the_kl_penalty_starves_the_code() -> None:
     print(report)
     for reg, r in report.items():
         assert r["bpd_last50"] < r["bpd_first"] - 3.0, reg
-    # The seed: with the ELBO's per-sample KL the code is squeezed, without it z is used freely.
+    # The seed: the ELBO's per-sample KL pushes the code towards carrying nothing, and without it z
+    # is used freely. 300 steps of a tiny model on 16 fixed images do not reach the collapse (KL -> 0)
+    # of a converged PixelCNN decoder; they show the direction: here about 22 vs 40 nats.
     assert report["none"]["kl_last50"] > 1.5 * report["elbo"]["kl_last50"]
 
 
