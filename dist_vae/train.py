@@ -7,10 +7,13 @@ Exit codes: 0 when train.steps is reached (RUN_DIR/done is written), 3 (`REQUEUE
 SIGUSR1/SIGTERM checkpoint (RUN_DIR/requeue is written, since multi-process launchers may report
 their own code instead), 2 for a bad configuration or unusable data.
 
-Signals under launchers: send SIGUSR1 or SIGTERM to the worker processes (Slurm's `srun` signals
-every task; `kill -- -PGID` does too), or SIGTERM to `accelerate launch`, which forwards it to its
-workers. A multi-process `accelerate launch` (torchrun inside) does not forward SIGUSR1, so the
-cluster script turns its USR1 into a TERM for the launcher.
+Signals under launchers (checked by tests/test_engine_signals.py): SIGUSR1 may go to the whole
+process group (`kill -USR1 -- -PGID`, DataLoader workers included: they inherit the handler).
+SIGTERM must go to the training processes or to a multi-process `accelerate launch` (torchrun
+forwards it to its workers, then SIGKILLs them 30 s later), never to the whole group: PyTorch's
+DataLoader workers die on a SIGTERM not sent by their parent, which aborts the trainer before it
+saves. torchrun does not forward SIGUSR1, so a cluster script turns its USR1 into a TERM for the
+launcher. A single-process `accelerate launch` forwards nothing: signal the python process.
 """
 
 from __future__ import annotations

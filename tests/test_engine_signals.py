@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -16,14 +17,22 @@ from tests.engine_util import accelerate_cmd, check, env, python_cmd, run
 LONG = ["train.steps=400", "train.checkpoint_every=1", "train.eval_every=1000", "train.sample_every=1000"]
 
 
-def start_and_signal(cmd: list[str], run_dir: Path, sig: signal.Signals) -> subprocess.Popen:
-    """Start a long run, wait until it is training (a first checkpoint exists), send `sig` to it."""
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def start_and_signal(
+    cmd: list[str], run_dir: Path, sig: signal.Signals, group: bool = False
+) -> subprocess.Popen:
+    """Start a long run, wait until it is training (a first checkpoint exists), send `sig` to it
+    (to its whole process group, DataLoader workers included, when `group`, as Slurm does)."""
+    proc = subprocess.Popen(
+        cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=group
+    )
     deadline = time.monotonic() + 180
     while not complete_checkpoints(run_dir) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, f"run ended before the signal: {proc.communicate()[1][-3000:]}"
-    proc.send_signal(sig)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     return proc
 
 
@@ -37,13 +46,14 @@ def requeued_step(run_dir: Path) -> int:
 
 def test_sigusr1_checkpoints_and_exits_with_requeue_code(demo_shards: Path, tmp_path: Path) -> None:
     sig = signal.SIGUSR1
-    proc = start_and_signal(python_cmd(tmp_path, demo_shards, *LONG), tmp_path, sig)
+    cmd = python_cmd(tmp_path, demo_shards, *LONG, "data.num_workers=1")
+    proc = start_and_signal(cmd, tmp_path, sig, group=True)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == REQUEUE_EXIT_CODE, err[-3000:]
     step = requeued_step(tmp_path)
     assert f"reason {sig.name}" in (tmp_path / "requeue").read_text()
     # The requeued job continues from there and finishes.
-    check(run(python_cmd(tmp_path, demo_shards, *LONG[1:], f"train.steps={step + 2}")))
+    check(run(python_cmd(tmp_path, demo_shards, *LONG[1:], "data.num_workers=1", f"train.steps={step + 2}")))
     assert (tmp_path / "done").is_file() and not (tmp_path / "requeue").exists()
     assert complete_checkpoints(tmp_path)[-1][0] == step + 2
 
