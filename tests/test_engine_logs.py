@@ -14,7 +14,7 @@ from dist_vae.train import main
 from tests.engine_util import assert_same, check, checkpoint_contents, python_cmd, run, train_args
 
 SCALARS = [
-    "train/loss", "train/bpd", "train/grad_norm", "lr/main", "perf/img_per_s",
+    "train/loss", "train/bpd", "train/kl", "train/rec", "train/grad_norm", "lr/main", "perf/img_per_s",
     "perf/data_wait_fraction", "skipped/nonfinite", "skipped/spike", "val/bpd",
 ]  # fmt: skip
 
