@@ -17,7 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: env
-	$(BIN)/python tools/demo.py --run-dir $(RUN_DIR)
+	$(BIN)/python tools/make_shards.py --source demo --out data/demo/shards --resolution 32 --val-fraction 0.1
+	$(BIN)/python dist_vae/train.py --config configs/debug.yaml run_dir=$(RUN_DIR)
 
 test: env
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
@@ -26,6 +27,7 @@ bench: env
 	$(BIN)/python tools/bench/loader.py
 	$(BIN)/python tools/bench/iterative.py
 	$(BIN)/python tools/bench/pixelcnnpp.py
+	$(BIN)/python tools/bench/engine.py
 
 lint: env
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
