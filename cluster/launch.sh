@@ -14,6 +14,7 @@
 #   SETUP                a file sourced by the batch shell before launching (module load, conda activate)
 #   MAIN_ADDR, MAIN_PORT rendezvous address and port (first node of the job, 20000 + job id % 10000)
 #   MAX_CRASH_REQUEUES   how often one job is requeued after a crash (1)
+#   WARNING_REPEAT       seconds between repeats of the warning until the launchers exit (30)
 #   LAUNCH_ARGS          extra arguments for `accelerate launch`
 
 set -euo pipefail
@@ -40,6 +41,7 @@ check_inputs() {
 	[[ ${NODES:-1} =~ ^[1-9][0-9]*$ ]] || die "NODES=$NODES: expected a positive integer"
 	[[ ${GPUS_PER_NODE:-0} =~ ^[0-9]+$ ]] || die "GPUS_PER_NODE=$GPUS_PER_NODE: expected an integer >= 0"
 	[[ ${MAX_CRASH_REQUEUES:-1} =~ ^[0-9]+$ ]] || die "MAX_CRASH_REQUEUES=$MAX_CRASH_REQUEUES: expected an integer >= 0"
+	[[ ${WARNING_REPEAT:-30} =~ ^[1-9][0-9]*$ ]] || die "WARNING_REPEAT=$WARNING_REPEAT: expected seconds >= 1"
 }
 
 submit() {
@@ -77,37 +79,53 @@ requeue() {
 
 # shellcheck disable=SC2317  # trap handler
 on_warning() {
+	((WARNED)) && return
 	WARNED=1
 	log "received SIGUSR1 (preemption warning): forwarding it to every process of the job's steps" \
 		"(scancel --signal=USR1 $SLURM_JOB_ID); trainers checkpoint at the next step boundary"
 	scancel --signal=USR1 "$SLURM_JOB_ID" || log "warning: scancel --signal=USR1 $SLURM_JOB_ID failed"
+	# A trainer still starting up has not installed its handler and ignores USR1 like its launcher does;
+	# repeat the warning until the launchers exit (one more signal only sets the trainer's flag again).
+	(
+		while sleep "$WARNING_REPEAT"; do
+			log "repeating the warning: launchers still running"
+			scancel --signal=USR1 "$SLURM_JOB_ID" || true
+		done
+	) &
+	REPEATER=$!
 }
 
 # shellcheck disable=SC2317  # trap handler
 on_term() {
 	TERMINATED=1
-	log "received SIGTERM: Slurm is ending the job (scancel, time limit or preemption); every step got" \
-		"SIGTERM too, so trainers checkpoint if they can; this script will not requeue"
+	log "received SIGTERM: Slurm is ending the job (scancel, time limit or preemption); the steps got" \
+		"SIGTERM too, so trainers checkpoint if they can"
 }
 
 # After the launchers exit: finished, preempted (requeue), or crashed (requeue at most MAX_CRASH_REQUEUES).
 decide() {
 	local status=$1 crashes_file crashes
+	if [[ -n $REPEATER ]]; then kill "$REPEATER" 2>/dev/null || true; fi
 	log "launchers exited with status $status; newest complete checkpoint: $(newest_checkpoint)"
 	if fresh "$DONE_MARKER"; then
 		log "training finished ($RUN_DIR/$DONE_MARKER written): not requeueing"
 		exit 0
 	fi
+	# After a warning, a SIGTERM is the time limit that came before the checkpoint did: still requeue.
+	if ((WARNED)); then
+		if fresh "$REQUEUE_MARKER"; then
+			log "trainer checkpointed for preemption ($RUN_DIR/$REQUEUE_MARKER: $(tr '\n' ' ' <"$RUN_DIR/$REQUEUE_MARKER"))"
+			requeue "preempted"
+		fi
+		requeue "warned, but the trainer wrote no $REQUEUE_MARKER marker"
+	fi
 	if ((TERMINATED)); then
-		log "job ended by Slurm: not requeueing"
+		log "job ended by Slurm without a warning: not requeueing"
 		exit "$((status == 0 ? 1 : status))"
 	fi
 	if fresh "$REQUEUE_MARKER"; then
-		log "trainer checkpointed for preemption ($RUN_DIR/$REQUEUE_MARKER: $(head -c 200 "$RUN_DIR/$REQUEUE_MARKER"))"
+		log "trainer checkpointed after a signal sent to it directly ($RUN_DIR/$REQUEUE_MARKER)"
 		requeue "preempted"
-	fi
-	if ((WARNED)); then
-		requeue "warned, but the trainer wrote no $REQUEUE_MARKER marker"
 	fi
 	crashes_file=$RUN_DIR/slurm-crash-requeues
 	crashes=$(grep -c "^$SLURM_JOB_ID " "$crashes_file" 2>/dev/null || true)
@@ -128,6 +146,7 @@ run_job() {
 	NODES=${NODES:-$SLURM_JOB_NUM_NODES}
 	GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}
 	MAX_CRASH_REQUEUES=${MAX_CRASH_REQUEUES:-1}
+	WARNING_REPEAT=${WARNING_REPEAT:-30}
 	check_inputs
 	((NODES == SLURM_JOB_NUM_NODES)) ||
 		die "NODES=$NODES but the job has $SLURM_JOB_NUM_NODES node(s): run the script itself with NODES set" \
@@ -142,6 +161,7 @@ run_job() {
 	touch "$STAMP"
 	WARNED=0
 	TERMINATED=0
+	REPEATER=
 	trap on_warning USR1
 	trap on_term TERM
 

@@ -257,3 +257,28 @@ def test_crash_is_requeued_at_most_max_crash_requeues(
             r"crashed \(status \d+\) and already requeued 1 time\(s\) after a crash .*not requeueing",
         ],
     )
+
+
+@pytest.mark.slow
+def test_scancel_stops_the_job_without_requeue(slurm: LocalSlurm, shards: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    env = job_env(slurm.env, shards, run_dir, f"train.steps=100000 train.checkpoint_every=5 {QUIET}")
+    done = subprocess.run(
+        [str(REPO / "cluster/lsun_256.sh"), "--parsable", f"--cpus-per-task={CPUS}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    job_id = done.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 180
+    while not complete_checkpoints(run_dir):  # the trainer is past start-up and training
+        assert slurm.job(job_id)["JobState"] in {"PENDING", "RUNNING"}, job_log(run_dir, job_id)
+        assert time.monotonic() < deadline, f"no training after 180 s:\n{job_log(run_dir, job_id)}"
+        time.sleep(0.5)
+    slurm.run("scancel", job_id)
+    info = slurm.wait_job(job_id, lambda i: i["JobState"] in FINAL_STATES, 60)
+    log = job_log(run_dir, job_id)
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), f"{info}\n{log}"
+    # Slurm SIGKILLs whatever is left KillWait seconds after the SIGTERM, the batch shell included, so its
+    # closing line may be missing; the state (CANCELLED, no restart) is what counts.
+    assert "received SIGTERM: Slurm is ending the job" in log, log
+    assert "requeueing job" not in log
