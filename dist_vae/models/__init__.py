@@ -20,4 +20,6 @@ def build_model(cfg: ModelConfig, resolution: int, gradient_checkpointing: bool 
         from dist_vae.models.iterative_vae import IterativeVAE
 
         return IterativeVAE.from_config(cfg, resolution, gradient_checkpointing)
-    raise ConfigError(f"bad value {cfg.kind!r} for 'model.kind'; expected one of ['pixel_vae', 'iterative_vae']")
+    raise ConfigError(
+        f"bad value {cfg.kind!r} for 'model.kind'; expected one of ['pixel_vae', 'iterative_vae']"
+    )
