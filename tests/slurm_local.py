@@ -1,4 +1,4 @@
-"""A throwaway Slurm cluster on localhost for tests: munged, slurmctld and one slurmd, private to a temp dir.
+"""A throwaway Slurm cluster on localhost for tests: munged, slurmctld and slurmd(s), private to a temp dir.
 
 Everything it starts (daemons, state, logs, sockets, ports) belongs to one instance, so two instances never
 meet and `stop()` leaves nothing running. Clients reach it through `SLURM_CONF` in `env`.
@@ -59,12 +59,20 @@ def _tail(path: Path, n: int = 3000) -> str:
 
 
 class LocalSlurm:
-    """munged + slurmctld + slurmd on localhost, one node with every CPU, one partition `debug`."""
+    """munged + slurmctld + one slurmd per node on localhost, each node with every CPU; partition `debug`.
 
-    def __init__(self) -> None:
+    Two nodes are two slurmd daemons on this host (`slurmd -N`), named after its two resolvable names, the
+    host name and `localhost`, so that the job's first node name serves as the rendezvous address just as
+    it does on a real cluster.
+    """
+
+    def __init__(self, nodes: int = 1) -> None:
+        if nodes not in (1, 2):
+            raise ValueError(f"nodes={nodes}: this host has two resolvable names, so 1 or 2 nodes")
         self.root = Path(tempfile.mkdtemp(prefix="dist-vae-slurm-"))
         self.root.chmod(0o755)  # munged runs as `munge` and must reach its socket directory
         self.host = socket.gethostname().split(".")[0]
+        self.nodes = [self.host, "localhost"][:nodes]
         self.conf = self.root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self._procs: list[tuple[str, subprocess.Popen[bytes]]] = []
@@ -86,17 +94,16 @@ class LocalSlurm:
             f"ClusterName=distvae{os.getpid()}",
             f"SlurmctldHost={self.host}(127.0.0.1)",
             f"SlurmctldPort={_free_port()}",
-            f"SlurmdPort={_free_port()}",
             "SlurmUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
             f"AuthInfo=socket={socket_path},cred_expire={CRED_EXPIRE_S}",
             f"StateSaveLocation={r}/state",
-            f"SlurmdSpoolDir={r}/spool",
+            f"SlurmdSpoolDir={r}/spool-%n",
             f"SlurmctldPidFile={r}/slurmctld.pid",
-            f"SlurmdPidFile={r}/slurmd.pid",
+            f"SlurmdPidFile={r}/slurmd-%n.pid",
             f"SlurmctldLogFile={r}/slurmctld.log",
-            f"SlurmdLogFile={r}/slurmd.log",
+            f"SlurmdLogFile={r}/slurmd-%n.log",
             "SlurmctldDebug=info",
             "SlurmdDebug=info",
             "ProctrackType=proctrack/linuxproc",
@@ -118,11 +125,14 @@ class LocalSlurm:
             "MinJobAge=16",
             "InactiveLimit=0",
             "MailProg=/bin/true",
-            f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} State=UNKNOWN",
-            f"PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP",
+            *(
+                f"NodeName={node} NodeHostname={self.host} NodeAddr=127.0.0.1 Port={_free_port()}"
+                f" CPUs={os.cpu_count()} State=UNKNOWN"
+                for node in self.nodes
+            ),
+            f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP",
         ]
         (r / "state").mkdir()
-        (r / "spool").mkdir()
         self.conf.write_text("\n".join(lines) + "\n")
 
     def _spawn(self, name: str, cmd: list[str], **kwargs: object) -> None:
@@ -163,12 +173,15 @@ class LocalSlurm:
         self._wait_for("munged's socket", socket_path.exists, timeout)
         self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)], env=self.env)
         self._wait_for("slurmctld", lambda: "UP" in self.run("scontrol", "ping", check=False).stdout, timeout)
-        self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf)], env=self.env)
-        self._wait_for("the node to be idle", lambda: self.node_state() == "idle", timeout)
+        for node in self.nodes:
+            self._spawn(f"slurmd-{node}", ["slurmd", "-D", "-N", node, "-f", str(self.conf)], env=self.env)
+        self._wait_for(
+            "the nodes to be idle", lambda: self.node_states() == ["idle"] * len(self.nodes), timeout
+        )
         return self
 
-    def node_state(self) -> str:
-        return self.run("sinfo", "-h", "-N", "-o", "%t", check=False).stdout.strip()
+    def node_states(self) -> list[str]:
+        return self.run("sinfo", "-h", "-N", "-o", "%t", check=False).stdout.split()
 
     def run(self, *cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """A Slurm client command against this cluster."""
@@ -196,7 +209,7 @@ class LocalSlurm:
     def logs(self) -> str:
         return "\n".join(
             f"--- {name} ---\n{_tail(self.root / name)}"
-            for name in ("slurmctld.log", "slurmd.log", "munged.out")
+            for name in ("slurmctld.log", *(f"slurmd-{node}.log" for node in self.nodes), "munged.out")
         )
 
     def stop(self) -> None:

@@ -1,8 +1,9 @@
 """cluster/*.sh under a real Slurm on localhost, with the real trainer on real demo shards.
 
-Job 1 runs to the end under `sbatch --wait`. Job 2 gets the preemption warning the way `--signal=B:USR1@N`
-delivers it (to the batch shell only: `scancel --signal=USR1 --batch`), checkpoints, requeues itself,
-resumes and finishes. Job 3 crashes and is requeued once (MAX_CRASH_REQUEUES), then given up.
+The cluster has two nodes (two slurmd on this host). Job 1 runs to the end on one node under `sbatch --wait`.
+Job 2 runs on both nodes, gets the preemption warning the way `--signal=B:USR1@N` delivers it (to the batch
+shell only: `scancel --signal=USR1 --batch`), checkpoints, requeues itself, resumes and finishes. Job 3
+crashes and is requeued once (MAX_CRASH_REQUEUES), then given up. Job 4 is cancelled and stays cancelled.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _skip_unless(reason: str | None) -> None:
 @pytest.fixture(scope="module")
 def slurm():
     _skip_unless(ensure_commands(SLURM_PACKAGES))
-    with LocalSlurm() as cluster:
+    with LocalSlurm(nodes=2) as cluster:
         yield cluster
 
 
@@ -73,8 +74,8 @@ def job_env(base: dict[str, str], shards: Path, run_dir: Path, extra: str, **mor
         PYTHON=sys.executable,
         EXTRA=extra,
         OMP_NUM_THREADS="1",
-        **more,
     )
+    env.update(more)
     return env
 
 
@@ -184,8 +185,11 @@ def test_warning_signal_checkpoints_requeues_and_resumes(
 ) -> None:
     steps = 60
     run_dir = tmp_path / "run"
-    env = job_env(slurm.env, shards, run_dir, f"train.steps={steps} train.checkpoint_every=10 {QUIET}")
+    env = job_env(
+        slurm.env, shards, run_dir, f"train.steps={steps} train.checkpoint_every=10 {QUIET}", NODES="2"
+    )
     # The script submits itself (outside a job it calls sbatch), from anywhere: NODES/GPUS_PER_NODE -> sbatch.
+    # The debug accelerate config's 2 processes become one per node.
     done = subprocess.run(
         [str(REPO / "cluster/lsun_256.sh"), "--parsable", f"--cpus-per-task={CPUS}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
@@ -217,7 +221,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes(
             r"received SIGUSR1 \(preemption warning\)",
             r"trainer checkpointed for preemption \(.*requeue: step (\d+)",
             r"requeueing job \d+ \(preempted\); the next run resumes from step-(\d+)",
-            rf"job {job_id}, run 2 \(restart count 1\)",
+            rf"job {job_id}, run 2 \(restart count 1\) on .*: 2 node\(s\)",
             r"resuming from newest complete checkpoint: step-(\d+)",
             rf"launchers exited with status 0; newest complete checkpoint: step-{steps:08d}",
         ],
