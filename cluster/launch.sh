@@ -9,7 +9,7 @@
 # Settings (environment variables; the script's defaults apply where unset):
 #   CONFIG, DATA, RUN_DIR, ACCEL_CONFIG  trainer config, shard directory, run directory, accelerate config
 #   EXTRA                space-separated key=value overrides passed to dist_vae/train.py
-#   NODES, GPUS_PER_NODE machines and GPUs per machine (0: one CPU process per machine)
+#   NODES, GPUS_PER_NODE machines and GPUs per machine (0: the accelerate config's process count, CPU runs)
 #   PYTHON               interpreter with dist_vae's dependencies (python3)
 #   SETUP                a file sourced by the batch shell before launching (module load, conda activate)
 #   MAIN_ADDR, MAIN_PORT rendezvous address and port (first node of the job, 20000 + job id % 10000)
@@ -171,8 +171,9 @@ run_job() {
 	log "resuming from newest complete checkpoint: $(newest_checkpoint)"
 
 	# Steps do not inherit --cpus-per-task from the job (Slurm >= 22.05): pass it, or each launcher gets one CPU.
-	srun --nodes="$NODES" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
-		--kill-on-bad-exit=1 bash "$REPO/cluster/node.sh" &
+	local -a step=(--nodes="$NODES" --ntasks-per-node=1 --kill-on-bad-exit=1)
+	if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then step+=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
+	srun "${step[@]}" bash "$REPO/cluster/node.sh" &
 	local srun_pid=$! status
 	# `wait` returns early whenever a trapped signal arrives; keep waiting until srun itself has exited.
 	while kill -0 "$srun_pid" 2>/dev/null; do
