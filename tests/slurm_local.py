@@ -7,6 +7,7 @@ meet and `stop()` leaves nothing running. Clients reach it through `SLURM_CONF` 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -118,6 +119,8 @@ class LocalSlurm:
             "SchedulerType=sched/backfill",
             # Pending jobs (a requeued one) are looked at every second instead of every 30/60 s.
             "SchedulerParameters=bf_interval=1,sched_interval=1",
+            # Distinct job ids per instance: the scripts derive the rendezvous port from the job id.
+            f"FirstJobId={random.randrange(1000, 1_000_000)}",
             "JobRequeue=1",
             "ReturnToService=2",
             "KillWait=5",
