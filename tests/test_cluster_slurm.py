@@ -22,9 +22,10 @@ from tests.slurm_local import SLURM_PACKAGES, LocalSlurm, ensure_commands
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((REPO / "cluster").glob("*.sh"))
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
-# Evaluation and sampling are the engine's business; here they would only cost time.
 CPUS = min(2, os.cpu_count() or 1)  # the debug accelerate config starts 2 processes
-QUIET = "train.eval_every=100000 train.sample_every=100000 train.log_every=5"
+# Evaluation and sampling are the engine's business; here they would only cost time. Batch 8 per rank fits
+# both splits of the 64 demo images.
+QUIET = "data.batch_size=8 train.eval_every=100000 train.sample_every=100000 train.log_every=5"
 
 
 def _skip_unless(reason: str | None) -> None:
@@ -42,22 +43,12 @@ def slurm():
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "demo32"
-    subprocess.run(
-        [
-            sys.executable,
-            "tools/make_shards.py",
-            "--source",
-            "demo:64",
-            "--out",
-            str(out),
-            "--resolution",
-            "32",
-        ],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        check=True,
-        capture_output=True,
+    cmd = [sys.executable, "tools/make_shards.py", "--source", "demo:64", "--out", str(out),
+           "--resolution", "32", "--val-fraction", "0.5", "--no-progress"]  # fmt: skip
+    done = subprocess.run(
+        cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True
     )
+    assert done.returncode == 0, f"make_shards failed:\n{done.stderr[-3000:]}"
     return out
 
 
