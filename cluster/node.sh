@@ -11,8 +11,11 @@ set -euo pipefail
 trap '' USR1
 
 cd "$REPO"
+# With DeepSpeed on several machines accelerate would start the `deepspeed` runner over pdsh/ssh; srun has
+# already put one launcher on every node, so each must run torchrun locally ("standard"). Other configs
+# ignore the option.
 args=(--config_file "$ACCEL_CONFIG" --num_machines "$NODES" --machine_rank "$SLURM_NODEID"
-	--main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT")
+	--main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT" --deepspeed_multinode_launcher standard)
 if ((GPUS_PER_NODE > 0)); then
 	args+=(--num_processes "$((NODES * GPUS_PER_NODE))")
 fi
