@@ -174,10 +174,10 @@ def test_sbatch_wait_runs_to_the_end(slurm: LocalSlurm, shards: Path, tmp_path: 
 def test_warning_signal_checkpoints_requeues_and_resumes(
     slurm: LocalSlurm, shards: Path, tmp_path: Path
 ) -> None:
-    steps = 60
+    steps = 30
     run_dir = tmp_path / "run"
     env = job_env(
-        slurm.env, shards, run_dir, f"train.steps={steps} train.checkpoint_every=10 {QUIET}", NODES="2"
+        slurm.env, shards, run_dir, f"train.steps={steps} train.checkpoint_every=5 {QUIET}", NODES="2"
     )
     # The script submits itself (outside a job it calls sbatch), from anywhere: NODES/GPUS_PER_NODE -> sbatch.
     # The debug accelerate config's 2 processes become one per node.
