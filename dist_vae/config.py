@@ -58,8 +58,9 @@ class ModelConfig:
     n_stages: int = at_least(3, 1)
     dropout: float = between(0.5, 0.0, 0.99)
     encoder_channels: int = at_least(64, 1)
-    # InfoVAE weighting: loss = rec + (1 - alpha) * KL + (alpha + lambda_ - 1) * D(q(z) || p(z))
-    alpha: float = 0.0
+    # InfoVAE weighting: loss = rec + (1 - alpha) * KL + (alpha + lambda_ - 1) * D(q(z) || p(z)).
+    # alpha = 1 drops the per-sample KL, which with a PixelCNN++ decoder makes z carry nothing.
+    alpha: float = 1.0
     lambda_: float = 1000.0
     critic_hidden: int = at_least(256, 1)
     # --- Iterative latent-injection VAE (defaults: LSUN 256 px, the seed's sizes) ---

@@ -1,0 +1,183 @@
+"""Building blocks of the causal PixelCNN++: weight-normed shifted convolutions and gated resnets.
+
+Causality comes from padding alone: a "down-shifted" convolution sees only rows above (and the
+current row, which `down_shift` then removes), a "down-right-shifted" one only pixels above and to
+the left. Keeping every block a plain padded convolution with a fixed receptive field is what makes
+a cached (incremental) sampler possible later.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def concat_elu(x: torch.Tensor) -> torch.Tensor:
+    """ELU of x and -x side by side: keeps both signs' information at twice the channels."""
+    return F.elu(torch.cat([x, -x], dim=1))
+
+
+def down_shift(x: torch.Tensor) -> torch.Tensor:
+    """Move every row one down (zero row on top), so a pixel no longer sees its own row."""
+    return F.pad(x, (0, 0, 1, 0))[:, :, :-1]
+
+
+def right_shift(x: torch.Tensor) -> torch.Tensor:
+    """Move every column one right (zero column on the left)."""
+    return F.pad(x, (1, 0))[..., :-1]
+
+
+class WNConv2d(nn.Module):
+    """Weight-normalised (transposed) convolution: weight = g * v / ||v|| per output channel.
+
+    Written out rather than through torch's parametrisations so that the state dict is two plain
+    tensors, and the weight is recomputed inside a checkpointed block like any other activation.
+    """
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel: tuple[int, int],
+        stride: int = 1,
+        transpose: bool = False,
+    ) -> None:
+        super().__init__()
+        self.stride, self.transpose = stride, transpose
+        shape = (in_ch, out_ch, *kernel) if transpose else (out_ch, in_ch, *kernel)
+        self.v = nn.Parameter(torch.empty(shape))
+        nn.init.kaiming_uniform_(self.v, a=math.sqrt(5))
+        self._norm_dims = (0, 2, 3) if transpose else (1, 2, 3)
+        self.g = nn.Parameter(torch.linalg.vector_norm(self.v.detach(), dim=self._norm_dims, keepdim=True))
+        self.bias = nn.Parameter(torch.zeros(out_ch))
+
+    def weight(self) -> torch.Tensor:
+        return self.g * self.v / torch.linalg.vector_norm(self.v, dim=self._norm_dims, keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transpose:
+            return F.conv_transpose2d(x, self.weight(), self.bias, stride=self.stride, output_padding=1)
+        return F.conv2d(x, self.weight(), self.bias, stride=self.stride)
+
+
+def nin(in_ch: int, out_ch: int) -> WNConv2d:
+    """Network-in-network: a weight-normed 1x1 convolution (a per-pixel linear map)."""
+    return WNConv2d(in_ch, out_ch, (1, 1))
+
+
+class DownShiftedConv2d(nn.Module):
+    """Output (i, j) sees input rows <= i, columns j-k..j+k: causal once followed by `down_shift`."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: tuple[int, int] = (2, 3), stride: int = 1) -> None:
+        super().__init__()
+        kh, kw = kernel
+        self.pad = ((kw - 1) // 2, (kw - 1) // 2, kh - 1, 0)
+        self.conv = WNConv2d(in_ch, out_ch, kernel, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, self.pad))
+
+
+class DownRightShiftedConv2d(nn.Module):
+    """Output (i, j) sees input rows <= i and columns <= j."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: tuple[int, int] = (2, 2), stride: int = 1) -> None:
+        super().__init__()
+        kh, kw = kernel
+        self.pad = (kw - 1, 0, kh - 1, 0)
+        self.conv = WNConv2d(in_ch, out_ch, kernel, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, self.pad))
+
+
+class DownShiftedDeconv2d(nn.Module):
+    """Stride-2 upsampling that keeps the down-shifted stream's causality (crop bottom and sides)."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: tuple[int, int] = (2, 3)) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.deconv = WNConv2d(in_ch, out_ch, kernel, stride=2, transpose=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.deconv(x)
+        kh, kw = self.kernel
+        side = (kw - 1) // 2
+        return out[:, :, : out.shape[2] - kh + 1, side : out.shape[3] - side]
+
+
+class DownRightShiftedDeconv2d(nn.Module):
+    """Stride-2 upsampling for the down-right-shifted stream (crop bottom and right)."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: tuple[int, int] = (2, 2)) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.deconv = WNConv2d(in_ch, out_ch, kernel, stride=2, transpose=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.deconv(x)
+        kh, kw = self.kernel
+        return out[:, :, : out.shape[2] - kh + 1, : out.shape[3] - kw + 1]
+
+
+class GatedResnet(nn.Module):
+    """x + gate: conv(concat_elu(x)) (+ skip inputs) -> conv -> (+ z bias) -> a * sigmoid(b).
+
+    `skips` are the U-net / stream inputs; they are concatenated inside the block so that under
+    gradient checkpointing only the block's inputs are kept alive, never the concatenation. The
+    latent z enters as a learned per-channel bias (the same at every pixel, so causality holds).
+
+    With `gradient_checkpointing` the block keeps only its inputs and recomputes the rest in
+    backward. The dropout mask is drawn outside the checkpoint and passed in (one byte per value):
+    recomputing it would mean replaying the RNG, which on CPU cost as much as a fifth of the step;
+    measured at 48 filters, that took the checkpointed step from 1.6x to 1.2x the plain one's time.
+    (Keeping the convolutions' outputs too, via selective checkpointing, doubled the memory and was
+    slower here.) Loss and gradients are exactly those without checkpointing.
+    """
+
+    def __init__(
+        self,
+        filters: int,
+        conv: type[nn.Module],
+        n_skip: int = 0,
+        cond_dim: int | None = None,
+        dropout: float = 0.0,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.conv_in = conv(2 * filters, filters)
+        self.skip = nin(2 * n_skip * filters, filters) if n_skip else None
+        self.dropout = dropout
+        self.conv_out = conv(2 * filters, 2 * filters)
+        self.cond = nn.Linear(cond_dim, 2 * filters) if cond_dim else None
+        self.gradient_checkpointing = gradient_checkpointing
+
+    def _block(
+        self, x: torch.Tensor, z: torch.Tensor | None, keep: torch.Tensor | None, *skips: torch.Tensor
+    ) -> torch.Tensor:
+        h = self.conv_in(concat_elu(x))
+        if self.skip is not None:
+            h = h + self.skip(concat_elu(torch.cat(skips, dim=1)))
+        h = concat_elu(h)
+        if keep is not None:
+            h = h * keep / (1.0 - self.dropout)
+        h = self.conv_out(h)
+        if self.cond is not None:
+            h = h + self.cond(z)[:, :, None, None]
+        a, b = h.chunk(2, dim=1)
+        return x + a * torch.sigmoid(b)
+
+    def forward(
+        self, x: torch.Tensor, skips: tuple[torch.Tensor, ...] = (), z: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        keep = None
+        if self.training and self.dropout > 0:
+            b, c, h, w = x.shape
+            keep = torch.rand(b, 2 * c, h, w, device=x.device) >= self.dropout
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._block, x, z, keep, *skips, use_reentrant=False)
+        return self._block(x, z, keep, *skips)

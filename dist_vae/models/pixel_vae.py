@@ -1,0 +1,189 @@
+"""PixelVAE: a Gaussian encoder and a PixelCNN++ decoder conditioned on z, with InfoVAE weighting.
+
+Objective per image, in nats (Zhao et al., InfoVAE):
+    rec + (1 - alpha) * KL(q(z|x) || p(z)) + (alpha + lambda_ - 1) * D(q(z) || p(z))
+with reg=elbo the plain ELBO (KL weight 1, no D) and reg=none the bare reconstruction. The loss
+handed to the engine is that objective divided by the number of sub-pixels (nats per dim): a
+constant factor, so the optimum is the same, but gradient sizes no longer grow with the resolution
+(which would make one grad-clip threshold mean different things at 32 and 256 px).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dist_vae.config import ConfigError, ModelConfig
+from dist_vae.models import logistic_mixture
+from dist_vae.models.output import LossOutput
+from dist_vae.models.pixelcnnpp import PixelCNNpp
+from dist_vae.models.regularizers import Critic, gaussian_kl, mmd, stein
+
+REGULARIZERS = ("elbo", "none", "mmd", "stein", "adversarial")
+LOGVAR_BOUND = 10.0
+
+
+class Encoder(nn.Module):
+    """x [B,3,R,R] -> (mean, logvar) of z, for any R.
+
+    Stride-2 convolutions halve the side until it is at most 8, then an adaptive average pool to 4x4
+    is flattened into the linear head. Flattening a fixed 4x4 grid (rather than pooling globally)
+    keeps where things are in the scene, which is much of what a code for LSUN rooms should hold,
+    while the head's size stays the same at every resolution.
+    """
+
+    def __init__(self, resolution: int, channels: int, latent_dim: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, channels, 3, padding=1), nn.SiLU()]
+        side, width = resolution, channels
+        while side > 8:
+            wider = min(2 * width, 8 * channels)
+            layers += [nn.Conv2d(width, wider, 4, stride=2, padding=1), nn.SiLU()]
+            layers += [nn.Conv2d(wider, wider, 3, padding=1), nn.SiLU()]
+            side, width = side // 2, wider
+        layers += [nn.AdaptiveAvgPool2d(4), nn.Flatten()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(16 * width, 2 * latent_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, logvar = self.head(self.body(x)).float().chunk(2, dim=1)
+        # Bounded smoothly: with reg=none nothing holds the variance up, and an unbounded log-variance
+        # would run to -inf (KL to inf) without changing what the decoder sees.
+        return mean, LOGVAR_BOUND * torch.tanh(logvar / LOGVAR_BOUND)
+
+
+class PixelVAE(nn.Module):
+    """Encoder + conditional PixelCNN++; `model(x, step) -> LossOutput` as the engine expects."""
+
+    def __init__(
+        self,
+        resolution: int,
+        latent_dim: int = 64,
+        nr_resnet: int = 5,
+        nr_filters: int = 160,
+        nr_mix: int = 10,
+        n_stages: int = 3,
+        dropout: float = 0.5,
+        encoder_channels: int = 64,
+        reg: str = "mmd",
+        alpha: float = 1.0,
+        lambda_: float = 1000.0,
+        critic_hidden: int = 256,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if reg not in REGULARIZERS:
+            raise ValueError(f"reg must be one of {list(REGULARIZERS)}, got {reg!r}")
+        self.resolution, self.latent_dim, self.reg = resolution, latent_dim, reg
+        self.kl_weight = {"elbo": 1.0, "none": 0.0}.get(reg, 1.0 - alpha)
+        self.reg_weight = alpha + lambda_ - 1.0
+        self.encoder = Encoder(resolution, encoder_channels, latent_dim)
+        self.decoder = PixelCNNpp(
+            nr_resnet, nr_filters, nr_mix, n_stages, latent_dim, dropout, gradient_checkpointing
+        )
+        self.critic = Critic(latent_dim, critic_hidden) if reg == "adversarial" else None
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, resolution: int, gradient_checkpointing: bool = False) -> PixelVAE:
+        factor = 2 ** (cfg.n_stages - 1)
+        if resolution % factor:
+            raise ConfigError(
+                f"data.resolution={resolution} must be divisible by 2**(model.n_stages-1) = {factor} "
+                f"(model.n_stages={cfg.n_stages})"
+            )
+        return cls(
+            resolution,
+            latent_dim=cfg.latent_dim,
+            nr_resnet=cfg.nr_resnet,
+            nr_filters=cfg.nr_filters,
+            nr_mix=cfg.nr_mix,
+            n_stages=cfg.n_stages,
+            dropout=cfg.dropout,
+            encoder_channels=cfg.encoder_channels,
+            reg=cfg.reg,
+            alpha=cfg.alpha,
+            lambda_=cfg.lambda_,
+            critic_hidden=cfg.critic_hidden,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        critic = [] if self.critic is None else list(self.critic.parameters())
+        critic_ids = {id(p) for p in critic}
+        groups = {"main": [p for p in self.parameters() if id(p) not in critic_ids]}
+        if critic:
+            groups["critic"] = critic
+        return groups
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-variance (fp32) of q(z|x)."""
+        return self.encoder(x)
+
+    def _divergence(self, z: torch.Tensor, aux: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.reg == "stein":
+            return stein(z)
+        prior = torch.randn_like(z)
+        if self.reg == "mmd":
+            return mmd(z, prior)
+        assert self.critic is not None
+        aux["critic"] = self.critic.loss(z, prior)
+        return self.critic.divergence(z)
+
+    def forward(self, x: torch.Tensor, step: int = 0) -> LossOutput:
+        """Loss, logs and (reg=adversarial) the critic's loss. `step` is part of the shared model
+        contract; this objective has no schedule, so it is unused."""
+        if x.dim() != 4 or x.shape[1:] != (3, self.resolution, self.resolution):
+            raise ValueError(
+                f"PixelVAE expects x of shape [B, 3, {self.resolution}, {self.resolution}], "
+                f"got {tuple(x.shape)}"
+            )
+        mean, logvar = self.encode(x)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        rec = -logistic_mixture.log_prob(x, self.decoder(x, z))
+        kl = gaussian_kl(mean, logvar)
+        dims = x[0].numel()
+        objective = rec.mean() + self.kl_weight * kl.mean()
+        scalars = {
+            "bpd": logistic_mixture.bits_per_dim(rec.mean(), dims).detach(),
+            "elbo_bpd": logistic_mixture.bits_per_dim((rec + kl).mean(), dims).detach(),
+            "kl": kl.mean().detach(),
+        }
+        aux: dict[str, torch.Tensor] = {}
+        if self.reg not in ("elbo", "none"):
+            divergence = self._divergence(z, aux)
+            objective = objective + self.reg_weight * divergence
+            scalars["reg"] = divergence.detach()
+        if "critic" in aux:
+            scalars["critic_loss"] = aux["critic"].detach()
+        return LossOutput(loss=objective / dims, scalars=scalars, aux_losses=aux)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Naive ancestral sampling of x ~ p(x|z), one decoder pass per pixel, in eval mode.
+
+        Rows below the current one cannot influence it (the network only looks up), so each pass
+        runs on the rows up to the current one, rounded up to what the U-net's strides allow.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            n, side = z.shape[0], self.resolution
+            factor = 2 ** (self.decoder.n_stages - 1)
+            x = torch.zeros(n, 3, side, side, device=z.device)
+            for i in range(side):
+                rows = min(side, math.ceil((i + 1) / factor) * factor)
+                for j in range(side):
+                    params = self.decoder(x[:, :, :rows], z)[:, :, i : i + 1, j : j + 1]
+                    x[:, :, i, j] = logistic_mixture.sample(params, generator)[:, :, 0, 0]
+            return x
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n images [n, 3, R, R] in [-1, 1]: z from the prior N(0, I), then `decode`."""
+        device = next(self.parameters()).device
+        z = torch.randn(n, self.latent_dim, generator=generator, device=device)
+        return self.decode(z, generator)
