@@ -1,0 +1,193 @@
+# shellcheck shell=bash
+# The body of every sbatch script in this directory. A script sets its defaults (CONFIG, DATA, RUN_DIR,
+# ACCEL_CONFIG, REPO) and sources this file, which then does one of two things:
+#   outside a Slurm job  (`cluster/lsun_256.sh [sbatch options]`): submits that script with sbatch, turning
+#                        NODES and GPUS_PER_NODE into --nodes and --gres and putting the log in RUN_DIR;
+#   inside the job       (sbatch started it): runs one accelerate launcher per node (cluster/node.sh) and
+#                        carries the job through preemption: warning signal -> every trainer process
+#                        checkpoints and exits -> `scontrol requeue` -> the requeued job resumes (resume=auto).
+# Settings (environment variables; the script's defaults apply where unset):
+#   CONFIG, DATA, RUN_DIR, ACCEL_CONFIG  trainer config, shard directory, run directory, accelerate config
+#   EXTRA                space-separated key=value overrides passed to dist_vae/train.py
+#   NODES, GPUS_PER_NODE machines and GPUs per machine (0: the accelerate config's process count, CPU runs)
+#   PYTHON               interpreter with dist_vae's dependencies (python3)
+#   SETUP                a file sourced by the batch shell before launching (module load, conda activate)
+#   MAIN_ADDR, MAIN_PORT rendezvous address and port (first node of the job, 20000 + job id % 10000)
+#   MAX_CRASH_REQUEUES   how often one job is requeued after a crash (1)
+#   WARNING_REPEAT       seconds between repeats of the warning until the launchers exit (30)
+#   LAUNCH_ARGS          extra arguments for `accelerate launch`
+
+set -euo pipefail
+
+# The trainer's protocol with this script; dist_vae/engine/preemption.py writes these files.
+REQUEUE_MARKER="requeue"
+DONE_MARKER="done"
+
+log() { printf '[cluster %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
+die() {
+	log "error: $*" >&2
+	exit 2
+}
+
+# Every input is checked before submitting and again on the node (a requeued job may find files moved).
+check_inputs() {
+	[[ -f $REPO/dist_vae/train.py ]] ||
+		die "REPO=$REPO has no dist_vae/train.py: submit from the repository root or set REPO"
+	local name
+	for name in CONFIG ACCEL_CONFIG; do
+		[[ -f ${!name} ]] || die "$name=${!name}: no such file (relative paths start at REPO=$REPO)"
+	done
+	[[ -d $DATA ]] || die "DATA=$DATA: no such directory (relative paths start at REPO=$REPO)"
+	[[ ${NODES:-1} =~ ^[1-9][0-9]*$ ]] || die "NODES=$NODES: expected a positive integer"
+	[[ ${GPUS_PER_NODE:-0} =~ ^[0-9]+$ ]] || die "GPUS_PER_NODE=$GPUS_PER_NODE: expected an integer >= 0"
+	[[ ${MAX_CRASH_REQUEUES:-1} =~ ^[0-9]+$ ]] || die "MAX_CRASH_REQUEUES=$MAX_CRASH_REQUEUES: expected an integer >= 0"
+	[[ ${WARNING_REPEAT:-30} =~ ^[1-9][0-9]*$ ]] || die "WARNING_REPEAT=$WARNING_REPEAT: expected seconds >= 1"
+}
+
+submit() {
+	local script=$1
+	shift
+	local -a args=(--chdir="$REPO" --output="$RUN_DIR/slurm-%j.out")
+	if [[ -n ${NODES:-} ]]; then
+		args+=(--nodes="$NODES")
+	fi
+	if [[ -n ${GPUS_PER_NODE:-} ]]; then
+		if ((GPUS_PER_NODE > 0)); then args+=(--gres="gpu:$GPUS_PER_NODE"); else args+=(--gres=none); fi
+	fi
+	mkdir -p "$RUN_DIR"
+	export REPO CONFIG DATA RUN_DIR ACCEL_CONFIG
+	exec sbatch "${args[@]}" "$@" "$script"
+}
+
+newest_checkpoint() {
+	local dir newest=none
+	for dir in "$RUN_DIR"/checkpoints/step-*/; do
+		[[ -e ${dir}COMPLETE ]] && newest=$(basename "$dir")
+	done
+	echo "$newest"
+}
+
+# A marker counts only if the trainer wrote it during this run of the job.
+fresh() { [[ -e $RUN_DIR/$1 && $RUN_DIR/$1 -nt $STAMP ]]; }
+
+requeue() {
+	trap - USR1 TERM
+	log "requeueing job $SLURM_JOB_ID ($1); the next run resumes from $(newest_checkpoint) (resume=auto)"
+	scontrol requeue "$SLURM_JOB_ID" || die "scontrol requeue $SLURM_JOB_ID failed"
+	exit 0
+}
+
+# shellcheck disable=SC2317  # trap handler
+on_warning() {
+	((WARNED)) && return
+	WARNED=1
+	log "received SIGUSR1 (preemption warning): forwarding it to every process of the job's steps" \
+		"(scancel --signal=USR1 $SLURM_JOB_ID); trainers checkpoint at the next step boundary"
+	scancel --signal=USR1 "$SLURM_JOB_ID" || log "warning: scancel --signal=USR1 $SLURM_JOB_ID failed"
+	# A trainer still starting up has not installed its handler and ignores USR1 like its launcher does;
+	# repeat the warning until the launchers exit (one more signal only sets the trainer's flag again).
+	(
+		while sleep "$WARNING_REPEAT"; do
+			log "repeating the warning: launchers still running"
+			scancel --signal=USR1 "$SLURM_JOB_ID" || true
+		done
+	) &
+	REPEATER=$!
+}
+
+# shellcheck disable=SC2317  # trap handler
+on_term() {
+	TERMINATED=1
+	log "received SIGTERM: Slurm is ending the job (scancel, time limit or preemption); the steps got" \
+		"SIGTERM too, so trainers checkpoint if they can"
+}
+
+# After the launchers exit: finished, preempted (requeue), or crashed (requeue at most MAX_CRASH_REQUEUES).
+decide() {
+	local status=$1 crashes_file crashes
+	if [[ -n $REPEATER ]]; then kill "$REPEATER" 2>/dev/null || true; fi
+	log "launchers exited with status $status; newest complete checkpoint: $(newest_checkpoint)"
+	if fresh "$DONE_MARKER"; then
+		log "training finished ($RUN_DIR/$DONE_MARKER written): not requeueing"
+		exit 0
+	fi
+	# After a warning, a SIGTERM is the time limit that came before the checkpoint did: still requeue.
+	if ((WARNED)); then
+		if fresh "$REQUEUE_MARKER"; then
+			log "trainer checkpointed for preemption ($RUN_DIR/$REQUEUE_MARKER: $(tr '\n' ' ' <"$RUN_DIR/$REQUEUE_MARKER"))"
+			requeue "preempted"
+		fi
+		requeue "warned, but the trainer wrote no $REQUEUE_MARKER marker"
+	fi
+	if ((TERMINATED)); then
+		log "job ended by Slurm without a warning: not requeueing"
+		exit "$((status == 0 ? 1 : status))"
+	fi
+	if fresh "$REQUEUE_MARKER"; then
+		log "trainer checkpointed after a signal sent to it directly ($RUN_DIR/$REQUEUE_MARKER)"
+		requeue "preempted"
+	fi
+	crashes_file=$RUN_DIR/slurm-crash-requeues
+	crashes=$(grep -c "^$SLURM_JOB_ID " "$crashes_file" 2>/dev/null || true)
+	if ((${crashes:-0} < MAX_CRASH_REQUEUES)); then
+		echo "$SLURM_JOB_ID $(date -u +%FT%TZ) status=$status" >>"$crashes_file"
+		requeue "crash $((${crashes:-0} + 1)) of at most $MAX_CRASH_REQUEUES"
+	fi
+	log "crashed (status $status) and already requeued $((${crashes:-0})) time(s) after a crash" \
+		"(MAX_CRASH_REQUEUES=$MAX_CRASH_REQUEUES): not requeueing"
+	exit "$((status == 0 ? 1 : status))"
+}
+
+run_job() {
+	if [[ -n ${SETUP:-} ]]; then
+		# shellcheck source=/dev/null
+		source "$SETUP"
+	fi
+	NODES=${NODES:-$SLURM_JOB_NUM_NODES}
+	GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}
+	MAX_CRASH_REQUEUES=${MAX_CRASH_REQUEUES:-1}
+	WARNING_REPEAT=${WARNING_REPEAT:-30}
+	check_inputs
+	((NODES == SLURM_JOB_NUM_NODES)) ||
+		die "NODES=$NODES but the job has $SLURM_JOB_NUM_NODES node(s): run the script itself with NODES set" \
+			"(it submits with --nodes) or sbatch --nodes=$NODES"
+	MAIN_ADDR=${MAIN_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+	MAIN_PORT=${MAIN_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
+	PYTHON=${PYTHON:-python3}
+	export REPO CONFIG DATA RUN_DIR ACCEL_CONFIG EXTRA NODES GPUS_PER_NODE MAIN_ADDR MAIN_PORT PYTHON LAUNCH_ARGS
+
+	mkdir -p "$RUN_DIR"
+	STAMP=$RUN_DIR/.slurm-run-$SLURM_JOB_ID
+	touch "$STAMP"
+	WARNED=0
+	TERMINATED=0
+	REPEATER=
+	trap on_warning USR1
+	trap on_term TERM
+
+	log "job $SLURM_JOB_ID, run $((${SLURM_RESTART_COUNT:-0} + 1)) (restart count ${SLURM_RESTART_COUNT:-0})" \
+		"on $SLURM_JOB_NODELIST: $NODES node(s) x $GPUS_PER_NODE GPU(s), rendezvous $MAIN_ADDR:$MAIN_PORT"
+	log "config $CONFIG, data $DATA, run dir $RUN_DIR, accelerate $ACCEL_CONFIG, extra: ${EXTRA:-none}"
+	log "resuming from newest complete checkpoint: $(newest_checkpoint)"
+
+	# Steps do not inherit --cpus-per-task from the job (Slurm >= 22.05): pass it, or each launcher gets one CPU.
+	local -a step=(--nodes="$NODES" --ntasks-per-node=1 --kill-on-bad-exit=1)
+	if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then step+=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
+	srun "${step[@]}" bash "$REPO/cluster/node.sh" &
+	local srun_pid=$! status
+	# `wait` returns early whenever a trapped signal arrives; keep waiting until srun itself has exited.
+	while kill -0 "$srun_pid" 2>/dev/null; do
+		wait "$srun_pid" || true
+	done
+	wait "$srun_pid" && status=0 || status=$?
+	decide "$status"
+}
+
+: "${EXTRA:=}" "${LAUNCH_ARGS:=}"
+cd "$REPO"
+[[ $RUN_DIR == /* ]] || RUN_DIR=$REPO/$RUN_DIR
+if [[ -z ${SLURM_JOB_ID:-} ]]; then
+	check_inputs
+	submit "$@"
+fi
+run_job

@@ -1,0 +1,279 @@
+"""cluster/*.sh under a real Slurm on localhost, with the real trainer on real demo shards.
+
+The cluster has two nodes (two slurmd on this host). Job 1 runs to the end on one node under `sbatch --wait`.
+Job 2 runs on both nodes, gets the preemption warning the way `--signal=B:USR1@N` delivers it (to the batch
+shell only: `scancel --signal=USR1 --batch`), checkpoints, requeues itself, resumes and finishes. Job 3
+crashes and is requeued once (MAX_CRASH_REQUEUES), then given up. Job 4 is cancelled and stays cancelled.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.slurm_local import SLURM_PACKAGES, LocalSlurm, ensure_commands
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((REPO / "cluster").glob("*.sh"))
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
+CPUS = min(2, os.cpu_count() or 1)  # the debug accelerate config starts 2 processes
+# Evaluation and sampling are the engine's business; here they would only cost time. Batch 8 per rank fits
+# both splits of the 64 demo images.
+QUIET = "data.batch_size=8 train.eval_every=100000 train.sample_every=100000 train.log_every=5"
+
+
+def _skip_unless(reason: str | None) -> None:
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    _skip_unless(ensure_commands(SLURM_PACKAGES))
+    with LocalSlurm(nodes=2) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "demo32"
+    cmd = [sys.executable, "tools/make_shards.py", "--source", "demo:64", "--out", str(out),
+           "--resolution", "32", "--val-fraction", "0.5", "--no-progress"]  # fmt: skip
+    done = subprocess.run(
+        cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True
+    )
+    assert done.returncode == 0, f"make_shards failed:\n{done.stderr[-3000:]}"
+    return out
+
+
+def job_env(base: dict[str, str], shards: Path, run_dir: Path, extra: str, **more: str) -> dict[str, str]:
+    """What a user would export; SLURM_* of an enclosing job would make the script think it is one."""
+    env = {k: v for k, v in base.items() if not k.startswith("SLURM_") or k == "SLURM_CONF"}
+    env.update(
+        DATA=str(shards),
+        RUN_DIR=str(run_dir),
+        CONFIG="configs/debug.yaml",
+        ACCEL_CONFIG="configs/accelerate/cpu_debug.yaml",
+        NODES="1",
+        GPUS_PER_NODE="0",
+        PYTHON=sys.executable,
+        EXTRA=extra,
+        OMP_NUM_THREADS="1",
+    )
+    env.update(more)
+    return env
+
+
+def complete_checkpoints(run_dir: Path) -> list[int]:
+    return sorted(
+        int(d.name[5:]) for d in (run_dir / "checkpoints").glob("step-*") if (d / "COMPLETE").exists()
+    )
+
+
+def job_log(run_dir: Path, job_id: str) -> str:
+    path = run_dir / f"slurm-{job_id}.out"
+    return path.read_text(errors="replace") if path.exists() else f"({path} missing)"
+
+
+def scalar_steps(run_dir: Path) -> set[int]:
+    """Steps at which the trainer logged a TensorBoard scalar, over every event file of the run."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    steps = set()
+    for path in (run_dir / "tensorboard").rglob("events.out.tfevents.*"):
+        for event in EventFileLoader(str(path)).Load():
+            if event.HasField("summary") and len(event.summary.value):
+                steps.add(event.step)
+    return steps
+
+
+def assert_in_order(log: str, patterns: list[str]) -> list[re.Match[str]]:
+    """Each regex matches after the previous one; the matches."""
+    found, pos = [], 0
+    for pattern in patterns:
+        match = re.compile(pattern, re.M).search(log, pos)
+        assert match, f"job log lacks /{pattern}/ after offset {pos}:\n{log[-6000:]}"
+        found.append(match)
+        pos = match.end()
+    return found
+
+
+def test_scripts_pass_bash_n_and_shellcheck() -> None:
+    assert {p.name for p in SCRIPTS} >= {"launch.sh", "node.sh", "lsun_256.sh", "lsun_64_pixelvae.sh"}
+    for script in SCRIPTS:
+        done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert done.returncode == 0, f"bash -n {script}: {done.stderr}"
+    _skip_unless(ensure_commands({"shellcheck": "shellcheck"}))
+    done = subprocess.run(
+        ["shellcheck", "-x", *(str(p.relative_to(REPO)) for p in SCRIPTS)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"DATA": "/nonexistent/shards"}, "DATA=/nonexistent/shards: no such directory"),
+        ({"CONFIG": "configs/nope.yaml"}, "CONFIG=configs/nope.yaml: no such file"),
+        ({"NODES": "two"}, "NODES=two: expected a positive integer"),
+    ],
+)
+def test_bad_settings_are_named_before_anything_is_submitted(
+    tmp_path: Path, override: dict[str, str], message: str
+) -> None:
+    env = job_env(dict(os.environ), tmp_path, tmp_path / "run", "")
+    env.pop("SLURM_CONF", None)
+    env.update(override)
+    done = subprocess.run(
+        [str(REPO / "cluster/lsun_256.sh")], env=env, capture_output=True, text=True, cwd=tmp_path
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert message in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_sbatch_wait_runs_to_the_end(slurm: LocalSlurm, shards: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    env = job_env(slurm.env, shards, run_dir, f"train.steps=10 train.checkpoint_every=5 {QUIET}")
+    # Plain sbatch from the repository root: the allocation comes from the command line, the rest from env.
+    done = subprocess.run(
+        ["sbatch", "--wait", "--parsable", "--nodes=1", "--gres=none", f"--cpus-per-task={CPUS}",
+         f"--output={run_dir}/slurm-%j.out", "cluster/lsun_256.sh"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    job_id = done.stdout.strip().split(";")[0]
+    log = job_log(run_dir, job_id)
+    assert done.returncode == 0, f"sbatch --wait: {done.returncode} {done.stderr}\n{log}\n{slurm.logs()}"
+    assert_in_order(
+        log,
+        [
+            rf"job {job_id}, run 1 \(restart count 0\)",
+            r"resuming from newest complete checkpoint: none",
+            r"launchers exited with status 0; newest complete checkpoint: step-00000010",
+            r"training finished .*not requeueing",
+        ],
+    )
+    assert "requeueing job" not in log
+    assert complete_checkpoints(run_dir)[-1] == 10
+    assert (run_dir / "done").exists() and not (run_dir / "requeue").exists()
+    assert max(scalar_steps(run_dir)) >= 5
+
+
+@pytest.mark.slow
+def test_warning_signal_checkpoints_requeues_and_resumes(
+    slurm: LocalSlurm, shards: Path, tmp_path: Path
+) -> None:
+    steps = 30
+    run_dir = tmp_path / "run"
+    env = job_env(
+        slurm.env, shards, run_dir, f"train.steps={steps} train.checkpoint_every=5 {QUIET}", NODES="2"
+    )
+    # The script submits itself (outside a job it calls sbatch), from anywhere: NODES/GPUS_PER_NODE -> sbatch.
+    # The debug accelerate config's 2 processes become one per node.
+    done = subprocess.run(
+        [str(REPO / "cluster/lsun_256.sh"), "--parsable", f"--cpus-per-task={CPUS}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    job_id = done.stdout.strip().split(";")[0]
+
+    deadline = time.monotonic() + 180
+    while not complete_checkpoints(run_dir):
+        state = slurm.job(job_id)["JobState"]
+        assert state in {"PENDING", "RUNNING"}, f"{state} before a checkpoint:\n{job_log(run_dir, job_id)}"
+        assert time.monotonic() < deadline, f"no checkpoint after 180 s:\n{job_log(run_dir, job_id)}"
+        time.sleep(0.2)
+    # What `#SBATCH --signal=B:USR1@600` does at the time limit minus 10 minutes.
+    slurm.run("scancel", "--signal=USR1", "--batch", job_id)
+
+    info = slurm.wait_job(
+        job_id,
+        lambda i: i["JobState"] in FINAL_STATES and (i["Restarts"] != "0" or i["JobState"] != "COMPLETED"),
+        300,
+    )
+    log = job_log(run_dir, job_id)
+    assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("COMPLETED", "1", "0:0"), (
+        f"{info}\n{log}"
+    )
+    _, marker, requeue, _, resumed, finished = assert_in_order(
+        log,
+        [
+            r"received SIGUSR1 \(preemption warning\)",
+            r"trainer checkpointed for preemption \(.*requeue: step (\d+)",
+            r"requeueing job \d+ \(preempted\); the next run resumes from step-(\d+)",
+            rf"job {job_id}, run 2 \(restart count 1\) on .*: 2 node\(s\)",
+            r"resuming from newest complete checkpoint: step-(\d+)",
+            rf"launchers exited with status 0; newest complete checkpoint: step-{steps:08d}",
+        ],
+    )
+    stopped = int(marker.group(1))
+    assert 0 < stopped < steps, f"the signal should land mid-run, the trainer stopped at {stopped}"
+    assert int(requeue.group(1)) == int(resumed.group(1)) == stopped
+    assert "training finished" in log[finished.end() :]
+    assert complete_checkpoints(run_dir)[-1] == steps
+    assert (run_dir / "done").exists()
+    logged = scalar_steps(run_dir)
+    assert max(logged) >= steps - 5 and min(logged) <= stopped, sorted(logged)
+
+
+@pytest.mark.slow
+def test_crash_is_requeued_at_most_max_crash_requeues(
+    slurm: LocalSlurm, shards: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    env = job_env(slurm.env, shards, run_dir, "train.no_such_key=1", MAX_CRASH_REQUEUES="1")
+    done = subprocess.run(
+        [str(REPO / "cluster/lsun_256.sh"), "--parsable", f"--cpus-per-task={CPUS}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    job_id = done.stdout.strip().split(";")[0]
+    info = slurm.wait_job(job_id, lambda i: i["JobState"] in FINAL_STATES and i["Restarts"] != "0", 240)
+    log = job_log(run_dir, job_id)
+    assert (info["JobState"], info["Restarts"]) == ("FAILED", "1"), f"{info}\n{log}"
+    assert info["ExitCode"] != "0:0"
+    assert_in_order(
+        log,
+        [
+            r"no_such_key",
+            r"requeueing job \d+ \(crash 1 of at most 1\)",
+            rf"job {job_id}, run 2 \(restart count 1\)",
+            r"crashed \(status \d+\) and already requeued 1 time\(s\) after a crash .*not requeueing",
+        ],
+    )
+
+
+@pytest.mark.slow
+def test_scancel_stops_the_job_without_requeue(slurm: LocalSlurm, shards: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    env = job_env(slurm.env, shards, run_dir, f"train.steps=100000 train.checkpoint_every=5 {QUIET}")
+    done = subprocess.run(
+        [str(REPO / "cluster/lsun_256.sh"), "--parsable", f"--cpus-per-task={CPUS}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    job_id = done.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 180
+    while not complete_checkpoints(run_dir):  # the trainer is past start-up and training
+        assert slurm.job(job_id)["JobState"] in {"PENDING", "RUNNING"}, job_log(run_dir, job_id)
+        assert time.monotonic() < deadline, f"no training after 180 s:\n{job_log(run_dir, job_id)}"
+        time.sleep(0.5)
+    slurm.run("scancel", job_id)
+    info = slurm.wait_job(job_id, lambda i: i["JobState"] in FINAL_STATES, 60)
+    log = job_log(run_dir, job_id)
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), f"{info}\n{log}"
+    # Slurm SIGKILLs whatever is left KillWait seconds after the SIGTERM, the batch shell included, so its
+    # closing line may be missing; the state (CANCELLED, no restart) is what counts.
+    assert "received SIGTERM: Slurm is ending the job" in log, log
+    assert "requeueing job" not in log
