@@ -12,8 +12,9 @@ process group (`kill -USR1 -- -PGID`, DataLoader workers included: they inherit 
 SIGTERM must go to the training processes or to a multi-process `accelerate launch` (torchrun
 forwards it to its workers, then SIGKILLs them 30 s later), never to the whole group: PyTorch's
 DataLoader workers die on a SIGTERM not sent by their parent, which aborts the trainer before it
-saves. torchrun does not forward SIGUSR1, so a cluster script turns its USR1 into a TERM for the
-launcher. A single-process `accelerate launch` forwards nothing: signal the python process.
+saves. torchrun does not forward SIGUSR1 (and SIGKILLs its workers 30 s after forwarding a TERM), so
+cluster/launch.sh sends USR1 to every process of the job's steps (`scancel --signal=USR1 JOBID`) while
+the launchers ignore it. A single-process `accelerate launch` forwards nothing: signal the python process.
 """
 
 from __future__ import annotations

@@ -356,9 +356,13 @@ class Trainer:
                 if preempted:
                     if acc.is_main_process:
                         write_requeue_marker(self.run_dir, self.step, self.preemption.signal_name or "peer")
+                    # No rank exits before the marker exists: a launcher that exits early can make the
+                    # cluster kill the other nodes (srun --kill-on-bad-exit) before rank 0 writes it.
+                    acc.wait_for_everyone()
                     return REQUEUE_EXIT_CODE
             if acc.is_main_process:
                 write_done_marker(self.run_dir, self.step)
+            acc.wait_for_everyone()
             return 0
         finally:
             self.preemption.restore()
