@@ -24,6 +24,7 @@ test: env
 
 bench: env
 	$(BIN)/python tools/bench/loader.py
+	$(BIN)/python tools/bench/iterative.py
 
 lint: env
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

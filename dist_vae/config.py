@@ -39,10 +39,10 @@ def between(default: Any, low: float, high: float) -> Any:
 @dataclass
 class DataConfig:
     path: str = "data/demo/shards"  # directory holding train-*.tar, val-*.tar and manifest.json
-    resolution: int = at_least(32, 8)
+    resolution: int = at_least(32, 8)  # <= the shards' resolution; smaller is resized on the fly
     batch_size: int = at_least(16, 1)  # per rank
-    num_workers: int = at_least(2, 0)
-    shuffle_buffer: int = at_least(1000, 0)
+    num_workers: int = at_least(2, 0)  # DataLoader workers per rank; a resumed run must keep it
+    shuffle_buffer: int = at_least(1000, 0)  # encoded samples held per worker; 0 or 1: shard order only
     random_flip: bool = True
 
 
@@ -64,12 +64,14 @@ class ModelConfig:
     lambda_: float = 1000.0
     critic_hidden: int = at_least(256, 1)
     # --- Iterative latent-injection VAE (defaults: LSUN 256 px, the seed's sizes) ---
-    refine_steps: int = at_least(8, 1)
+    refine_steps: int = at_least(8, 1)  # T; 1 with T-times larger latent_dims is the single-step baseline
+    # One latent per level at the len(latent_dims) coarsest levels, the last at 4 px; drawn afresh per step.
     latent_dims: list[int] = field(default_factory=lambda: [20, 30, 30, 30])
-    mode: str = choice("greedy", "greedy", "joint")
-    channels: int = at_least(64, 1)
-    rec_weight: float = at_least(16.0, 0.0)
+    mode: str = choice("greedy", "greedy", "joint")  # greedy stops gradients between steps (the original)
+    channels: int = at_least(64, 1)  # width at 64 px; x2 per halving up to x4, /2 per doubling above 64 px
+    rec_weight: float = at_least(16.0, 1.0e-3)  # 1 / (2 sigma^2) of the fixed-variance Gaussian decoder
     kl_warmup: float = at_least(1.0e4, 0.0)  # KL weight is 1 - exp(-step / kl_warmup); 0 disables warm-up
+    blocks: int = at_least(1, 1)  # residual blocks per resolution level in every encoder and generator
 
 
 @dataclass

@@ -42,11 +42,11 @@ def test_bad_overrides_name_key_value_and_allowed(overrides: list[str], fragment
 
 
 def test_bad_files_are_named(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
+    with pytest.raises(ConfigError, match=r"missing\.yaml does not exist"):
         load_config(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("data:\n  resolution: [unclosed\n")
-    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml is not valid YAML"):
         load_config(bad)
     typo = tmp_path / "typo.yaml"
     typo.write_text("trian:\n  steps: 3\n")

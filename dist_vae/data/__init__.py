@@ -1,0 +1,1 @@
+"""Data: raw datasets -> webdataset shards (sources, shards, demo) -> per-rank batches (stream)."""

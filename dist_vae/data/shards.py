@@ -1,0 +1,333 @@
+"""Raw dataset -> webdataset tar shards + manifest.json.
+
+The output depends only on the source and the settings, never on the worker count or on how often
+the job was interrupted: the train/val split comes from a hash of each key, the samples are ordered
+by that hash and cut into shards of `shard_size` keys, and tar headers carry fixed metadata. So a
+killed run started again redoes only the shards that were not finished, and a finished output is left
+untouched. Each shard is written under a temporary name and renamed when complete; its record
+(count, bytes, sha256, skipped keys) goes to `.progress/` until the manifest gathers them all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tarfile
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from tqdm import tqdm
+
+from dist_vae.data.demo import DEFAULT_DEMO_SIZE, ensure_demo_lmdb
+from dist_vae.data.sources import FolderSource, LmdbSource, SourceError, sniff_format
+
+FORMATS = ("webp", "png", "jpg")
+MANIFEST = "manifest.json"
+CACHE_DIR = ".cache"
+PROGRESS_DIR = ".progress"
+SPLIT_RULE = "val if int.from_bytes(sha256(key)[:8], 'big') / 2**64 < val_fraction else train"
+RESIZE_RULE = "shorter side to resolution (PIL Lanczos, antialiased), centre crop, RGB"
+
+Source = LmdbSource | FolderSource
+
+
+class ShardError(ValueError):
+    """An output directory or setting that cannot be used; the message says which and why."""
+
+
+class SkipImage(Exception):
+    """A value that is not a usable image: a short reason (counted in the manifest) and its detail."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    """Everything that decides the bytes of the output."""
+
+    source: str
+    resolution: int
+    format: str = "webp"
+    quality: int = 95
+    shard_size: int = 1000
+    val_fraction: float = 0.01
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.resolution >= 1, f"resolution must be >= 1, got {self.resolution}"),
+            (self.format in FORMATS, f"format must be one of {list(FORMATS)}, got {self.format!r}"),
+            (1 <= self.quality <= 100, f"quality must be in [1, 100], got {self.quality}"),
+            (self.shard_size >= 1, f"shard size must be >= 1, got {self.shard_size}"),
+            (0.0 <= self.val_fraction <= 1.0, f"val fraction must be in [0, 1], got {self.val_fraction}"),
+            (self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ShardError(message)
+
+
+def open_source(spec: str, out: str | Path) -> Source:
+    """`lmdb:PATH`, `folder:PATH` or `demo[:N]` (an LSUN-format LMDB built under OUT/.cache)."""
+    kind, _, arg = spec.partition(":")
+    cache = Path(out) / CACHE_DIR
+    if kind == "lmdb" and arg:
+        return LmdbSource(arg, cache)
+    if kind == "folder" and arg:
+        return FolderSource(arg)
+    if kind == "demo":
+        if arg and not (arg.isdigit() and int(arg) >= 1):
+            raise SourceError(f"bad --source {spec!r}: the demo size N in demo:N must be a positive integer")
+        return LmdbSource(ensure_demo_lmdb(cache, int(arg) if arg else DEFAULT_DEMO_SIZE), cache)
+    raise SourceError(f"bad --source {spec!r}: expected lmdb:PATH, folder:PATH or demo[:N]")
+
+
+def split_of(key: str, val_fraction: float) -> str:
+    """'val' or 'train', decided by the key alone so every run and every worker agrees."""
+    head = hashlib.sha256(key.encode()).digest()[:8]
+    return "val" if int.from_bytes(head, "big") / 2**64 < val_fraction else "train"
+
+
+def sample_name(key: str) -> str:
+    """The tar member stem: a hash, since source keys may hold '/' or '.' that webdataset splits on."""
+    return hashlib.sha256(key.encode()).hexdigest()[:40]
+
+
+def square_image(data: bytes, resolution: int) -> Image.Image:
+    """Decode, resize the shorter side to `resolution` with antialiasing, centre crop, RGB."""
+    if sniff_format(data) is None:
+        raise SkipImage("unknown format", f"not WebP, JPEG or PNG; first bytes {data[:12].hex() or 'none'}")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img = img.convert("RGB")
+    except Exception as exc:  # PIL raises many unrelated types for damaged data
+        # Messages may quote object addresses, which would make the manifest differ run to run.
+        detail = re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(exc).__name__}: {exc}")
+        raise SkipImage("undecodable", detail) from exc
+    w, h = img.size
+    scale = resolution / min(w, h)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    img = img.resize(size, Image.LANCZOS)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    return img.crop((left, top, left + resolution, top + resolution))
+
+
+def encode(img: Image.Image, fmt: str, quality: int) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "webp":
+        img.save(buf, format="WEBP", quality=quality, lossless=quality == 100)
+    elif fmt == "jpg":
+        img.save(buf, format="JPEG", quality=quality)
+    else:
+        img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    split: str
+    index: int
+    keys: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.index:06d}.tar"
+
+
+def plan(keys: Iterable[str], settings: ShardSettings) -> list[ShardJob]:
+    """Split by key hash, order each split by sample name, cut into shards of `shard_size` keys."""
+    by_split: dict[str, list[str]] = {"train": [], "val": []}
+    for key in keys:
+        by_split[split_of(key, settings.val_fraction)].append(key)
+    jobs = []
+    for split, members in by_split.items():
+        members.sort(key=lambda k: (sample_name(k), k))
+        for i in range(0, len(members), settings.shard_size):
+            jobs.append(
+                ShardJob(split, i // settings.shard_size, tuple(members[i : i + settings.shard_size]))
+            )
+    return jobs
+
+
+def write_shard(source: Source, job: ShardJob, settings: ShardSettings, out: Path) -> dict[str, Any]:
+    """Write one shard (temporary name, then rename) and return its record."""
+    final = out / job.name
+    tmp = out / f"{job.name}.tmp-{os.getpid()}"
+    skipped = []
+    count = 0
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key in job.keys:
+            try:
+                img = square_image(source.read(key), settings.resolution)
+            except SkipImage as exc:
+                skipped.append({"key": key, "reason": exc.reason, "detail": exc.detail})
+                continue
+            stem = sample_name(key)
+            _add_member(tar, f"{stem}.{settings.format}", encode(img, settings.format, settings.quality))
+            _add_member(tar, f"{stem}.json", json.dumps({"key": key}).encode())
+            count += 1
+    os.replace(tmp, final)
+    record = {"name": job.name, "count": count, "bytes": final.stat().st_size, "sha256": file_sha256(final)}
+    _write_json(out / PROGRESS_DIR / f"{job.name}.json", {**record, "skipped": skipped})
+    return record
+
+
+_worker_state: dict[str, Any] = {}
+
+
+def _init_worker(source: Source, settings: ShardSettings, out: Path) -> None:
+    _worker_state.update(source=source, settings=settings, out=out)
+
+
+def _run_job(job: ShardJob) -> tuple[int, dict[str, Any]]:
+    s = _worker_state
+    return len(job.keys), write_shard(s["source"], job, s["settings"], s["out"])
+
+
+def _finished_manifest(out: Path, settings: ShardSettings) -> dict[str, Any] | None:
+    """The existing manifest if it was made with `settings` and every shard it lists is in place."""
+    path = out / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        manifest["splits"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ShardError(f"{path} is not a shard manifest ({exc}): remove it to rebuild {out}") from exc
+    if manifest.get("settings") != asdict(settings):
+        raise ShardError(
+            f"{out} already holds shards made with settings {manifest.get('settings')}, not "
+            f"{asdict(settings)}: choose another --out or remove {path}"
+        )
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            f = out / shard["name"]
+            if not f.is_file() or f.stat().st_size != shard["bytes"]:
+                return None
+    return manifest
+
+
+def _claim_progress(out: Path, settings: ShardSettings) -> None:
+    """Mark `.progress/` as this settings' work; an unfinished run with other settings is refused."""
+    path = out / PROGRESS_DIR / "settings.json"
+    if path.is_file() and json.loads(path.read_text()) != asdict(settings):
+        raise ShardError(
+            f"{out} holds an unfinished run with settings {json.loads(path.read_text())}, not "
+            f"{asdict(settings)}: finish it with those settings, or choose another --out"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(path, asdict(settings))
+
+
+def _done_record(out: Path, job: ShardJob) -> dict[str, Any] | None:
+    """The record of a shard a previous run finished, if its file still matches it."""
+    progress = out / PROGRESS_DIR / f"{job.name}.json"
+    shard = out / job.name
+    if not (progress.is_file() and shard.is_file()):
+        return None
+    record = json.loads(progress.read_text())
+    if record["bytes"] != shard.stat().st_size or record["sha256"] != file_sha256(shard):
+        return None
+    return record
+
+
+def build_shards(
+    settings: ShardSettings, out: str | Path, workers: int = 1, progress: bool = True
+) -> dict[str, Any]:
+    """Make (or finish) the shards of `settings.source` in `out`; returns the manifest."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ShardError(f"--out {out} exists and is not a directory")
+    finished = _finished_manifest(out, settings)
+    if finished is not None:
+        return finished
+    source = open_source(settings.source, out)
+    keys = source.keys()
+    if settings.limit is not None:
+        keys = keys[: settings.limit]
+    jobs = plan(keys, settings)
+    _claim_progress(out, settings)
+    for stale in [*out.glob("*.tmp-*"), *(out / PROGRESS_DIR).glob("*.tmp-*")]:
+        stale.unlink()
+    pending = [job for job in jobs if _done_record(out, job) is None]
+    bar = tqdm(
+        total=len(keys),
+        initial=len(keys) - sum(len(j.keys) for j in pending),
+        unit="img",
+        disable=not progress,
+    )
+    with bar:
+        if workers <= 1 or len(pending) <= 1:
+            for job in pending:
+                write_shard(source, job, settings, out)
+                bar.update(len(job.keys))
+        else:
+            with Pool(min(workers, len(pending)), _init_worker, (source, settings, out)) as pool:
+                for n, _ in pool.imap_unordered(_run_job, pending):
+                    bar.update(n)
+    manifest = _manifest(out, jobs, settings)
+    _write_json(out / MANIFEST, manifest)
+    shutil.rmtree(out / PROGRESS_DIR)
+    return manifest
+
+
+def _manifest(out: Path, jobs: list[ShardJob], settings: ShardSettings) -> dict[str, Any]:
+    records = [json.loads((out / PROGRESS_DIR / f"{job.name}.json").read_text()) for job in jobs]
+    skipped = sorted((s for r in records for s in r.pop("skipped")), key=lambda s: s["key"])
+    splits = {}
+    for split in ("train", "val"):
+        shards = [r for r, job in zip(records, jobs, strict=True) if job.split == split]
+        splits[split] = {
+            "count": sum(r["count"] for r in shards),
+            "bytes": sum(r["bytes"] for r in shards),
+            "shards": shards,
+        }
+    return {
+        "version": 1,
+        "settings": asdict(settings),
+        "resolution": settings.resolution,
+        "format": settings.format,
+        "source": settings.source,
+        "split_rule": SPLIT_RULE,
+        "resize": RESIZE_RULE,
+        "layout": f"KEY.{settings.format} + KEY.json ({{'key': source key}}); KEY = sha256(key)[:40]",
+        "splits": splits,
+        "skipped": {
+            "count": len(skipped),
+            "reasons": dict(sorted(Counter(s["reason"] for s in skipped).items())),
+            "items": skipped,
+        },
+    }

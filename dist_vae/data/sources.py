@@ -1,0 +1,126 @@
+"""Readers of raw image datasets: each yields (key, encoded bytes) in a fixed, sorted key order.
+
+The LSUN reader opens its LMDB lazily in whichever process reads, never in a parent that will fork:
+an LMDB environment inherited across fork is undefined behaviour (and the cause of the stalls seen
+with readers that open it in `__init__`). Its key list, slow to enumerate for millions of entries, is
+cached in a directory the caller chooses (the shard output), never in the current directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import lmdb
+
+IMAGE_SUFFIXES = {".webp", ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+class SourceError(ValueError):
+    """A dataset path or specification that cannot be read; the message names it."""
+
+
+def sniff_format(data: bytes) -> str | None:
+    """'webp', 'jpeg' or 'png' from the magic bytes, None for anything else.
+
+    LSUN's own readme says JPEG while its LMDBs hold WebP, so the bytes, not the source, decide.
+    """
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    return None
+
+
+class LmdbSource:
+    """An LSUN-style LMDB (one category): text keys (LSUN: 40 hex digits), encoded image values."""
+
+    def __init__(self, path: str | Path, cache_dir: str | Path) -> None:
+        self.path = Path(path)
+        if not (self.path / "data.mdb").is_file():
+            raise SourceError(f"LMDB {self.path} not found: expected a directory holding data.mdb")
+        self.cache_dir = Path(cache_dir)
+        self._env: lmdb.Environment | None = None
+        self._pid = -1
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_env": None, "_pid": -1}
+
+    def _open(self) -> lmdb.Environment:
+        if self._env is None or self._pid != os.getpid():
+            self._env = lmdb.open(
+                str(self.path), readonly=True, lock=False, readahead=False, meminit=False, max_readers=1
+            )
+            self._pid = os.getpid()
+        return self._env
+
+    def close(self) -> None:
+        if self._env is not None and self._pid == os.getpid():
+            self._env.close()
+        self._env = None
+
+    def _cache_file(self) -> Path:
+        stat = (self.path / "data.mdb").stat()
+        ident = f"{self.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        return self.cache_dir / f"lmdb-keys-{hashlib.sha1(ident.encode()).hexdigest()[:16]}.txt"
+
+    def keys(self) -> list[str]:
+        """All keys, sorted; read once from the LMDB, then from the cache file."""
+        cache = self._cache_file()
+        if cache.is_file():
+            return cache.read_text().split()
+        with self._open().begin() as txn:
+            raw = list(txn.cursor().iternext(keys=True, values=False))
+        self.close()
+        try:
+            keys = [k.decode("utf-8") for k in raw]
+        except UnicodeDecodeError as exc:
+            raise SourceError(f"LMDB {self.path} has a key that is not UTF-8: {exc}") from exc
+        if any(not k or k.split() != [k] for k in keys):
+            raise SourceError(f"LMDB {self.path} has a key that is empty or holds whitespace")
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(k + "\n" for k in keys))
+        os.replace(tmp, cache)
+        return keys
+
+    def read(self, key: str) -> bytes:
+        with self._open().begin(buffers=False) as txn:
+            value = txn.get(key.encode("utf-8"))
+        if value is None:
+            raise SourceError(f"LMDB {self.path} has no key {key!r}")
+        return value
+
+    def __iter__(self) -> Iterator[tuple[str, bytes]]:
+        for key in self.keys():
+            yield key, self.read(key)
+
+
+class FolderSource:
+    """Every image file below a directory, recursively; the key is the path relative to it."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise SourceError(f"image folder {self.path} not found or not a directory")
+
+    def keys(self) -> list[str]:
+        keys = sorted(
+            p.relative_to(self.path).as_posix()
+            for p in self.path.rglob("*")
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        )
+        if not keys:
+            raise SourceError(f"image folder {self.path} holds no image files ({sorted(IMAGE_SUFFIXES)})")
+        return keys
+
+    def read(self, key: str) -> bytes:
+        return (self.path / key).read_bytes()
+
+    def __iter__(self) -> Iterator[tuple[str, bytes]]:
+        for key in self.keys():
+            yield key, self.read(key)

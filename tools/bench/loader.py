@@ -1,0 +1,159 @@
+"""Loader benchmark (a script, not a test): the same images at 256 px, one worker each, side by side.
+
+(a) ShardStream over webdataset shards; (b) LSUN LMDB random access as torchvision's LSUN dataset
+does it (lmdb get + PIL decode + resize shorter side + centre crop, shuffled map-style DataLoader);
+(c) PIL decode of the shard bytes alone, in one process (the ceiling for (a)). Then make_shards with
+2 workers against 1. Each loader is timed in `--rounds` interleaved rounds and its best round kept,
+so a neighbour's burst of load on a shared machine does not decide the ratio.
+
+    PYTHONPATH=. python tools/bench/loader.py --images 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from dist_vae.config import DataConfig
+from dist_vae.data.demo import build_demo_lmdb
+from dist_vae.data.shards import ShardSettings, build_shards
+from dist_vae.data.sources import LmdbSource
+from dist_vae.data.stream import ShardStream
+
+
+class LsunRandomAccess(Dataset):
+    """torchvision.datasets.LSUN's access pattern, with the LMDB opened per worker process."""
+
+    def __init__(self, path: Path, keys: list[str], resolution: int) -> None:
+        self.path, self.keys, self.resolution = path, keys, resolution
+        self.env: lmdb.Environment | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if self.env is None:
+            self.env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False, meminit=False)
+        with self.env.begin() as txn:
+            data = txn.get(self.keys[index].encode())
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        w, h = img.size
+        scale = self.resolution / min(w, h)
+        img = img.resize((max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale))))
+        left, top = (img.size[0] - self.resolution) // 2, (img.size[1] - self.resolution) // 2
+        img = img.crop((left, top, left + self.resolution, top + self.resolution))
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def timed(fn: Callable[[], int]) -> float:
+    """Images per second of one call of `fn`, which returns how many images it produced."""
+    start = time.perf_counter()
+    n = fn()
+    return n / (time.perf_counter() - start)
+
+
+def steady(batches: Iterator[torch.Tensor], n: int) -> float:
+    """Images per second over `n` batches after the first (worker start-up is not throughput)."""
+    next(batches)
+    start = time.perf_counter()
+    images = sum(next(batches).shape[0] for _ in range(n))
+    return images / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", type=int, default=500)
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.workdir or Path(tmp)
+        lmdb_path = work / "lsun_like_lmdb"
+        if not (lmdb_path / "data.mdb").is_file():
+            build_demo_lmdb(lmdb_path, args.images, seed=0, short_side=args.resolution)
+        shard_size = max(1, args.images // 8)
+
+        def shard(out: str, workers: int) -> int:
+            settings = ShardSettings(
+                source=f"lmdb:{lmdb_path}",
+                resolution=args.resolution,
+                shard_size=shard_size,
+                val_fraction=0.0,
+            )
+            manifest = build_shards(settings, work / out, workers=workers, progress=False)
+            return manifest["splits"]["train"]["count"]
+
+        sharding = {1: timed(lambda: shard("shards_w1", 1)), 2: timed(lambda: shard("shards_w2", 2))}
+        shards = work / "shards_w1"
+        keys = LmdbSource(lmdb_path, work / ".cache").keys()
+        encoded = []
+        for path in sorted(shards.glob("train-*.tar")):
+            with tarfile.open(path) as tar:
+                encoded += [tar.extractfile(m).read() for m in tar if m.name.endswith(".webp")]  # type: ignore[union-attr]
+
+        cfg = DataConfig(
+            path=str(shards),
+            resolution=args.resolution,
+            batch_size=args.batch_size,
+            num_workers=1,
+            shuffle_buffer=100,
+        )
+
+        def stream() -> float:
+            s = ShardStream(cfg, "train", seed=0)
+            return steady(iter(s), 2 * s.batches_per_epoch - 1)
+
+        def lmdb_random() -> float:
+            loader = DataLoader(
+                LsunRandomAccess(lmdb_path, keys, args.resolution),
+                batch_size=args.batch_size,
+                shuffle=True,
+                num_workers=1,
+                drop_last=True,
+                persistent_workers=True,
+                generator=torch.Generator().manual_seed(0),
+            )
+            two_epochs = (batch for _ in range(2) for batch in loader)
+            return steady(two_epochs, 2 * len(loader) - 1)
+
+        def decode_only() -> float:
+            def decode() -> int:
+                for data in encoded:
+                    Image.open(io.BytesIO(data)).convert("RGB")
+                return len(encoded)
+
+            return timed(decode)
+
+        loaders = {"a": stream, "b": lmdb_random, "c": decode_only}
+        best = dict.fromkeys(loaders, 0.0)
+        for _ in range(args.rounds):
+            for name, fn in loaders.items():
+                best[name] = max(best[name], fn())
+
+    print(f"{len(encoded)} images at {args.resolution} px, batch {args.batch_size}, best of {args.rounds}")
+    print(f"(a) ShardStream, 1 worker          {best['a']:8.1f} img/s")
+    print(f"(b) LSUN LMDB random access, 1 wkr {best['b']:8.1f} img/s")
+    print(f"(c) PIL decode of shard bytes      {best['c']:8.1f} img/s")
+    print(f"a/b = {best['a'] / best['b']:.2f}   (target >= 1.5)")
+    print(f"a/c = {best['a'] / best['c']:.2f}   (target >= 0.8)")
+    print(f"make_shards: 1 worker {sharding[1]:.1f} img/s, 2 workers {sharding[2]:.1f} img/s")
+    print(f"make_shards 2 workers / 1 worker = {sharding[2] / sharding[1]:.2f}   (target >= 1.8)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Build webdataset tar shards + manifest.json from LSUN (LMDB), an image folder or the demo data.
+
+    python tools/make_shards.py --source lmdb:/data/lsun/bedroom_train_lmdb --out shards/bedroom256 \
+        --resolution 256 --workers 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dist_vae.data.shards import FORMATS, ShardError, ShardSettings, build_shards
+from dist_vae.data.sources import SourceError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--source", required=True, help="lmdb:PATH | folder:PATH | demo[:N]")
+    parser.add_argument("--out", required=True, help="output directory (shards, manifest.json, .cache/)")
+    parser.add_argument("--resolution", type=int, required=True, help="side of the square output images")
+    parser.add_argument("--shard-size", type=int, default=1000, help="source keys per shard")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes")
+    parser.add_argument("--val-fraction", type=float, default=0.01, help="share of keys sent to val")
+    parser.add_argument("--format", choices=FORMATS, default="webp", help="image encoding in the shards")
+    parser.add_argument("--quality", type=int, default=95, help="WebP/JPEG quality; 100 = lossless WebP")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N keys (sorted)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        settings = ShardSettings(
+            source=args.source,
+            resolution=args.resolution,
+            format=args.format,
+            quality=args.quality,
+            shard_size=args.shard_size,
+            val_fraction=args.val_fraction,
+            limit=args.limit,
+        )
+        manifest = build_shards(settings, args.out, workers=args.workers, progress=not args.no_progress)
+    except (SourceError, ShardError) as exc:
+        print(f"make_shards.py: error: {exc}", file=sys.stderr)
+        return 2
+    splits = manifest["splits"]
+    print(
+        f"{args.out}: train {splits['train']['count']} images in {len(splits['train']['shards'])} shards, "
+        f"val {splits['val']['count']} in {len(splits['val']['shards'])}, "
+        f"skipped {manifest['skipped']['count']} {manifest['skipped']['reasons']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
