@@ -70,10 +70,6 @@ class _Conv:
         return F.conv2d(window if act is None else act(window), self.weight, self.bias, stride=s)
 
 
-def _nin(module: WNConv2d, x: torch.Tensor) -> torch.Tensor:
-    return F.conv2d(x, module.weight().detach(), module.bias.detach())
-
-
 class _Node:
     """A layer of the network with its cache; `run(r, c0, c1)` fills positions (r, c0..c1)."""
 
@@ -126,7 +122,7 @@ class _Block(_Node):
     ) -> None:
         self.stream, self.scale, self.x, self.skips = stream, scale, x, skips
         self.conv_in, self.conv_out = _Conv(block.conv_in), _Conv(block.conv_out)
-        self.skip = block.skip
+        self.skip = None if block.skip is None else (block.skip.weight().detach(), block.skip.bias.detach())
         self.cond = None if block.cond is None else block.cond(z)[:, :, None, None]
         shape = x.out.t.shape
         self.h = _Cache(shape[0], shape[1], shape[2] - 1, x.out.t)
@@ -136,7 +132,7 @@ class _Block(_Node):
         h = self.conv_in(self.x.out, r, c0, c1, concat_elu)
         if self.skip is not None:
             skips = torch.cat([s.out.window(r, r, c0, c1) for s in self.skips], dim=1)
-            h = h + _nin(self.skip, concat_elu(skips))
+            h = h + F.conv2d(concat_elu(skips), *self.skip)
         self.h.write(r, c0, h)
         h = self.conv_out(self.h, r, c0, c1, concat_elu)
         if self.cond is not None:
@@ -161,12 +157,14 @@ class _Down(_Node):
 class _Up(_Node):
     """Stride-2 transposed convolution to the next finer scale.
 
-    Output (r, c) receives input row r // 2 only, so the module itself is run on that one input row
-    (and, for a single ul position, that one input column): its cropping then lines up unchanged.
+    Output (r, c) receives input row r // 2 only, so a u row runs the module itself on that one input
+    row (its cropping then lines up unchanged). A ul output (r, c) receives input (r // 2, c // 2)
+    alone, through kernel tap (r % 2, c % 2): a matrix product.
     """
 
     def __init__(self, module: nn.Module, stream: str, x: _Node) -> None:
         self.stream, self.scale, self.x, self.module = stream, x.scale - 1, x, module
+        self.weight, self.bias = module.deconv.weight().detach(), module.deconv.bias.detach()
         shape = x.out.t.shape
         self.out = _Cache(shape[0], shape[1], 2 * (shape[2] - 1), x.out.t)
 
@@ -176,8 +174,9 @@ class _Up(_Node):
             up = self.module(self.x.out.window(r // 2, r // 2, 0, side - 1))[:, :, r % 2 : r % 2 + 1]
             self.out.write(r, c0, up[..., c0 : c1 + 1])
         else:
-            up = self.module(self.x.out.window(r // 2, r // 2, c0 // 2, c0 // 2))
-            self.out.write(r, c0, up[:, :, r % 2 : r % 2 + 1, c0 % 2 : c0 % 2 + 1])
+            source = self.x.out.window(r // 2, r // 2, c0 // 2, c0 // 2)[:, :, 0, 0]
+            up = source @ self.weight[:, :, r % 2, c0 % 2] + self.bias
+            self.out.write(r, c0, up[:, :, None, None])
 
 
 def _graph(net: PixelCNNpp, x: _Cache, side: int, z: torch.Tensor | None) -> list[_Node]:
