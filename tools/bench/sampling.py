@@ -52,9 +52,8 @@ def main() -> None:
     print(f"{'method':<8} {'seconds':>9} {'img/s':>8}")
     for name, seconds in times.items():
         print(f"{name:<8} {seconds:9.2f} {args.batch / seconds:8.3f}")
-    print(
-        f"speed-up cached/naive: {times['naive'] / times['cached']:.1f}x; identical sub-pixels: {100 * same:.2f}%"
-    )
+    speedup = times["naive"] / times["cached"]
+    print(f"speed-up cached/naive: {speedup:.1f}x; identical sub-pixels: {100 * same:.2f}%")
 
 
 if __name__ == "__main__":
