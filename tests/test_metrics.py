@@ -124,7 +124,7 @@ def test_sample_spread_is_zero_for_identical_draws_and_grows_with_noise() -> Non
 
 
 @pytest.fixture(scope="module")
-def demo_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_val_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("shards")
     args = ["--source", "demo:23", "--out", str(out), "--resolution", "8", "--val-fraction", "0.5"]
     subprocess.run(
@@ -137,9 +137,9 @@ def demo_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("kind", ["pixel_vae", "iterative_vae"])
 def test_evaluate_covers_the_whole_split_including_the_last_partial_batch(
-    demo_shards: Path, kind: str
+    tiny_val_shards: Path, kind: str
 ) -> None:
-    cfg = load_config(None, [f"data.path={demo_shards}", "data.resolution=8", f"model.kind={kind}"])
+    cfg = load_config(None, [f"data.path={tiny_val_shards}", "data.resolution=8", f"model.kind={kind}"])
     cfg.model.nr_resnet, cfg.model.nr_filters, cfg.model.nr_mix, cfg.model.n_stages = 1, 8, 2, 2
     cfg.model.latent_dim, cfg.model.encoder_channels, cfg.model.channels, cfg.model.latent_dims = 4, 8, 4, [2]
     torch.manual_seed(0)
