@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         stream = ShardStream(run.cfg.data, args.split, batch_size=args.batch_size, training=False)
         torch.manual_seed(args.seed)  # the ELBO's own posterior sample
         generator = torch.Generator(args.device).manual_seed(args.seed)
-        with tqdm(total=None, unit="img", desc=f"evaluate {args.split}", disable=args.no_progress) as bar:
+        bar = tqdm(total=stream.total, unit="img", desc=f"evaluate {args.split}", disable=args.no_progress)
+        with bar:
             result = evaluate(run.model, stream, args.iw_samples, generator, progress=bar.update)
         data = next(iter(ShardStream(run.cfg.data, args.split, batch_size=args.fuzz_samples, training=False)))
         result["fuzziness"] = fuzziness(run.model, data.to(args.device), args.fuzz_samples, 4, generator)
