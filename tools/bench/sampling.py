@@ -3,7 +3,7 @@
 Both draw from the same generator seed; the script reports how many sub-pixels agree (float32 can
 move a rare sample across a bin edge, since a window convolution sums in a different order).
 
-    PYTHONPATH=. python tools/bench/sampling.py [--side 32] [--batch 4] [--nr-filters 64] [--nr-resnet 3]
+    PYTHONPATH=. python tools/bench/sampling.py [--side 32] [--batch 4] [--nr-filters 64] [--nr-resnet 2]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=32)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--nr-filters", type=int, default=64)
-    parser.add_argument("--nr-resnet", type=int, default=3)
+    parser.add_argument("--nr-resnet", type=int, default=2)
     parser.add_argument("--nr-mix", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
