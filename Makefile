@@ -25,6 +25,7 @@ test: env
 bench: env
 	$(BIN)/python tools/bench/loader.py
 	$(BIN)/python tools/bench/iterative.py
+	$(BIN)/python tools/bench/pixelcnnpp.py
 
 lint: env
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

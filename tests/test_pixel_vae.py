@@ -1,24 +1,16 @@
-from collections.abc import Iterator
-
 import pytest
 import torch
 
 from dist_vae.config import ConfigError, load_config
 from dist_vae.models import build_model
 from dist_vae.models.pixel_vae import REGULARIZERS, Encoder, PixelVAE
+from tests.model_fixtures import one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = dict(
     latent_dim=8, nr_resnet=1, nr_filters=8, nr_mix=2, n_stages=1, encoder_channels=8, critic_hidden=16
 )
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Training runs are deterministic and quick on one thread (the test machine's cores are shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny(reg: str, seed: int = 0, **kwargs: object) -> PixelVAE:
@@ -66,7 +58,7 @@ def test_each_regularizer_gives_finite_loss_and_gradients_within_its_groups(reg:
         assert model.encoder.head.weight.grad.abs().sum() > 0
 
 
-def test_the_critic_trains_on_its_own_loss(one_thread: None) -> None:
+def test_the_critic_trains_on_its_own_loss() -> None:
     model = tiny("adversarial")
     with torch.no_grad():  # codes centred at 2 instead of 0: q(z) is easy to tell from N(0, I)
         model.encoder.head.bias[: TINY["latent_dim"]] += 2.0
@@ -104,7 +96,7 @@ def mean_of(history: list[dict[str, float]], key: str) -> float:
 
 
 @pytest.mark.slow
-def test_training_lowers_bpd_and_the_kl_penalty_starves_the_code(one_thread: None) -> None:
+def test_training_lowers_bpd_and_the_elbo_squeezes_the_code() -> None:
     steps = 300
     runs = {reg: train(reg, steps) for reg in ("elbo", "none")}
     report = {
@@ -118,11 +110,13 @@ def test_training_lowers_bpd_and_the_kl_penalty_starves_the_code(one_thread: Non
     print(report)
     for reg, r in report.items():
         assert r["bpd_last50"] < r["bpd_first"] - 3.0, reg
-    # The seed: with the ELBO's per-sample KL the code is squeezed, without it z is used freely.
+    # The seed: the ELBO's per-sample KL pushes the code towards carrying nothing, and without it z
+    # is used freely. 300 steps of a tiny model on 16 fixed images do not reach the collapse (KL -> 0)
+    # of a converged PixelCNN decoder; they show the direction: here about 22 vs 40 nats.
     assert report["none"]["kl_last50"] > 1.5 * report["elbo"]["kl_last50"]
 
 
-def test_sampling_is_on_the_grid_reproducible_and_leaves_training_mode(one_thread: None) -> None:
+def test_sampling_is_on_the_grid_reproducible_and_leaves_training_mode() -> None:
     model = tiny("mmd", dropout=0.5, n_stages=2)
     model.train()
     a = model.sample(2, torch.Generator().manual_seed(4))
@@ -133,7 +127,7 @@ def test_sampling_is_on_the_grid_reproducible_and_leaves_training_mode(one_threa
     assert model.training
 
 
-def test_decode_matches_the_full_image_pass(one_thread: None) -> None:
+def test_decode_matches_the_full_image_pass() -> None:
     # decode() runs the decoder on a prefix of rows; the parameters it sees must be the full pass's.
     model = tiny("none", n_stages=2).eval()
     z = torch.randn(2, 8, generator=torch.Generator().manual_seed(0))

@@ -3,6 +3,9 @@ import torch
 
 from dist_vae.models import logistic_mixture as lm
 from dist_vae.models.pixelcnnpp import PixelCNNpp
+from tests.model_fixtures import one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(seed: int = 0, **kwargs: object) -> PixelCNNpp:

@@ -2,6 +2,9 @@ import pytest
 import torch
 
 from dist_vae.models.regularizers import Critic, mmd, stein
+from tests.model_fixtures import one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def codes(shift: float, n: int = 64, dim: int = 6, seed: int = 0) -> torch.Tensor:

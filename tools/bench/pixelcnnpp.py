@@ -4,7 +4,9 @@
 
 For each width it builds the same conditional PixelCNN++ (nr_resnet=5, nr_mix=10, n_stages=3,
 cond_dim=64, dropout 0.5) twice, with identical weights, and measures on a 32 px batch of 8:
-- step time: wall time of forward + backward + Adam step, best of --repeats after one warm-up step;
+- step time: wall time of forward + backward + Adam step, best of --repeats after one warm-up step,
+  the two variants' steps interleaved (on a shared machine pass --threads 1: OpenMP barriers with
+  more threads than free cores turn a busy neighbour into 10x swings);
 - memory: on CUDA, torch.cuda.max_memory_allocated above what was allocated before the step; on
   CPU (which keeps no allocator statistics) the profiler's allocation events (profile_memory=True:
   every allocation and free of the CPU allocator, with its size), summed in time order. Two numbers:
@@ -39,21 +41,29 @@ def forward_loss(model: PixelCNNpp, x: torch.Tensor, z: torch.Tensor) -> torch.T
     return -lm.log_prob(x, model(x, z)).mean() / x[0].numel()
 
 
-def step_seconds(model: PixelCNNpp, x: torch.Tensor, z: torch.Tensor, repeats: int) -> float:
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    times = []
-    for i in range(repeats + 1):
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        forward_loss(model, x, z).backward()
-        opt.step()
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        if i:  # the first step is a warm-up (allocator, Adam state)
-            times.append(time.perf_counter() - start)
-    return min(times)
+def train_step(model: PixelCNNpp, opt: torch.optim.Optimizer, x: torch.Tensor, z: torch.Tensor) -> float:
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    forward_loss(model, x, z).backward()
+    opt.step()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def step_seconds(models: list[PixelCNNpp], x: torch.Tensor, z: torch.Tensor, repeats: int) -> list[float]:
+    """Best step time of each model. Steps alternate between the models so that a change in the
+    machine's load (a shared CPU) falls on both alike; one warm-up step each is not counted."""
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-4) for m in models]
+    for model, opt in zip(models, opts, strict=True):
+        train_step(model, opt, x, z)
+    best = [float("inf")] * len(models)
+    for _ in range(repeats):
+        for i, (model, opt) in enumerate(zip(models, opts, strict=True)):
+            best[i] = min(best[i], train_step(model, opt, x, z))
+    return best
 
 
 def memory_cpu(model: PixelCNNpp, x: torch.Tensor, z: torch.Tensor) -> tuple[float, float]:
@@ -92,7 +102,10 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
     x = (
@@ -104,17 +117,18 @@ def main() -> None:
     header = f"{'filters':>7} {'ckpt':>5} {'img/s':>8} {'step s':>8} {'saved MB':>9} {'peak MB':>9}"
     rows, ratios = [header], []
     for filters in args.filters:
-        result = {}
-        for ckpt in (False, True):
-            model = build(filters, ckpt, device)
-            seconds = step_seconds(model, x, z, args.repeats)
-            saved, peak = memory(model, x, z)
-            result[ckpt] = (seconds, saved, peak)
-            speed = args.batch / seconds
-            rows.append(f"{filters:>7} {ckpt!s:>5} {speed:>8.2f} {seconds:>8.2f} {saved:>9.1f} {peak:>9.1f}")
+        models = [build(filters, ckpt, device) for ckpt in (False, True)]
+        seconds = step_seconds(models, x, z, args.repeats)
+        memories = [memory(model, x, z) for model in models]
+        for ckpt, sec, (saved, peak) in zip((False, True), seconds, memories, strict=True):
+            speed = args.batch / sec
+            rows.append(f"{filters:>7} {ckpt!s:>5} {speed:>8.2f} {sec:>8.2f} {saved:>9.1f} {peak:>9.1f}")
             print(rows[-1], flush=True)
-        (t0, s0, p0), (t1, s1, p1) = result[False], result[True]
-        ratios.append(f"{filters:>7} time x{t1 / t0:.2f}  saved x{s1 / s0:.2f}  peak x{p1 / p0:.2f}")
+        (s0, p0), (s1, p1) = memories
+        ratios.append(
+            f"{filters:>7} time x{seconds[1] / seconds[0]:.2f}  saved x{s1 / s0:.2f}  peak x{p1 / p0:.2f}"
+        )
+        del models
     print("\n".join(["", *rows, "", "checkpointed / plain:", *ratios]))
 
 
