@@ -1,0 +1,79 @@
+"""Rank-0 outputs: TensorBoard scalars and images, PNG sample grids, the progress bar.
+
+Other ranks get a `RunLogger(enabled=False)` whose methods do nothing, so the trainer never
+branches on the rank to log.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+
+def image_grid(rows: Sequence[torch.Tensor], pad: int = 2) -> np.ndarray:
+    """Tile images into one uint8 HWC array: one row per tensor [n,3,R,R] in [-1,1]."""
+    if not rows:
+        raise ValueError("image_grid needs at least one row of images")
+    n, c, h, w = rows[0].shape
+    grid = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for r, images in enumerate(rows):
+        if images.shape != rows[0].shape:
+            raise ValueError(f"row {r} has shape {tuple(images.shape)}, row 0 has {(n, c, h, w)}")
+        pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+        for i in range(n):
+            y, x = pad + r * (h + pad), pad + i * (w + pad)
+            grid[y : y + h, x : x + w] = pixels[i].transpose(1, 2, 0)
+    return grid
+
+
+def save_png_atomic(grid: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(grid).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.samples_dir = run_dir / "samples"
+        self.tensorboard_dir = run_dir / "tensorboard"
+        self._writer = None
+        self._bar = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.tensorboard_dir))
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self._writer is None:
+            return
+        for name, value in values.items():
+            self._writer.add_scalar(name, value, step)
+
+    def progress(self, step: int, loss: float | None) -> None:
+        if self._bar is None:
+            return
+        self._bar.update(step - self._bar.n)
+        if loss is not None:
+            self._bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+
+    def samples(self, rows: Sequence[torch.Tensor], step: int) -> None:
+        if self._writer is None:
+            return
+        grid = image_grid(rows)
+        save_png_atomic(grid, self.samples_dir / f"step-{step:08d}.png")
+        self._writer.add_image("samples", grid, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self._bar is not None:
+            self._bar.close()

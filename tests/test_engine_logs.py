@@ -1,0 +1,84 @@
+"""One short run with injected NaN and spike losses: both updates skipped and counted; logs and samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from dist_vae.config import load_config
+from dist_vae.engine.checkpoint import complete_checkpoints
+from dist_vae.train import main
+from tests.engine_util import assert_same, check, checkpoint_contents, python_cmd, run, train_args
+
+SCALARS = [
+    "train/loss", "train/bpd", "train/kl", "train/rec", "train/grad_norm", "lr/main", "perf/img_per_s",
+    "perf/data_wait_fraction", "skipped/nonfinite", "skipped/spike", "val/bpd",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bad_run(demo_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 steps, a checkpoint after each; update 1 gets a NaN loss and update 6 a 1000x loss spike."""
+    run_dir = tmp_path_factory.mktemp("bad_run")
+    overrides = ["train.steps=8", "train.checkpoint_every=1", "train.keep_checkpoints=8", "train.log_every=1",
+                 "train.eval_every=4", "train.sample_every=8", "train.spike_warmup=3",
+                 "train.spike_k=50"]  # fmt: skip
+    check(run(python_cmd(run_dir, demo_shards, *overrides), HARNESS_NAN_AT="1", HARNESS_SPIKE_AT="6"))
+    return run_dir
+
+
+def test_nan_and_spike_updates_are_skipped_and_counted(bad_run: Path) -> None:
+    assert [step for step, _ in complete_checkpoints(bad_run)] == list(range(1, 9))
+    ckpt = {step: checkpoint_contents(path) for step, path in complete_checkpoints(bad_run)}
+    assert ckpt[1]["trainer.pt"]["skipped"] == {"nonfinite": 0, "spike": 0}
+    assert ckpt[2]["trainer.pt"]["skipped"] == {"nonfinite": 1, "spike": 0}
+    assert ckpt[6]["trainer.pt"]["skipped"] == {"nonfinite": 1, "spike": 0}
+    assert ckpt[8]["trainer.pt"]["skipped"] == {"nonfinite": 1, "spike": 1}
+    for before, after in [(1, 2), (6, 7)]:  # a skipped update leaves weights, moments and EMA as they were
+        assert_same(ckpt[before]["pytorch_model.bin"], ckpt[after]["pytorch_model.bin"])
+        assert_same(ckpt[before]["optimizer.bin"]["state"], ckpt[after]["optimizer.bin"]["state"])
+        assert_same(ckpt[before]["trainer.pt"]["ema"], ckpt[after]["trainer.pt"]["ema"])
+    for before, after in [(2, 3), (7, 8)]:  # and the next one is applied normally
+        weights = ckpt[after]["pytorch_model.bin"]
+        assert all(torch.isfinite(w).all() for w in weights.values())
+        assert any(not torch.equal(w, weights[k]) for k, w in ckpt[before]["pytorch_model.bin"].items())
+
+
+def test_tensorboard_holds_scalars_and_samples(bad_run: Path) -> None:
+    events = EventAccumulator(str(bad_run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    tags = events.Tags()
+    missing = [tag for tag in SCALARS if tag not in tags["scalars"]]
+    assert not missing, f"missing scalars {missing}; have {tags['scalars']}"
+    assert [e.value for e in events.Scalars("skipped/nonfinite")] == [0, 1, 1, 1, 1, 1, 1, 1]
+    assert [e.value for e in events.Scalars("skipped/spike")] == [0, 0, 0, 0, 0, 0, 1, 1]
+    assert [e.step for e in events.Scalars("val/bpd")] == [4, 8]
+    assert all(0 < e.value < 100 for e in events.Scalars("val/bpd"))
+    assert [e.step for e in events.Scalars("lr/main")] == list(range(1, 9))
+    assert "samples" in tags["images"]
+    assert sorted(p.name for p in (bad_run / "samples").glob("*.png")) == ["step-00000008.png"]
+    resolved = load_config(bad_run / "config.yaml")
+    assert (resolved.train.steps, resolved.train.spike_k, resolved.model.channels) == (8, 50.0, 4)
+    assert (bad_run / "done").read_text().startswith("step 8")
+
+
+@pytest.mark.parametrize(
+    ("override", "fragments"),
+    [
+        ("train.bogus=1", ["unknown key 'train.bogus'", "ema_decay"]),
+        ("train.precision=fp8", ["train.precision", "fp8", "bf16"]),
+        ("resume=/nonexistent/ckpt", ["resume", "/nonexistent/ckpt", "COMPLETE"]),
+        ("data.path=/nonexistent/shards", ["/nonexistent/shards"]),
+    ],
+)
+def test_bad_configuration_fails_clearly(
+    override: str, fragments: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(train_args(tmp_path, tmp_path, override)) == 2
+    err = capsys.readouterr().err
+    for fragment in fragments:
+        assert fragment in err
+    assert not (tmp_path / "config.yaml").exists()

@@ -1,0 +1,75 @@
+"""Bit-exact continuation: 8 steps == 4 + resume + 4, and kill -9 at random moments always resumes."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from dist_vae.engine.checkpoint import COMPLETE, complete_checkpoints
+from tests.engine_util import assert_same, check, checkpoint_contents, count_tensors, env, python_cmd, run
+
+STEPS = 8
+# The cosine/linear schedules end at train.steps, which the 4-step half changes; a constant schedule
+# with a warm-up longer than the first half still shows a schedule that restarts on resume.
+SCHEDULE = ["train.schedule=constant", "train.warmup=6", "data.num_workers=1"]
+
+
+@pytest.fixture(scope="module")
+def reference(demo_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 8-step run (also read by the log tests)."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    check(run(python_cmd(run_dir, demo_shards, f"train.steps={STEPS}", *SCHEDULE)))
+    return run_dir
+
+
+def final_checkpoint(run_dir: Path) -> Path:
+    step, path = complete_checkpoints(run_dir)[-1]
+    assert step == STEPS
+    return path
+
+
+@pytest.mark.slow
+def test_four_plus_resume_plus_four_equals_eight(reference: Path, demo_shards: Path, tmp_path: Path) -> None:
+    check(run(python_cmd(tmp_path, demo_shards, "train.steps=4", *SCHEDULE)))
+    assert not (tmp_path / "done").exists() or (tmp_path / "done").read_text().startswith("step 4")
+    check(run(python_cmd(tmp_path, demo_shards, f"train.steps={STEPS}", *SCHEDULE, "resume=auto")))
+    expected = checkpoint_contents(final_checkpoint(reference))
+    resumed = checkpoint_contents(final_checkpoint(tmp_path))
+    assert count_tensors(expected) > 20  # model, optimizer, EMA, RNG states
+    assert_same(expected, resumed)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_always_resumes(reference: Path, demo_shards: Path, tmp_path: Path) -> None:
+    rng = random.Random(1234)
+    cmd = python_cmd(tmp_path, demo_shards, f"train.steps={STEPS}", *SCHEDULE, "train.checkpoint_every=1")
+    kills = 0
+    while kills < 3:
+        proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started = time.monotonic()
+        # Wait for the process to get going (imports take seconds), then kill at a random moment.
+        while (
+            not complete_checkpoints(tmp_path)[kills:]
+            and proc.poll() is None
+            and time.monotonic() - started < 120
+        ):
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))
+        if proc.poll() is not None:
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+    assert kills >= 2, "the run finished before it could be killed twice; make it longer"
+    check(run(cmd))
+    assert (tmp_path / "done").is_file()
+    assert all((path / COMPLETE).is_file() for _, path in complete_checkpoints(tmp_path))
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    assert_same(
+        checkpoint_contents(final_checkpoint(reference)), checkpoint_contents(final_checkpoint(tmp_path))
+    )

@@ -1,0 +1,118 @@
+"""Fast checks of the engine's pure parts: spike detector, LR schedule, grids, checkpoint discovery, EMA."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from dist_vae.config import ConfigError
+from dist_vae.engine.checkpoint import COMPLETE, clean_partial, latest_complete, resolve_resume
+from dist_vae.engine.ema import EMA
+from dist_vae.engine.logging import image_grid
+from dist_vae.engine.schedule import lr_factor
+from dist_vae.engine.skip import SpikeDetector
+from dist_vae.engine.trainer import sample_rows
+
+
+def stable_norms(n: int, seed: int = 0) -> list[float]:
+    g = torch.Generator().manual_seed(seed)
+    return (1.0 + 0.1 * torch.randn(n, generator=g)).tolist()
+
+
+def test_spike_detector_skips_outliers_only_after_warmup() -> None:
+    detector = SpikeDetector(window=50, k=6.0, warmup=10, max_consecutive=3)
+    assert not detector.is_spike(100.0)  # no statistics yet: accepted
+    detector = SpikeDetector(window=50, k=6.0, warmup=10, max_consecutive=3)
+    assert not any(detector.is_spike(n) for n in stable_norms(30))
+    assert 1.2 < detector.threshold() < 2.5
+    assert detector.is_spike(10.0)
+    assert not detector.is_spike(1.05)
+
+
+def test_spike_detector_cap_prevents_a_stall() -> None:
+    detector = SpikeDetector(window=20, k=6.0, warmup=10, max_consecutive=2)
+    for n in stable_norms(20):
+        detector.is_spike(n)
+    # The norm level jumps for good: two updates are skipped, the third is taken, and once the taken
+    # ones fill half the window the threshold has moved, so training continues instead of skipping
+    # forever (openai/vdvae#25).
+    decisions = [detector.is_spike(50.0) for _ in range(60)]
+    assert decisions[:6] == [True, True, False, True, True, False]
+    assert "True" * 3 not in "".join(map(str, decisions))
+    assert not any(decisions[-20:])
+
+
+def test_spike_detector_state_round_trips_and_can_be_disabled() -> None:
+    detector = SpikeDetector(window=20, k=3.0, warmup=5, max_consecutive=4)
+    for n in [*stable_norms(10), 30.0]:
+        detector.is_spike(n)
+    copy = SpikeDetector(window=20, k=3.0, warmup=5, max_consecutive=4)
+    copy.load_state_dict(detector.state_dict())
+    assert copy.threshold() == detector.threshold() and copy.consecutive == detector.consecutive == 1
+    off = SpikeDetector(window=0, k=3.0, warmup=1, max_consecutive=4)
+    assert not any(off.is_spike(x) for x in [1.0, 1.0, 1e9])
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
+    assert [lr_factor(s, 4, 20, "cosine") for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, 4, 20, "cosine") == 1.0
+    assert lr_factor(12, 4, 20, "cosine") == pytest.approx(0.5)
+    assert lr_factor(20, 4, 20, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(12, 4, 20, "linear") == pytest.approx(0.5)
+    assert lr_factor(1000, 0, 20, "constant") == 1.0
+
+
+def test_image_grid_rows_and_pixel_values() -> None:
+    canvases = [torch.full((3, 3, 4, 4), v) for v in (-1.0, 0.0, 1.0, 2.0)]  # 4 steps x 3 samples
+    grid = image_grid(canvases, pad=1)
+    assert grid.shape == (4 * 5 + 1, 3 * 5 + 1, 3) and grid.dtype.name == "uint8"
+    assert grid[1, 1, 0] == 0 and grid[6, 1, 0] == 128 and grid[11, 1, 0] == 255 and grid[16, 1, 0] == 255
+    assert grid[0, 0, 0] == 255  # padding
+    with pytest.raises(ValueError, match="row 1"):
+        image_grid([torch.zeros(2, 3, 4, 4), torch.zeros(3, 3, 4, 4)])
+    assert [r.shape[0] for r in sample_rows(torch.zeros(16, 3, 4, 4))] == [4, 4, 4, 4]
+    assert len(sample_rows(canvases)) == 4
+
+
+def make_checkpoint(root: Path, name: str, complete: bool) -> Path:
+    path = root / "checkpoints" / name
+    path.mkdir(parents=True)
+    if complete:
+        (path / COMPLETE).write_text("step 0\nranks 1\n")
+    return path
+
+
+def test_only_complete_checkpoints_are_resumed_and_partials_are_cleaned(tmp_path: Path) -> None:
+    assert latest_complete(tmp_path) is None and resolve_resume("auto", tmp_path) is None
+    make_checkpoint(tmp_path, "step-00000010", complete=True)
+    good = make_checkpoint(tmp_path, "step-00000020", complete=True)
+    torn = make_checkpoint(tmp_path, "step-00000030", complete=False)
+    tmp = make_checkpoint(tmp_path, ".tmp-step-00000040", complete=True)
+    assert latest_complete(tmp_path) == good == resolve_resume("auto", tmp_path)
+    assert resolve_resume("never", tmp_path) is None
+    assert resolve_resume(str(good), tmp_path) == good
+    with pytest.raises(ConfigError, match="step-00000030 is not a complete checkpoint"):
+        resolve_resume(str(torn), tmp_path)
+    clean_partial(tmp_path)
+    assert not torn.exists() and not tmp.exists() and good.exists()
+
+
+def test_ema_follows_weights_with_warmed_up_decay() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    ema = EMA(model, decay=0.9)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    decay = min(0.9, 2 / 11)
+    torch.testing.assert_close(ema.model.weight, decay * start + (1 - decay) * model.weight.detach())
+    assert not any(p.requires_grad for p in ema.model.parameters()) and not ema.model.training
+    clone = EMA(model, decay=0.9)
+    clone.load_state_dict(ema.state_dict())
+    assert clone.updates == 1 and torch.equal(clone.model.weight, ema.model.weight)
+    assert math.isclose(decay, 2 / 11)
