@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-pytest.importorskip("dist_vae.engine.checkpoint", reason="needs the engine (dist_vae/train.py)")
-
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 PIXEL = [
