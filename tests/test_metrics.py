@@ -1,9 +1,25 @@
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from dist_vae.metrics import gaussian_kl, mutual_information
+from dist_vae.config import load_config
+from dist_vae.data.stream import ShardStream
+from dist_vae.metrics import (
+    active_units,
+    evaluate,
+    gaussian_kl,
+    importance_weighted_log_likelihood,
+    laplacian_variance,
+    mutual_information,
+    sample_spread,
+)
+from dist_vae.models import build_model
+from dist_vae.models.pixel_vae import PixelVAE
 
 
 def gaussian_encoder(n: int, dim: int, s: float, a: float, v: float, seed: int = 0):
@@ -45,3 +61,103 @@ def test_gaussian_kl_matches_torch_distributions() -> None:
 def test_mutual_information_rejects_mismatched_shapes() -> None:
     with pytest.raises(ValueError, match="latent_dim"):
         mutual_information(torch.zeros(4, 3), torch.zeros(4, 2))
+
+
+def _sharp_pixel_vae() -> PixelVAE:
+    """A tiny PixelVAE whose posterior is narrow and away from the prior, and whose decoder listens to
+    z: the ELBO then pays a large KL that importance weighting can win back."""
+    torch.manual_seed(0)
+    model = PixelVAE(8, latent_dim=3, nr_resnet=1, nr_filters=8, nr_mix=2, n_stages=2, encoder_channels=8)
+    with torch.no_grad():
+        model.encoder.head.bias[3:] = -3.0  # log-variance
+        for module in model.decoder.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.mul_(20.0)
+    return model.double()
+
+
+def test_importance_weighted_bound_is_tighter_than_the_elbo_and_tightens_with_k() -> None:
+    model = _sharp_pixel_vae()
+    x = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+    x = torch.round((x + 1) * 127.5) / 127.5 - 1
+    mean, logvar = model.encode(x)
+    g = torch.Generator().manual_seed(1)
+    elbo = torch.stack([importance_weighted_log_likelihood(model, x, 1, g) for _ in range(32)]).mean(0)
+    bounds = {k: importance_weighted_log_likelihood(model, x, k, g).mean().item() for k in (4, 32, 256)}
+    assert gaussian_kl(mean, logvar).mean() > 2.0  # the setting is not degenerate
+    assert elbo.mean().item() < bounds[4] < bounds[32] < bounds[256]
+    # In bits/dim, as evaluate() reports: the IW value is the smaller (better) number.
+    dims = x[0].numel()
+    assert -bounds[256] / (dims * math.log(2)) < -elbo.mean().item() / (dims * math.log(2))
+
+
+def test_importance_weighted_bound_rejects_zero_samples() -> None:
+    with pytest.raises(ValueError, match="importance samples"):
+        importance_weighted_log_likelihood(
+            _sharp_pixel_vae(), torch.zeros(1, 3, 8, 8, dtype=torch.float64), 0
+        )
+
+
+def test_active_units_count_the_dimensions_whose_mean_moves() -> None:
+    g = torch.Generator().manual_seed(0)
+    mean = torch.cat([torch.randn(200, 3, generator=g), 0.01 * torch.randn(200, 2, generator=g)], dim=1)
+    assert active_units(mean) == 3
+    with pytest.raises(ValueError, match="N >= 2"):
+        active_units(mean[:1])
+
+
+def test_laplacian_variance_drops_when_images_are_blurred() -> None:
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    blurred = torch.nn.functional.avg_pool2d(images, 3, stride=1, padding=1)
+    sharp, fuzzy = laplacian_variance(images), laplacian_variance(blurred)
+    assert sharp.shape == (4,) and bool((fuzzy < 0.2 * sharp).all())
+    assert laplacian_variance(torch.zeros(2, 3, 8, 8)).abs().max() == 0
+
+
+def test_sample_spread_is_zero_for_identical_draws_and_grows_with_noise() -> None:
+    base = torch.rand(2, 1, 3, 8, 8, generator=torch.Generator().manual_seed(0)).expand(2, 4, 3, 8, 8)
+    noise = torch.randn(2, 4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    assert sample_spread(base) == 0.0
+    assert 0.05 < sample_spread(base + 0.1 * noise) < sample_spread(base + 0.3 * noise)
+    with pytest.raises(ValueError, match="n_draws >= 2"):
+        sample_spread(base[:, :1])
+
+
+@pytest.fixture(scope="module")
+def tiny_val_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    args = ["--source", "demo:23", "--out", str(out), "--resolution", "8", "--val-fraction", "0.5"]
+    subprocess.run(
+        [sys.executable, "tools/make_shards.py", *args, "--no-progress", "--workers", "1"],
+        check=True,
+        env={**os.environ, "PYTHONPATH": "."},
+    )
+    return out
+
+
+@pytest.mark.parametrize("kind", ["pixel_vae", "iterative_vae"])
+def test_evaluate_covers_the_whole_split_including_the_last_partial_batch(
+    tiny_val_shards: Path, kind: str
+) -> None:
+    cfg = load_config(None, [f"data.path={tiny_val_shards}", "data.resolution=8", f"model.kind={kind}"])
+    cfg.model.nr_resnet, cfg.model.nr_filters, cfg.model.nr_mix, cfg.model.n_stages = 1, 8, 2, 2
+    cfg.model.latent_dim, cfg.model.encoder_channels, cfg.model.channels, cfg.model.latent_dims = 4, 8, 4, [2]
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 8)
+    stream = ShardStream(cfg.data, "val", batch_size=4, training=False)
+    split = sum(x.shape[0] for x in stream)
+    assert split % 4  # a partial last batch exists
+    seen: list[int] = []
+    result = evaluate(
+        model, stream, iw_samples=3, generator=torch.Generator().manual_seed(0), progress=seen.append
+    )
+    assert result["images"] == split == sum(seen)
+    assert 0 < result["elbo_bpd"] < 50 and result["kl"] >= 0
+    if kind == "pixel_vae":
+        assert result["iw_bpd"] is not None and result["iw_bpd"] < result["elbo_bpd"] + 0.5
+        assert result["active_units"] is not None and 0 <= result["active_units"] <= 4
+        assert result["mi"] is not None and 0 <= result["mi"] <= math.log(split) + 1e-6
+    else:
+        assert result["iw_bpd"] is None and result["mi"] is None
+    with pytest.raises(ValueError, match="no images"):
+        evaluate(model, [])

@@ -171,7 +171,7 @@ class PixelVAE(nn.Module):
         try:
             n, side = z.shape[0], self.resolution
             factor = 2 ** (self.decoder.n_stages - 1)
-            x = torch.zeros(n, 3, side, side, device=z.device)
+            x = torch.zeros(n, 3, side, side, device=z.device, dtype=z.dtype)
             for i in range(side):
                 rows = min(side, math.ceil((i + 1) / factor) * factor)
                 for j in range(side):
