@@ -31,6 +31,7 @@ from dist_vae.models.pixelcnnpp import PixelCNNpp
 __all__ = [
     "ancestral_samples",
     "cached_decode",
+    "grid_samples",
     "iterative_canvases",
     "markov_chain",
 ]
@@ -313,3 +314,21 @@ def iterative_canvases(
         return model.sample(n, generator)
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def grid_samples(
+    model: nn.Module, n: int, generator: torch.Generator | None = None
+) -> torch.Tensor | list[torch.Tensor]:
+    """What a run's sample grid shows: cached ancestral samples of a PixelVAE (naive generation would
+    cost one full forward pass per pixel), the per-step canvases of the iterative VAE."""
+    if isinstance(model, PixelVAE):
+        was_training = model.training
+        model.eval()
+        try:
+            return ancestral_samples(model, n, generator)
+        finally:
+            model.train(was_training)
+    if isinstance(model, IterativeVAE):
+        return iterative_canvases(model, n, generator)
+    raise TypeError(f"no sampler for {type(model).__name__}")

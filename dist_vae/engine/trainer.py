@@ -37,6 +37,7 @@ from dist_vae.engine.rng import preserved_rng
 from dist_vae.engine.schedule import lr_factor
 from dist_vae.engine.skip import SpikeDetector
 from dist_vae.models import build_model
+from dist_vae.sampling import grid_samples
 
 _PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -304,7 +305,7 @@ class Trainer:
         generator = torch.Generator(self.accelerator.device).manual_seed(self.cfg.seed + self.step)
         with preserved_rng(), self.accelerator.autocast():
             net.eval()
-            samples = net.sample(self.cfg.train.sample_count, generator=generator)
+            samples = grid_samples(net, self.cfg.train.sample_count, generator=generator)
             net.train(was_training)
         self.logger.samples(sample_rows(samples), self.step)
 
