@@ -104,6 +104,26 @@ def assert_in_order(log: str, patterns: list[str]) -> list[re.Match[str]]:
     return found
 
 
+def submit_self(env: dict[str, str], cwd: Path) -> str:
+    """Run cluster/lsun_256.sh outside a job (it submits itself with sbatch); the job id."""
+    done = subprocess.run(
+        [str(REPO / "cluster/lsun_256.sh"), "--parsable", f"--cpus-per-task={CPUS}"],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout.strip().split(";")[0]
+
+
+def wait_for_first_checkpoint(slurm: LocalSlurm, job_id: str, run_dir: Path) -> None:
+    """Until the trainer is past start-up and has checkpointed once, with the job still alive."""
+    deadline = time.monotonic() + 180
+    while not complete_checkpoints(run_dir):
+        state = slurm.job(job_id)["JobState"]
+        assert state in {"PENDING", "RUNNING"}, f"{state} before a checkpoint:\n{job_log(run_dir, job_id)}"
+        assert time.monotonic() < deadline, f"no checkpoint after 180 s:\n{job_log(run_dir, job_id)}"
+        time.sleep(0.2)
+
+
 def test_scripts_pass_bash_n_and_shellcheck() -> None:
     assert {p.name for p in SCRIPTS} >= {"launch.sh", "node.sh", "lsun_256.sh", "lsun_64_pixelvae.sh"}
     for script in SCRIPTS:
@@ -181,19 +201,9 @@ def test_warning_signal_checkpoints_requeues_and_resumes(
     )
     # The script submits itself (outside a job it calls sbatch), from anywhere: NODES/GPUS_PER_NODE -> sbatch.
     # The debug accelerate config's 2 processes become one per node.
-    done = subprocess.run(
-        [str(REPO / "cluster/lsun_256.sh"), "--parsable", f"--cpus-per-task={CPUS}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    job_id = done.stdout.strip().split(";")[0]
+    job_id = submit_self(env, tmp_path)
 
-    deadline = time.monotonic() + 180
-    while not complete_checkpoints(run_dir):
-        state = slurm.job(job_id)["JobState"]
-        assert state in {"PENDING", "RUNNING"}, f"{state} before a checkpoint:\n{job_log(run_dir, job_id)}"
-        assert time.monotonic() < deadline, f"no checkpoint after 180 s:\n{job_log(run_dir, job_id)}"
-        time.sleep(0.2)
+    wait_for_first_checkpoint(slurm, job_id, run_dir)
     # What `#SBATCH --signal=B:USR1@600` does at the time limit minus 10 minutes.
     slurm.run("scancel", "--signal=USR1", "--batch", job_id)
 
@@ -233,12 +243,7 @@ def test_crash_is_requeued_at_most_max_crash_requeues(
 ) -> None:
     run_dir = tmp_path / "run"
     env = job_env(slurm.env, shards, run_dir, "train.no_such_key=1", MAX_CRASH_REQUEUES="1")
-    done = subprocess.run(
-        [str(REPO / "cluster/lsun_256.sh"), "--parsable", f"--cpus-per-task={CPUS}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    job_id = done.stdout.strip().split(";")[0]
+    job_id = submit_self(env, tmp_path)
     info = slurm.wait_job(job_id, lambda i: i["JobState"] in FINAL_STATES and i["Restarts"] != "0", 240)
     log = job_log(run_dir, job_id)
     assert (info["JobState"], info["Restarts"]) == ("FAILED", "1"), f"{info}\n{log}"
@@ -258,17 +263,8 @@ def test_crash_is_requeued_at_most_max_crash_requeues(
 def test_scancel_stops_the_job_without_requeue(slurm: LocalSlurm, shards: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     env = job_env(slurm.env, shards, run_dir, f"train.steps=100000 train.checkpoint_every=5 {QUIET}")
-    done = subprocess.run(
-        [str(REPO / "cluster/lsun_256.sh"), "--parsable", f"--cpus-per-task={CPUS}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    job_id = done.stdout.strip().split(";")[0]
-    deadline = time.monotonic() + 180
-    while not complete_checkpoints(run_dir):  # the trainer is past start-up and training
-        assert slurm.job(job_id)["JobState"] in {"PENDING", "RUNNING"}, job_log(run_dir, job_id)
-        assert time.monotonic() < deadline, f"no training after 180 s:\n{job_log(run_dir, job_id)}"
-        time.sleep(0.5)
+    job_id = submit_self(env, tmp_path)
+    wait_for_first_checkpoint(slurm, job_id, run_dir)
     slurm.run("scancel", job_id)
     info = slurm.wait_job(job_id, lambda i: i["JobState"] in FINAL_STATES, 60)
     log = job_log(run_dir, job_id)
