@@ -95,10 +95,11 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     ema_decay: float = between(0.999, 0.0, 1.0)  # 0 disables EMA
     # Loss-spike skipping: an update is skipped when its gradient norm exceeds the running median of
-    # the last `spike_window` accepted norms by more than `spike_k` median absolute deviations.
+    # the last `spike_window` norms by more than `spike_k` median absolute deviations (floored at half
+    # the median: with k=10 a spike is a norm above 6x the recent median).
     spike_window: int = at_least(100, 0)  # 0 disables spike skipping
     spike_k: float = at_least(10.0, 0.0)
-    spike_warmup: int = at_least(20, 1)  # accepted norms needed before the threshold applies
+    spike_warmup: int = at_least(20, 1)  # norms needed before the threshold applies
     max_consecutive_skips: int = at_least(5, 0)  # after this many, the next update is applied anyway
     sample_count: int = at_least(16, 1)  # images in each sample grid
 

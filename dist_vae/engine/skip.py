@@ -1,10 +1,12 @@
 """Adaptive loss-spike detection on gradient norms.
 
 A fixed threshold can reject every update once the norm drifts past it (openai/vdvae#25). Here the
-threshold follows the run: median + k * MAD of the recent accepted norms (the MAD floored at a tenth
-of the median, so that a stretch of near-identical norms does not turn every small rise into a
-spike), and after
-`max_consecutive` rejections the next update is accepted whatever its norm, so training cannot stall.
+threshold follows the run: median + k * MAD of the recent norms. Every finite norm enters the window,
+skipped ones too: median and MAD ignore isolated outliers, while a lasting change of level (the norms
+of a young run grow several-fold during warm-up) moves them within half a window instead of being
+rejected as a string of spikes. The MAD is floored at half the median, so with the default k = 10 only
+a norm above 6x the recent median is a spike, and after `max_consecutive` rejections the next update
+is taken whatever its norm, so training cannot stall.
 """
 
 from __future__ import annotations
@@ -23,22 +25,20 @@ class SpikeDetector:
         self.consecutive = 0
 
     def threshold(self) -> float:
-        """Norms above this are spikes; infinite until `warmup` norms have been accepted."""
+        """Norms above this are spikes; infinite until `warmup` norms have been seen."""
         if self.window == 0 or len(self.history) < self.warmup:
             return math.inf
         values = torch.tensor(list(self.history), dtype=torch.float64)
         median = values.median()
-        mad = torch.maximum((values - median).abs().median(), 0.1 * median)
+        mad = torch.maximum((values - median).abs().median(), 0.5 * median)
         return float(median + self.k * mad)
 
     def is_spike(self, norm: float) -> bool:
         """Whether to skip an update of finite gradient norm `norm`; records the decision."""
-        if norm > self.threshold() and self.consecutive < self.max_consecutive:
-            self.consecutive += 1
-            return True
-        self.consecutive = 0
+        spike = norm > self.threshold() and self.consecutive < self.max_consecutive
+        self.consecutive = self.consecutive + 1 if spike else 0
         self.history.append(norm)
-        return False
+        return spike
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": list(self.history), "consecutive": self.consecutive}
