@@ -103,25 +103,23 @@ class DownShiftedDeconv2d(nn.Module):
         self.kernel = kernel
         self.deconv = WNConv2d(in_ch, out_ch, kernel, stride=2, transpose=True)
 
+    def _columns(self, width: int) -> slice:
+        side = (self.kernel[1] - 1) // 2
+        return slice(side, width - side)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.deconv(x)
-        kh, kw = self.kernel
-        side = (kw - 1) // 2
-        return out[:, :, : out.shape[2] - kh + 1, side : out.shape[3] - side]
+        return out[:, :, : out.shape[2] - self.kernel[0] + 1, self._columns(out.shape[3])]
 
 
-class DownRightShiftedDeconv2d(nn.Module):
+class DownRightShiftedDeconv2d(DownShiftedDeconv2d):
     """Stride-2 upsampling for the down-right-shifted stream (crop bottom and right)."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel: tuple[int, int] = (2, 2)) -> None:
-        super().__init__()
-        self.kernel = kernel
-        self.deconv = WNConv2d(in_ch, out_ch, kernel, stride=2, transpose=True)
+        super().__init__(in_ch, out_ch, kernel)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.deconv(x)
-        kh, kw = self.kernel
-        return out[:, :, : out.shape[2] - kh + 1, : out.shape[3] - kw + 1]
+    def _columns(self, width: int) -> slice:
+        return slice(0, width - self.kernel[1] + 1)
 
 
 class GatedResnet(nn.Module):
