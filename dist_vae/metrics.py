@@ -10,7 +10,8 @@ log-density and the aggregate posterior is a logsumexp.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -22,16 +23,18 @@ from dist_vae.models.pixel_vae import PixelVAE
 from dist_vae.models.regularizers import gaussian_kl
 
 __all__ = [
+    "EvalPart",
+    "accumulate",
     "active_units",
     "evaluate",
     "gaussian_kl",
     "importance_weighted_log_likelihood",
+    "iterative_mutual_information",
     "laplacian_variance",
     "mutual_information",
     "sample_spread",
+    "summarize",
 ]
-
-_LOG_2PI = math.log(2.0 * math.pi)
 
 
 def _pairwise_log_density(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -39,6 +42,12 @@ def _pairwise_log_density(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Ten
     inv_var = torch.exp(-logvar)
     mahalanobis = z.square() @ inv_var.T - 2.0 * z @ (mean * inv_var).T + (mean.square() * inv_var).sum(dim=1)
     return -0.5 * (mahalanobis + logvar.sum(dim=1) + z.shape[1] * math.log(2.0 * math.pi))
+
+
+def _mi_terms(log_q: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """Summed log q(z_i | x_i) - log q(z_i) for rows i: log_q[i, j] = log q(z_i | x_j) over all N
+    encoders j, so the aggregate posterior q(z_i) = mean_j q(z_i | x_j) is a logsumexp."""
+    return (own - (torch.logsumexp(log_q, dim=1) - math.log(log_q.shape[1]))).sum()
 
 
 def mutual_information(
@@ -66,36 +75,48 @@ def mutual_information(
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
             log_q = _pairwise_log_density(z[start:stop], mean, logvar)  # [chunk, N]
-            own = log_q[torch.arange(stop - start), torch.arange(start, stop)]
-            aggregate = torch.logsumexp(log_q, dim=1) - math.log(n)
-            total = total + (own - aggregate).sum()
+            total = total + _mi_terms(log_q, log_q[torch.arange(stop - start), torch.arange(start, stop)])
     return total / (n * samples)
 
 
-def _diag_normal_log_density(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    return -0.5 * ((z - mean).square() * torch.exp(-logvar) + logvar + _LOG_2PI).sum(dim=1)
+@torch.no_grad()
+def iterative_mutual_information(
+    model: IterativeVAE, x: torch.Tensor, generator: torch.Generator | None = None, batch_size: int = 64
+) -> torch.Tensor:
+    """I(x; z_1..T) of the iterative VAE over the N images x, in nats (at most log N).
+
+    Its posterior is a chain of Gaussians whose means depend on the earlier draws, so the aggregate
+    posterior has no closed form: each image's draw is scored under every image's encoders
+    (`posterior_log_prob`), N^2 * T encoder passes, which is why callers cap N.
+    """
+    if x.shape[0] < 2:
+        raise ValueError(f"the mutual information needs at least 2 images, got {x.shape[0]}")
+    n = x.shape[0]
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(n):
+        outputs = model.unroll(x[i : i + 1], model.noise(1, generator, x.device))
+        inputs = [torch.zeros_like(x[:1])] + [o.canvas for o in outputs[:-1]]
+        z = [o.z for o in outputs]
+        row = torch.cat(
+            [model.posterior_log_prob(x[j : j + batch_size], inputs, z) for j in range(0, n, batch_size)]
+        ).double()
+        total = total + _mi_terms(row[None], row[i : i + 1]).cpu()
+    return total / n
 
 
 @torch.no_grad()
 def importance_weighted_log_likelihood(
-    model: PixelVAE, x: torch.Tensor, samples: int, generator: torch.Generator | None = None
+    model: PixelVAE | IterativeVAE, x: torch.Tensor, samples: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """log p(x) >= log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x), z_k ~ q(z|x): nats per image, [B].
+    """log p(x) >= log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x): nats per image, [B].
 
     K = 1 is the ELBO (with a sampled KL); the bound tightens as K grows (Burda et al. 2016). The
     average over the K weights is a logsumexp, so no weight is ever exponentiated on its own.
     """
     if samples < 1:
         raise ValueError(f"importance samples must be >= 1, got {samples}")
-    mean, logvar = model.encode(x)
-    log_weights = []
-    for _ in range(samples):
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        z = mean + torch.exp(0.5 * logvar) * noise
-        log_px = logistic_mixture.log_prob(x, model.decoder(x, z.to(x.dtype)))
-        log_pz = _diag_normal_log_density(z, torch.zeros_like(z), torch.zeros_like(z))
-        log_weights.append(log_px.to(z.dtype) + log_pz - _diag_normal_log_density(z, mean, logvar))
-    return torch.logsumexp(torch.stack(log_weights), dim=0) - math.log(samples)
+    log_weights = torch.stack([model.log_importance_weight(x, generator) for _ in range(samples)])
+    return torch.logsumexp(log_weights, dim=0) - math.log(samples)
 
 
 def active_units(mean: torch.Tensor, threshold: float = 0.01) -> int:
@@ -136,7 +157,102 @@ def sample_spread(draws: torch.Tensor) -> float:
     return draws.float().std(dim=1).mean().item()
 
 
+@dataclass
+class EvalPart:
+    """What one process measured over its share of a split; `summarize` merges the shares."""
+
+    images: int = 0
+    elbo_bpd: float = 0.0  # sums over images
+    kl: float = 0.0
+    iw_bpd: float = 0.0
+    iw_samples: int = 0
+    means: list[torch.Tensor] = field(default_factory=list)  # posterior means (CPU), for active units
+    logvars: list[torch.Tensor] = field(default_factory=list)  # PixelVAE: with means, for its MI
+    mi: float | None = None  # iterative VAE: over the first `mi_images` images of this share
+    mi_images: int = 0
+
+
 @torch.no_grad()
+def accumulate(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    iw_samples: int = 0,
+    generator: torch.Generator | None = None,
+    progress: Callable[[int], None] | None = None,
+    mi_images: int = 128,
+) -> EvalPart:
+    """Measure `model` (eval mode) over every image of `batches`; each image weighs the same whatever
+    its batch's size. The iterative VAE's MI runs here, over the first `mi_images` images, because it
+    needs the images and the model (the PixelVAE's needs only the gathered posteriors)."""
+    if not isinstance(model, PixelVAE | IterativeVAE):
+        raise TypeError(f"evaluate supports PixelVAE and IterativeVAE, got {type(model).__name__}")
+    was_training = model.training
+    model.eval()
+    param = next(model.parameters())
+    part = EvalPart(iw_samples=iw_samples)
+    kept: list[torch.Tensor] = []
+    try:
+        for x in batches:
+            x = x.to(param)
+            n = x.shape[0]
+            scalars = model(x).scalars
+            part.elbo_bpd += n * scalars.get("elbo_bpd", scalars["bpd"]).item()
+            part.kl += n * scalars["kl"].item()
+            if isinstance(model, PixelVAE):
+                mean, logvar = model.encode(x)
+                part.means.append(mean.cpu())
+                part.logvars.append(logvar.cpu())
+            else:
+                part.means.append(model.posterior_means(x).cpu())
+                if part.images < mi_images:
+                    kept.append(x[: mi_images - part.images])
+            if iw_samples:
+                nll = -importance_weighted_log_likelihood(model, x, iw_samples, generator)
+                part.iw_bpd += logistic_mixture.bits_per_dim(nll, x[0].numel()).sum().item()
+            part.images += n
+            if progress is not None:
+                progress(n)
+        if kept and sum(k.shape[0] for k in kept) > 1:
+            images = torch.cat(kept)
+            part.mi = iterative_mutual_information(model, images, generator).item()
+            part.mi_images = images.shape[0]
+    finally:
+        model.train(was_training)
+    return part
+
+
+def summarize(
+    parts: Sequence[EvalPart], generator: torch.Generator | None = None, mi_images: int = 4096
+) -> dict[str, float | int | None]:
+    """Merge the processes' shares (in rank order) into the split's numbers: 'images', 'elbo_bpd'
+    (bits/dim of -ELBO), 'kl' (nats per image), 'iw_bpd' (None without importance samples), 'mi'
+    (nats) with 'mi_images' (the N it used: the estimate is at most log N), 'active_units' and
+    'latent_dim' (the iterative VAE's code is all T steps' latents). The PixelVAE's MI uses the first
+    `mi_images` posteriors: its pairwise cost grows as N^2."""
+    count = sum(p.images for p in parts)
+    if count == 0:
+        raise ValueError("evaluate was given no images")
+    iw = parts[0].iw_samples
+    means = torch.cat([m for p in parts for m in p.means])
+    result: dict[str, float | int | None] = {
+        "images": count,
+        "elbo_bpd": sum(p.elbo_bpd for p in parts) / count,
+        "kl": sum(p.kl for p in parts) / count,
+        "iw_bpd": sum(p.iw_bpd for p in parts) / count if iw else None,
+        "iw_samples": iw or None,
+        "mi": parts[0].mi,
+        "mi_images": parts[0].mi_images or None,
+        "active_units": active_units(means) if count > 1 else None,
+        "latent_dim": means.shape[1],
+    }
+    logvars = [v for p in parts for v in p.logvars]
+    if logvars and count > 1:
+        n = min(count, mi_images)
+        result["mi"] = mutual_information(means[:n], torch.cat(logvars)[:n], generator=generator).item()
+        result["mi_images"] = n
+    return result
+
+
 def evaluate(
     model: nn.Module,
     batches: Iterable[torch.Tensor],
@@ -144,53 +260,5 @@ def evaluate(
     generator: torch.Generator | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, float | int | None]:
-    """Metrics over every image of `batches` (a whole split; each image weighs the same whatever its
-    batch's size), in eval mode: 'elbo_bpd' (bits/dim of -ELBO), 'kl' (nats per image), 'images',
-    and for a PixelVAE also 'iw_bpd' (K = iw_samples; None when 0), 'mi' (nats), 'active_units',
-    'latent_dim'. The iterative VAE's latents depend on its canvas, so it has no single q(z|x):
-    'iw_bpd', 'mi' and 'active_units' are None for it. `progress(n)` is told each batch's size.
-    """
-    if not isinstance(model, PixelVAE | IterativeVAE):
-        raise TypeError(f"evaluate supports PixelVAE and IterativeVAE, got {type(model).__name__}")
-    was_training = model.training
-    model.eval()
-    param = next(model.parameters())
-    totals = {"elbo_bpd": 0.0, "kl": 0.0, "iw_bpd": 0.0}
-    means, logvars, count = [], [], 0
-    try:
-        for x in batches:
-            x = x.to(param)
-            n = x.shape[0]
-            scalars = model(x).scalars
-            totals["elbo_bpd"] += n * scalars.get("elbo_bpd", scalars["bpd"]).item()
-            totals["kl"] += n * scalars["kl"].item()
-            if isinstance(model, PixelVAE):
-                mean, logvar = model.encode(x)
-                means.append(mean.cpu())
-                logvars.append(logvar.cpu())
-                if iw_samples:
-                    nll = -importance_weighted_log_likelihood(model, x, iw_samples, generator)
-                    totals["iw_bpd"] += logistic_mixture.bits_per_dim(nll, x[0].numel()).sum().item()
-            count += n
-            if progress is not None:
-                progress(n)
-    finally:
-        model.train(was_training)
-    if count == 0:
-        raise ValueError("evaluate was given no images")
-    result: dict[str, float | int | None] = {
-        "images": count,
-        "elbo_bpd": totals["elbo_bpd"] / count,
-        "kl": totals["kl"] / count,
-        "iw_bpd": totals["iw_bpd"] / count if means and iw_samples else None,
-        "iw_samples": iw_samples if means and iw_samples else None,
-        "mi": None,
-        "active_units": None,
-        "latent_dim": None,
-    }
-    if means:
-        mean, logvar = torch.cat(means), torch.cat(logvars)
-        result["mi"] = mutual_information(mean, logvar, generator=generator).item()
-        result["active_units"] = active_units(mean) if count > 1 else None
-        result["latent_dim"] = mean.shape[1]
-    return result
+    """`summarize` of one process's `accumulate` over a whole split, with the default MI caps."""
+    return summarize([accumulate(model, batches, iw_samples, generator, progress)], generator)

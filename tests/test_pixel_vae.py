@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from dist_vae.config import ConfigError, load_config
+from dist_vae.metrics import mutual_information
 from dist_vae.models import build_model
 from dist_vae.models.pixel_vae import REGULARIZERS, Encoder, PixelVAE
 from tests.model_fixtures import one_thread  # noqa: F401
@@ -114,6 +115,42 @@ def test_training_lowers_bpd_and_the_elbo_squeezes_the_code() -> None:
     # is used freely. 300 steps of a tiny model on 16 fixed images do not reach the collapse (KL -> 0)
     # of a converged PixelCNN decoder; they show the direction: here about 22 vs 40 nats.
     assert report["none"]["kl_last50"] > 1.5 * report["elbo"]["kl_last50"]
+
+
+def template_plus_noise(n: int, template: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One fixed image plus independent pixel noise, on the 8-bit grid: nothing in an image that a
+    decoder modelling each pixel from the ones before it could not model alone."""
+    x = (template + 0.25 * torch.randn(n, 3, 8, 8, generator=generator)).clamp(-1, 1)
+    return torch.round((x + 1) * 127.5) / 127.5 - 1
+
+
+@pytest.mark.slow
+def test_the_elbo_collapses_the_code_when_the_decoder_can_model_the_data_alone() -> None:
+    """The seed's argument, checked where its premise holds: when p(x|z) can model the data without
+    z, the ELBO's optimum ignores z (KL -> 0); without the KL the code keeps carrying the noise."""
+    report = {}
+    for reg in ("elbo", "none"):
+        model = tiny(reg, latent_dim=8, nr_filters=16, n_stages=2, encoder_channels=16)
+        opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+        g = torch.Generator().manual_seed(1)
+        template = torch.rand(1, 3, 8, 8, generator=g) * 1.2 - 0.6
+        kl = []
+        for step in range(250):  # a fresh batch every step: no finite set for z to index
+            out = model(template_plus_noise(16, template, g), step=step)
+            opt.zero_grad()
+            out.total().backward()
+            opt.step()
+            kl.append(out.scalars["kl"].item())
+        with torch.no_grad():
+            mean, logvar = model.eval().encode(template_plus_noise(512, template, g))
+        mi = mutual_information(mean, logvar, samples=2, generator=torch.Generator().manual_seed(2))
+        report[reg] = {"kl_peak": max(kl), "kl_last20": sum(kl[-20:]) / 20, "mi": mi.item()}
+    print(report)
+    elbo, none = report["elbo"], report["none"]
+    assert elbo["kl_peak"] > 1.0  # z was used early, while the decoder was still weak ...
+    assert elbo["kl_last20"] < 0.3 * elbo["kl_peak"] and elbo["kl_last20"] < 1.0  # ... then dropped
+    assert none["kl_last20"] > 10 * elbo["kl_last20"]
+    assert elbo["mi"] < 0.2 < none["mi"]
 
 
 def test_sampling_is_on_the_grid_reproducible_and_leaves_training_mode() -> None:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
+
+from tests.engine_util import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -69,17 +73,69 @@ def test_sample_writes_grids_of_the_expected_size(run_dir: Path, tmp_path: Path)
 
 @pytest.mark.slow
 def test_evaluate_writes_eval_json_over_the_whole_val_split(run_dir: Path, shards: Path) -> None:
-    run("tools/evaluate.py", str(run_dir), "--iw-samples", "3", "--batch-size", "4", "--fuzz-samples", "2")
+    run("tools/evaluate.py", str(run_dir), "--iw-samples", "3", "--batch-size", "4", "--fuzz-samples", "2",
+        "--chain-steps", "2")  # fmt: skip
     result = json.loads((run_dir / "eval.json").read_text())
-    manifest = json.loads((shards / "manifest.json").read_text())
-    assert result["images"] == manifest["splits"]["val"]["count"]
+    val = json.loads((shards / "manifest.json").read_text())["splits"]["val"]["count"]
+    assert result["images"] == result["mi_images"] == val and result["processes"] == 1
     assert result["step"] == 4 and 0 < result["elbo_bpd"] < 50
-    assert result["fuzziness"]["data_laplacian_var"] > 0
-    if result["latent_dim"] is not None:  # PixelVAE
-        assert result["iw_bpd"] is not None and result["iw_samples"] == 3
-        assert result["fuzziness"]["decoder_spread"] >= 0
+    assert result["iw_bpd"] is not None and result["iw_samples"] == 3
+    assert result["mi"] is not None and result["mi"] <= math.log(val) + 1e-6
+    assert 0 <= result["active_units"] <= result["latent_dim"]
+    fuzz = result["fuzziness"]
+    assert fuzz["data_laplacian_var"] > 0
+    if "kind: pixel_vae" in (run_dir / "config.yaml").read_text():
+        assert result["latent_dim"] == 4 and fuzz["decoder_spread"] >= 0
+        assert [len(v) for v in fuzz["chain_laplacian_var_per_step"].values()] == [3, 3]  # x_0 .. x_2
+        assert fuzz["data_chain_change_per_step"][0] == 0
     else:
-        assert len(result["fuzziness"]["sample_laplacian_var_per_step"]) == 3
+        assert result["latent_dim"] == 2 * 3  # every step's latents
+        assert len(fuzz["sample_laplacian_var_per_step"]) == 3
+
+
+def accelerate(*args: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+            "configs/accelerate/cpu_debug.yaml", "--num_processes", "2", "--main_process_port",
+            str(free_port()), *args]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_evaluate_on_two_processes_covers_the_split_once_and_matches_one_process(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    """Each process takes its share; the merged numbers equal one process's, except the parts that
+    come from random posterior draws, which are seeded per process."""
+    single, double = tmp_path / "one", tmp_path / "two"
+    for target in (single, double):
+        shutil.copytree(run_dir, target)
+    common = ["--iw-samples", "2", "--batch-size", "3", "--fuzz-samples", "2", "--chain-steps", "1"]
+    run("tools/evaluate.py", str(single), *common, "--no-progress")
+    proc = subprocess.run(accelerate("tools/evaluate.py", str(double), *common, "--no-progress"),
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((d / "eval.json").read_text()) for d in (single, double))
+    assert two["processes"] == 2 and two["images"] == one["images"]
+    # The PixelVAE's KL is analytic; the iterative VAE's later steps see canvases made from draws.
+    exact = "kind: pixel_vae" in (run_dir / "config.yaml").read_text()
+    assert two["kl"] == pytest.approx(one["kl"], rel=1e-5 if exact else 0.05)
+    assert two["active_units"] == one["active_units"]
+    assert two["elbo_bpd"] == pytest.approx(one["elbo_bpd"], rel=0.05)
+    assert two["iw_bpd"] == pytest.approx(one["iw_bpd"], rel=0.05)
+
+
+@pytest.mark.slow
+def test_sample_on_two_processes_writes_the_whole_grids(run_dir: Path, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        accelerate("tools/sample.py", str(run_dir), "--n", "3", "--chain-steps", "1", "--out", str(tmp_path)),
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cell = 16 + 2
+    if "kind: pixel_vae" in (run_dir / "config.yaml").read_text():
+        assert Image.open(tmp_path / "chain_data.png").size == (2 * cell + 2, 3 * cell + 2)  # 3 chains
+        assert Image.open(tmp_path / "ancestral.png").size == (3 * cell + 2, cell + 2)
+    else:
+        assert Image.open(tmp_path / "steps.png").size == (3 * cell + 2, 3 * cell + 2)
 
 
 def test_tools_name_what_is_missing_in_a_bad_run_dir(tmp_path: Path) -> None:

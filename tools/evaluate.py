@@ -1,11 +1,15 @@
 """Evaluate a trained run over a whole split and write RUN_DIR/eval.json.
 
-    python tools/evaluate.py RUN_DIR [--split val] [--iw-samples K] [--batch-size B] [--ema]
+    python tools/evaluate.py RUN_DIR [--split val] [--iw-samples K] [--batch-size B] [--ema] [--out FILE]
+    accelerate launch [--config_file configs/accelerate/ddp.yaml] tools/evaluate.py RUN_DIR ...
 
 eval.json: elbo_bpd (bits/dim of -ELBO over every image of the split), iw_bpd (importance-weighted
-with K samples; PixelVAE), kl (nats/image), mi (I(x; z) in nats; PixelVAE), active_units, and
-fuzziness: the Laplacian variance of data and of samples (per step for the iterative VAE), plus the
-PixelVAE decoder's spread (per-pixel std of draws that share one z).
+with K samples), kl (nats/image), mi (I(x; z) in nats over mi_images images: at most log mi_images),
+active_units of latent_dim, and fuzziness: the Laplacian variance of data and of samples (per step
+for the iterative VAE), plus the PixelVAE decoder's spread (per-pixel std of draws that share one z).
+Under several processes each evaluates its share of the split (nothing dropped, nothing twice), the
+main process merges the shares and writes eval.json; the numbers equal a one-process run's up to the
+random draws, which are seeded per process. The iterative VAE's MI uses the first process's share.
 """
 
 from __future__ import annotations
@@ -20,31 +24,48 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
+from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from dist_vae.config import ConfigError
 from dist_vae.data.stream import DataError, ShardStream
-from dist_vae.inference import load_run
-from dist_vae.metrics import evaluate, laplacian_variance, sample_spread
+from dist_vae.engine.checkpoint import load_run
+from dist_vae.engine.distributed import tool_state
+from dist_vae.metrics import accumulate, laplacian_variance, sample_spread, summarize
 from dist_vae.models.pixel_vae import PixelVAE
-from dist_vae.sampling import ancestral_samples, cached_decode, iterative_canvases
+from dist_vae.sampling import ancestral_samples, cached_decode, iterative_canvases, markov_chain
+
+
+def sharpness(images: torch.Tensor) -> float:
+    return laplacian_variance(images).mean().item()
 
 
 def fuzziness(
-    model: torch.nn.Module, data: torch.Tensor, n: int, draws: int, generator: torch.Generator
+    model: torch.nn.Module,
+    data: torch.Tensor,
+    n: int,
+    draws: int,
+    chain_steps: int,
+    generator: torch.Generator,
 ) -> dict:
-    """Sharpness of n samples next to n data images; for a PixelVAE also the spread given z."""
-    result: dict = {"data_laplacian_var": laplacian_variance(data[:n]).mean().item()}
+    """Sharpness of n samples next to n data images. For a PixelVAE also the decoder's spread given z,
+    and the sharpness along Markov chains from data and from noise (x_0 .. x_K) with the mean
+    absolute change from x_0 of the data chains: a chain that stays on the data keeps the data's
+    sharpness, one from noise should reach it."""
+    result: dict = {"data_laplacian_var": sharpness(data[:n])}
     if isinstance(model, PixelVAE):
-        result["sample_laplacian_var"] = (
-            laplacian_variance(ancestral_samples(model, n, generator)).mean().item()
-        )
+        result["sample_laplacian_var"] = sharpness(ancestral_samples(model, n, generator))
         z = torch.randn(2, model.latent_dim, generator=generator, device=generator.device).to(data.device)
         samples = torch.stack([cached_decode(model, z, generator) for _ in range(draws)], dim=1)
         result["decoder_spread"] = sample_spread(samples)
+        noise = torch.rand(data[:n].shape, generator=generator, device=generator.device).to(data) * 2 - 1
+        chains = {name: markov_chain(model, start, chain_steps, generator) for name, start in
+                  (("data", data[:n]), ("noise", noise))}  # fmt: skip
+        result["chain_laplacian_var_per_step"] = {k: [sharpness(x) for x in c] for k, c in chains.items()}
+        result["data_chain_change_per_step"] = [(x - data[:n]).abs().mean().item() for x in chains["data"]]
     else:
         canvases = iterative_canvases(model, n, generator)
-        result["sample_laplacian_var_per_step"] = [laplacian_variance(c).mean().item() for c in canvases]
+        result["sample_laplacian_var_per_step"] = [sharpness(c) for c in canvases]
     return result
 
 
@@ -60,33 +81,68 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="default: the run's data.batch_size")
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     parser.add_argument("--fuzz-samples", type=int, default=8, help="samples for the sharpness measures")
+    parser.add_argument("--chain-steps", type=int, default=4, help="Markov-chain steps K (PixelVAE)")
+    parser.add_argument(
+        "--mi-images",
+        type=int,
+        default=None,
+        help="images in the MI estimate (default: 4096 for a PixelVAE, whose posteriors are closed-form; "
+        "128 for the iterative VAE, which scores every pair with T encoders)",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/eval.json")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="default: this process's GPU, else the CPU")
     args = parser.parse_args(argv)
-    if args.iw_samples < 0 or args.fuzz_samples < 2:
+    if args.iw_samples < 0 or args.fuzz_samples < 2 or args.chain_steps < 0 or (args.mi_images or 2) < 2:
         parser.error(
-            f"--iw-samples must be >= 0 and --fuzz-samples >= 2, got {args.iw_samples}, {args.fuzz_samples}"
+            "--iw-samples and --chain-steps must be >= 0, --fuzz-samples and --mi-images >= 2; got "
+            f"{args.iw_samples}, {args.chain_steps}, {args.fuzz_samples} and {args.mi_images}"
         )
+    state = tool_state()
+    device = torch.device(args.device) if args.device else state.device
+    caps = {} if args.mi_images is None else {"mi_images": args.mi_images}
     try:
-        run = load_run(args.run_dir, ema=args.ema, device=args.device)
-        stream = ShardStream(run.cfg.data, args.split, batch_size=args.batch_size, training=False)
-        torch.manual_seed(args.seed)  # the ELBO's own posterior sample
-        generator = torch.Generator(args.device).manual_seed(args.seed)
-        bar = tqdm(total=stream.total, unit="img", desc=f"evaluate {args.split}", disable=args.no_progress)
+        run = load_run(args.run_dir, ema=args.ema, device=device)
+        stream = ShardStream(
+            run.cfg.data,
+            args.split,
+            rank=state.process_index,
+            world_size=state.num_processes,
+            batch_size=args.batch_size,
+            training=False,
+        )
+        torch.manual_seed(args.seed + state.process_index)  # the ELBO's own posterior sample
+        generator = torch.Generator(device).manual_seed(args.seed + state.process_index)
+        quiet = args.no_progress or not state.is_main_process
+        bar = tqdm(total=stream.rank_images, unit="img", desc=f"evaluate {args.split}", disable=quiet)
         with bar:
-            result = evaluate(run.model, stream, args.iw_samples, generator, progress=bar.update)
+            part = accumulate(run.model, stream, args.iw_samples, generator, bar.update, **caps)
+        parts = gather_object([part])
+        if not state.is_main_process:
+            state.wait_for_everyone()
+            return 0
+        result = summarize(parts, generator, **caps)
         data = next(iter(ShardStream(run.cfg.data, args.split, batch_size=args.fuzz_samples, training=False)))
-        result["fuzziness"] = fuzziness(run.model, data.to(args.device), args.fuzz_samples, 4, generator)
+        result["fuzziness"] = fuzziness(
+            run.model, data.to(device), args.fuzz_samples, 4, args.chain_steps, generator
+        )
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result.update(split=args.split, step=run.step, checkpoint=str(run.checkpoint), ema=run.ema)
-    path = args.run_dir / "eval.json"
-    tmp = path.with_name(".eval.json.tmp")
+    result.update(
+        split=args.split,
+        step=run.step,
+        checkpoint=str(run.checkpoint),
+        ema=run.ema,
+        processes=state.num_processes,
+    )
+    path = args.out or args.run_dir / "eval.json"
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, path)
     print(json.dumps(result, indent=2))
+    state.wait_for_everyone()
     return 0
 
 

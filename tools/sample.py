@@ -1,56 +1,64 @@
 """PNG grids from a trained run: prior samples, Markov chains (PixelVAE), per-step canvases (iterative).
 
     python tools/sample.py RUN_DIR [--ema] [--n N] [--chain-steps K] [--out DIR] [--seed S]
+    accelerate launch [--config_file configs/accelerate/ddp.yaml] tools/sample.py RUN_DIR ...
 
 Reads RUN_DIR/config.yaml and the newest complete checkpoint. Writes into --out (default
 RUN_DIR/samples/step-XXXXXXXX/): PixelVAE: ancestral.png (n images), chain_data.png and
 chain_noise.png (one row per chain, x_0 .. x_K left to right; data chains start from val images,
 noise chains from U(-1, 1)); iterative VAE: steps.png (one row per sample, canvases 1..T).
+Under several processes each draws its share of the n images and chains (seeded per process) and
+the main process writes the grids.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np
 import torch
-from PIL import Image
+from accelerate.utils import gather_object
 
 from dist_vae.config import ConfigError
 from dist_vae.data.stream import DataError, ShardStream
-from dist_vae.inference import load_run
+from dist_vae.engine.checkpoint import LoadedRun, load_run
+from dist_vae.engine.distributed import share, tool_state
+from dist_vae.engine.logging import image_grid, save_png_atomic
 from dist_vae.models.pixel_vae import PixelVAE
 from dist_vae.sampling import ancestral_samples, iterative_canvases, markov_chain
 
 
-def save_grid(rows: list[torch.Tensor], path: Path, pad: int = 2) -> None:
-    """rows: each [cols, 3, H, W] in [-1, 1] -> one PNG, written under a temporary name then renamed."""
-    cols = max(r.shape[0] for r in rows)
-    h, w = rows[0].shape[-2:]
-    canvas = np.full((len(rows) * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    for i, row in enumerate(rows):
-        pixels = ((row.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        for j, image in enumerate(pixels):
-            top, left = pad + i * (h + pad), pad + j * (w + pad)
-            canvas[top : top + h, left : left + w] = image
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(canvas).save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def _val_images(run, n: int) -> torch.Tensor:
+def val_images(run: LoadedRun, n: int) -> torch.Tensor:
+    """The first n images of the run's val split (fewer if the split is smaller)."""
     images = []
     for batch in ShardStream(run.cfg.data, "val", batch_size=n, training=False):
         images.append(batch)
         if sum(b.shape[0] for b in images) >= n:
             break
     return torch.cat(images)[:n]
+
+
+def draw(
+    run: LoadedRun, rows: range, n: int, chain_steps: int, seed: int, rank: int
+) -> dict[str, torch.Tensor]:
+    """This process's rows of every grid, each [rows, cols, 3, R, R] on the CPU."""
+    model, device = run.model, next(run.model.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed + rank)
+    if not isinstance(model, PixelVAE):
+        return {"steps": torch.stack(iterative_canvases(model, len(rows), generator), dim=1).cpu()}
+    side = model.resolution
+    # Every process builds the same n starts (one seed) and keeps its rows.
+    noise = torch.rand(n, 3, side, side, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    starts = {"chain_data": val_images(run, n), "chain_noise": noise}
+    grids = {"ancestral": ancestral_samples(model, len(rows), generator)[:, None].cpu()}
+    for name, start in starts.items():
+        chain = markov_chain(model, start[rows.start : rows.stop].to(device), chain_steps, generator)
+        grids[name] = torch.stack(chain, dim=1).cpu()
+    return grids
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,37 +71,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chain-steps", type=int, default=8, help="Markov-chain steps K (PixelVAE)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="default: this process's GPU, else the CPU")
     args = parser.parse_args(argv)
     if args.n < 1 or args.chain_steps < 0:
         parser.error(f"--n must be >= 1 and --chain-steps >= 0, got {args.n} and {args.chain_steps}")
+    state = tool_state()
+    if args.n < state.num_processes:
+        parser.error(f"--n {args.n} is smaller than the {state.num_processes} processes")
+    device = torch.device(args.device) if args.device else state.device
     try:
-        run = load_run(args.run_dir, ema=args.ema, device=args.device)
-        out = args.out or args.run_dir / "samples" / f"step-{run.step:08d}"
-        out.mkdir(parents=True, exist_ok=True)
-        generator = torch.Generator(args.device).manual_seed(args.seed)
-        model = run.model
-        written = []
-        if isinstance(model, PixelVAE):
-            save_grid([ancestral_samples(model, args.n, generator)], out / "ancestral.png")
-            written.append(out / "ancestral.png")
-            noise = torch.rand(
-                args.n, 3, model.resolution, model.resolution, generator=generator, device=args.device
-            )
-            starts = {"data": _val_images(run, args.n).to(args.device), "noise": noise * 2 - 1}
-            for name, start in starts.items():
-                chain = markov_chain(model, start, args.chain_steps, generator)
-                save_grid(list(torch.stack(chain, dim=1)), out / f"chain_{name}.png")
-                written.append(out / f"chain_{name}.png")
-        else:
-            canvases = iterative_canvases(model, args.n, generator)
-            save_grid(list(torch.stack(canvases, dim=1)), out / "steps.png")
-            written.append(out / "steps.png")
+        run = load_run(args.run_dir, ema=args.ema, device=device)
+        rows = share(args.n, state.process_index, state.num_processes)
+        mine = draw(run, rows, args.n, args.chain_steps, args.seed, state.process_index)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for path in written:
-        print(path)
+    shares = gather_object([mine])
+    if state.is_main_process:
+        out = args.out or args.run_dir / "samples" / f"step-{run.step:08d}"
+        for name in mine:
+            grid = torch.cat([s[name] for s in shares])
+            rows_of_images = [grid[:, 0]] if name == "ancestral" else list(grid)
+            save_png_atomic(image_grid(rows_of_images), out / f"{name}.png")
+            print(out / f"{name}.png")
+    state.wait_for_everyone()
     return 0
 
 

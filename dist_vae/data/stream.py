@@ -331,6 +331,11 @@ class ShardStream:
         self._batch = 0
 
     @property
+    def rank_images(self) -> int:
+        """Images this rank yields per epoch (its share of `total` when not training)."""
+        return sum(self._plan.batch_sizes())
+
+    @property
     def skipped_shards(self) -> int:
         """How many distinct shards were found bad and skipped so far."""
         return len(self.bad_shards)

@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dist_vae.config import ConfigError, ModelConfig
 from dist_vae.models.output import LossOutput
+from dist_vae.models.regularizers import diag_normal_log_density, gaussian_kl
 
 COARSEST = 4  # side in pixels of the lowest-resolution level
 LATENT_GRID = 8  # latents are read from and written to feature maps pooled/broadcast at most this side
@@ -191,12 +192,16 @@ class Generator(nn.Module):
 
 @dataclass
 class StepOutput:
-    """One refinement step on a batch: per-example squared error and KL (nats), and the mean gate."""
+    """One refinement step on a batch: the new canvas, per-example squared error and KL (nats), the
+    mean gate (None for the first step), and the posterior q(z_t | x, canvas_{t-1}) with its draw z."""
 
     canvas: torch.Tensor
     sse: torch.Tensor
     kl: torch.Tensor
     gate: torch.Tensor | None
+    mean: torch.Tensor
+    logvar: torch.Tensor
+    z: torch.Tensor
 
 
 class RefineStep(nn.Module):
@@ -210,17 +215,14 @@ class RefineStep(nn.Module):
         self.encoder = Encoder(sizes, widths, ladder, blocks)
         self.generator = Generator(sizes, widths, ladder, blocks, refine=not first)
 
-    def forward(
-        self, x: torch.Tensor, canvas: torch.Tensor, eps: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(canvas_t, squared error [B], KL [B], mean gate [B]); a tuple so it can be checkpointed."""
+    def forward(self, x: torch.Tensor, canvas: torch.Tensor, eps: torch.Tensor) -> StepOutput:
+        """Step t on a batch with z_t = mean + std * eps."""
         mean, logvar = self.encoder(x, canvas)
         z = mean + torch.exp(0.5 * logvar) * eps
-        kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).sum(dim=1)
         new_canvas, gate = self.generator(z, None if self.first else canvas)
         sse = (new_canvas.float() - x.float()).square().flatten(1).sum(dim=1)
-        gate_mean = torch.ones_like(kl) if gate is None else gate.detach().float().flatten(1).mean(dim=1)
-        return new_canvas, sse, kl, gate_mean
+        gate_mean = None if gate is None else gate.detach().float().flatten(1).mean(dim=1)
+        return StepOutput(new_canvas, sse, gaussian_kl(mean, logvar), gate_mean, mean, logvar, z)
 
 
 class IterativeVAE(nn.Module):
@@ -317,10 +319,11 @@ class IterativeVAE(nn.Module):
             noise = eps[t] if eps is not None else torch.randn(x.shape[0], self.latent_size, device=x.device)
             previous = canvas.detach() if self.mode == "greedy" else canvas
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                canvas, sse, kl, gate = checkpoint(step, x, previous, noise, use_reentrant=False)
+                out = checkpoint(step, x, previous, noise, use_reentrant=False)
             else:
-                canvas, sse, kl, gate = step(x, previous, noise)
-            outputs.append(StepOutput(canvas, sse, kl, None if t == 0 else gate))
+                out = step(x, previous, noise)
+            outputs.append(out)
+            canvas = out.canvas
         return outputs
 
     def forward(self, x: torch.Tensor, step: int = 0) -> LossOutput:
@@ -345,20 +348,71 @@ class IterativeVAE(nn.Module):
         total_kl = torch.stack([o.kl.detach() for o in outputs]).sum(0)
         scalars["kl"] = total_kl.mean()
         scalars["kl_weight"] = torch.tensor(beta, device=loss.device)
-        nll = (self.rec_weight * outputs[-1].sse.detach() + total_kl).mean() / dims
-        nll = nll + 0.5 * math.log(math.pi / self.rec_weight) + _BIN_NATS
+        nll = (-self._log_likelihood(outputs[-1].sse.detach(), dims) + total_kl).mean() / dims
         scalars["bpd"] = nll / math.log(2.0)
         return LossOutput(loss=loss, scalars=scalars)
+
+    def _log_likelihood(self, sse: torch.Tensor, dims: int) -> torch.Tensor:
+        """log P(x | z) in nats per image [B] of the 8-bit data under N(canvas_T, sigma^2 I), from the
+        final step's squared error: each bin's probability is its density times the bin width."""
+        return -self.rec_weight * sse - dims * (0.5 * math.log(math.pi / self.rec_weight) + _BIN_NATS)
+
+    @torch.no_grad()
+    def log_importance_weight(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """log p(x, z) - log q(z | x) in nats per image [B] for one draw z = z_1..T of the posterior.
+
+        The joint posterior is the product of the steps' q(z_t | x, canvas_{t-1}), each a diagonal
+        Gaussian once z_<t (hence the canvas) is fixed, so its log-density is the sum of theirs. Its
+        mean over draws is the ELBO; a log-mean-exp over K draws is the importance-weighted bound.
+        """
+        self._check_input(x)
+        outputs = self.unroll(x, self.noise(x.shape[0], generator, x.device))
+        log_weight = self._log_likelihood(outputs[-1].sse, x[0].numel())
+        for o in outputs:
+            log_prior = diag_normal_log_density(o.z)
+            log_weight = log_weight + log_prior - diag_normal_log_density(o.z, o.mean, o.logvar)
+        return log_weight
+
+    def noise(self, n: int, generator: torch.Generator | None, device: torch.device) -> list[torch.Tensor]:
+        """T standard-normal draws [n, latent] on `device`, drawn by `generator` on its own device."""
+        noise_device = generator.device if generator is not None else device
+        return [
+            torch.randn(n, self.latent_size, generator=generator, device=noise_device).to(device)
+            for _ in self.steps
+        ]
+
+    @torch.no_grad()
+    def posterior_log_prob(
+        self, x: torch.Tensor, inputs: Sequence[torch.Tensor], z: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
+        """log q(z_1..T | x_b) for every image x_b of the batch [B] and ONE draw: z[t] [1, latent] and
+        the canvas inputs[t] [1, 3, R, R] it was drawn against (zeros, then canvas_1 .. canvas_{T-1}).
+
+        The canvases depend on z alone (the generators never see x), so the same draw can be scored
+        under every image's encoders: what the aggregate posterior q(z) in I(x; z) needs.
+        """
+        self._check_input(x)
+        total = torch.zeros(x.shape[0], device=x.device)
+        for step, canvas, z_t in zip(self.steps, inputs, z, strict=True):
+            mean, logvar = step.encoder(x, canvas.expand_as(x))
+            total = total + diag_normal_log_density(z_t.expand_as(mean), mean, logvar)
+        return total
+
+    @torch.no_grad()
+    def posterior_means(self, x: torch.Tensor) -> torch.Tensor:
+        """The steps' posterior means along the mean path (every z_t at its mean), concatenated:
+        [B, T * latent], the codes whose spread across images counts active units."""
+        zeros = [torch.zeros(x.shape[0], self.latent_size, device=x.device) for _ in self.steps]
+        return torch.cat([o.mean for o in self.unroll(x, eps=zeros)], dim=1)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
         """Ancestral sampling: z_t ~ N(0, I) at every step; returns the T canvases, each [n, 3, R, R]."""
-        device = next(self.parameters()).device
-        noise_device = generator.device if generator is not None else device
         canvas: torch.Tensor | None = None
         canvases = []
-        for step in self.steps:
-            z = torch.randn(n, self.latent_size, generator=generator, device=noise_device).to(device)
+        for step, z in zip(self.steps, self.noise(n, generator, next(self.parameters()).device), strict=True):
             canvas, _ = step.generator(z, canvas)
             canvases.append(canvas.float())
         return canvases

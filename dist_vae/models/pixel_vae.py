@@ -19,7 +19,7 @@ from dist_vae.config import ConfigError, ModelConfig
 from dist_vae.models import logistic_mixture
 from dist_vae.models.output import LossOutput
 from dist_vae.models.pixelcnnpp import PixelCNNpp
-from dist_vae.models.regularizers import Critic, gaussian_kl, mmd, stein
+from dist_vae.models.regularizers import Critic, diag_normal_log_density, gaussian_kl, mmd, stein
 
 REGULARIZERS = ("elbo", "none", "mmd", "stein", "adversarial")
 LOGVAR_BOUND = 10.0
@@ -120,6 +120,18 @@ class PixelVAE(nn.Module):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-variance (fp32) of q(z|x)."""
         return self.encoder(x)
+
+    @torch.no_grad()
+    def log_importance_weight(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """log p(x | z) + log p(z) - log q(z | x) in nats per image [B] for one draw z ~ q(z|x): its mean
+        over draws is the ELBO, a log-mean-exp over K draws the importance-weighted bound."""
+        mean, logvar = self.encode(x)
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        z = mean + torch.exp(0.5 * logvar) * noise
+        log_px = logistic_mixture.log_prob(x, self.decoder(x, z.to(x.dtype)))
+        return log_px.to(z.dtype) + diag_normal_log_density(z) - diag_normal_log_density(z, mean, logvar)
 
     def _divergence(self, z: torch.Tensor, aux: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.reg == "stein":

@@ -18,11 +18,26 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+_LOG_2PI = math.log(2.0 * math.pi)
+
 
 def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, exp(logvar)) || N(0, I)) in nats per row, [B]."""
     mean, logvar = mean.float(), logvar.float()
     return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).sum(dim=1)
+
+
+def diag_normal_log_density(
+    z: torch.Tensor, mean: torch.Tensor | None = None, logvar: torch.Tensor | None = None
+) -> torch.Tensor:
+    """log N(z; mean, diag exp(logvar)) per row [B]; the standard normal when mean and
+    logvar are None. Computed in at least fp32 (autocast's bf16 would round the sum)."""
+    dtype = torch.promote_types(z.dtype, torch.float32)
+    z = z.to(dtype)
+    if mean is None or logvar is None:
+        return -0.5 * (z.square() + _LOG_2PI).sum(dim=1)
+    mean, logvar = mean.to(dtype), logvar.to(dtype)
+    return -0.5 * ((z - mean).square() * torch.exp(-logvar) + logvar + _LOG_2PI).sum(dim=1)
 
 
 def mmd(z: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
