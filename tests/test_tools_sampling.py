@@ -90,7 +90,8 @@ def test_evaluate_writes_eval_json_over_the_whole_val_split(run_dir: Path, shard
         assert fuzz["data_chain_change_per_step"][0] == 0
     else:
         assert result["latent_dim"] == 2 * 3  # every step's latents
-        assert len(fuzz["sample_laplacian_var_per_step"]) == 3
+        for key in ("sample_laplacian_var", "reconstruction_laplacian_var", "reconstruction_mse"):
+            assert len(fuzz[f"{key}_per_step"]) == 3
 
 
 def accelerate(*args: str) -> list[str]:

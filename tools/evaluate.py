@@ -5,8 +5,10 @@
 
 eval.json: elbo_bpd (bits/dim of -ELBO over every image of the split), iw_bpd (importance-weighted
 with K samples), kl (nats/image), mi (I(x; z) in nats over mi_images images: at most log mi_images),
-active_units of latent_dim, and fuzziness: the Laplacian variance of data and of samples (per step
-for the iterative VAE), plus the PixelVAE decoder's spread (per-pixel std of draws that share one z).
+active_units of latent_dim, and fuzziness: the Laplacian variance of data and of samples (for the
+iterative VAE per step, of prior samples and of reconstructions, with the reconstructions' squared
+error), plus the PixelVAE decoder's spread (per-pixel std of draws that share one z) and sharpness
+along Markov chains.
 Under several processes each evaluates its share of the split (nothing dropped, nothing twice), the
 main process merges the shares and writes eval.json; the numbers equal a one-process run's up to the
 random draws, which are seeded per process. The iterative VAE's MI uses the first process's share.
@@ -66,6 +68,11 @@ def fuzziness(
     else:
         canvases = iterative_canvases(model, n, generator)
         result["sample_laplacian_var_per_step"] = [sharpness(c) for c in canvases]
+        # Reconstructions from the posterior means: a decoder that averages gives blurred ones, and
+        # unlike prior samples they cannot look sharp merely by being noisy.
+        recons = model.reconstruct(data[:n])
+        result["reconstruction_laplacian_var_per_step"] = [sharpness(r) for r in recons]
+        result["reconstruction_mse_per_step"] = [(r - data[:n]).square().mean().item() for r in recons]
     return result
 
 

@@ -106,6 +106,19 @@ def iterative_tables(runs: list[tuple[str, EventAccumulator, dict]]) -> None:
             + " | ".join(cells)
             + f" | {fmt(ev['elbo_bpd'], 3)} | {fmt(ev['kl'], 1)} |"
         )
+    print("\nReconstructions of val images from the posterior means after each step t: sharpness, then")
+    print("squared error per dimension (images in [-1, 1]):\n")
+    print("| run | measure | " + " | ".join(f"t={t}" for t in range(1, steps + 1)) + " |")
+    print("|---" * (steps + 2) + "|")
+    for name, _, evs in runs:
+        fz = evs["val"]["fuzziness"]
+        for label, key, digits in (
+            ("Laplacian var", "reconstruction_laplacian_var", 4),
+            ("MSE", "reconstruction_mse", 4),
+        ):
+            cells = [fmt(v, digits) for v in fz[f"{key}_per_step"]]
+            cells += [""] * (steps - len(cells))
+            print(f"| {name} | {label} | " + " | ".join(cells) + " |")
     print("\nTraining reconstruction error per step (mean squared error per dimension, last 4 logs):\n")
     print("| run | " + " | ".join(f"t={t}" for t in range(1, steps + 1)) + " |")
     print("|---" * (steps + 1) + "|")
