@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Trains the runs behind docs/results.md on the 32 px demo shards, two at a time (one thread each, so a
-# 2-core machine is busy but not oversubscribed). Takes ~50 min on 2 cores. Re-running resumes/skips.
+# 2-core machine is busy but not oversubscribed). Takes ~55 min on 2 cores. Re-running resumes/skips.
 #   bash tools/results/train_demo_runs.sh [RUNS_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
