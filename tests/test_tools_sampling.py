@@ -79,6 +79,7 @@ def test_evaluate_writes_eval_json_over_the_whole_val_split(run_dir: Path, shard
     val = json.loads((shards / "manifest.json").read_text())["splits"]["val"]["count"]
     assert result["images"] == result["mi_images"] == val and result["processes"] == 1
     assert result["step"] == 4 and 0 < result["elbo_bpd"] < 50
+    assert result["ema"] is True  # the default when the run kept EMA weights
     assert result["iw_bpd"] is not None and result["iw_samples"] == 3
     assert result["mi"] is not None and result["mi"] <= math.log(val) + 1e-6
     assert 0 <= result["active_units"] <= result["latent_dim"]
@@ -127,7 +128,8 @@ def test_evaluate_on_two_processes_covers_the_split_once_and_matches_one_process
 @pytest.mark.slow
 def test_sample_on_two_processes_writes_the_whole_grids(run_dir: Path, tmp_path: Path) -> None:
     proc = subprocess.run(
-        accelerate("tools/sample.py", str(run_dir), "--n", "3", "--chain-steps", "1", "--out", str(tmp_path)),
+        accelerate("tools/sample.py", str(run_dir), "--n", "3", "--chain-steps", "1", "--no-ema", "--out",
+                   str(tmp_path)),
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

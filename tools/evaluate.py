@@ -1,6 +1,6 @@
 """Evaluate a trained run over a whole split and write RUN_DIR/eval.json.
 
-    python tools/evaluate.py RUN_DIR [--split val] [--iw-samples K] [--batch-size B] [--ema] [--out FILE]
+    python tools/evaluate.py RUN_DIR [--split val] [--iw-samples K] [--batch-size B] [--[no-]ema] [--out FILE]
     accelerate launch [--config_file configs/accelerate/ddp.yaml] tools/evaluate.py RUN_DIR ...
 
 eval.json: elbo_bpd (bits/dim of -ELBO over every image of the split), iw_bpd (importance-weighted
@@ -86,7 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         "--iw-samples", type=int, default=16, help="K of the importance-weighted bound (0: skip)"
     )
     parser.add_argument("--batch-size", type=int, default=None, help="default: the run's data.batch_size")
-    parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    parser.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="evaluate the EMA weights (--no-ema: the trained ones; default: EMA when the run has them)",
+    )
     parser.add_argument("--fuzz-samples", type=int, default=8, help="samples for the sharpness measures")
     parser.add_argument("--chain-steps", type=int, default=4, help="Markov-chain steps K (PixelVAE)")
     parser.add_argument(

@@ -1,12 +1,13 @@
 """PNG grids from a trained run: prior samples, Markov chains (PixelVAE), per-step canvases (iterative).
 
-    python tools/sample.py RUN_DIR [--ema] [--n N] [--chain-steps K] [--out DIR] [--seed S]
+    python tools/sample.py RUN_DIR [--[no-]ema] [--n N] [--chain-steps K] [--out DIR] [--seed S]
     accelerate launch [--config_file configs/accelerate/ddp.yaml] tools/sample.py RUN_DIR ...
 
-Reads RUN_DIR/config.yaml and the newest complete checkpoint. Writes into --out (default
-RUN_DIR/samples/step-XXXXXXXX/): PixelVAE: ancestral.png (n images), chain_data.png and
-chain_noise.png (one row per chain, x_0 .. x_K left to right; data chains start from val images,
-noise chains from U(-1, 1)); iterative VAE: steps.png (one row per sample, canvases 1..T).
+Reads RUN_DIR/config.yaml and the newest complete checkpoint (its EMA weights when it has them).
+Writes into --out (default RUN_DIR/samples/step-XXXXXXXX/): PixelVAE: ancestral.png (n images),
+chain_data.png and chain_noise.png (one row per chain, x_0 .. x_K left to right; data chains start
+from val images, noise chains from U(-1, 1)); iterative VAE: steps.png (one row per sample, canvases
+1..T).
 Under several processes each draws its share of the n images and chains (seeded per process) and
 the main process writes the grids.
 """
@@ -66,7 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--ema", action="store_true", help="sample with the EMA weights")
+    parser.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="sample with the EMA weights (--no-ema: the trained ones; default: EMA when the run has them)",
+    )
     parser.add_argument("--n", type=int, default=16, help="images (and chains) to draw")
     parser.add_argument("--chain-steps", type=int, default=8, help="Markov-chain steps K (PixelVAE)")
     parser.add_argument("--out", type=Path, default=None)

@@ -145,9 +145,10 @@ class LoadedRun:
     ema: bool
 
 
-def load_run(run_dir: str | Path, ema: bool = False, device: str | torch.device = "cpu") -> LoadedRun:
-    """The run's config.yaml and its newest complete checkpoint's weights (EMA ones when `ema`), for
-    the tools: the model comes back in eval mode on `device`."""
+def load_run(run_dir: str | Path, ema: bool | None = None, device: str | torch.device = "cpu") -> LoadedRun:
+    """The run's config.yaml and its newest complete checkpoint's weights, for the tools: the EMA
+    ones when `ema` (None: when the run kept them, as the trainer's own samples do), in eval mode
+    on `device`."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
@@ -160,6 +161,8 @@ def load_run(run_dir: str | Path, ema: bool = False, device: str | torch.device 
         )
     trainer_state = torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=False)
     model = build_model(cfg.model, cfg.data.resolution)
+    if ema is None:
+        ema = trainer_state.get("ema") is not None
     if ema:
         if trainer_state.get("ema") is None:
             raise ConfigError(f"{path} has no EMA weights (the run used train.ema_decay=0); drop --ema")
