@@ -9,15 +9,18 @@ import torch
 from accelerate import PartialState
 
 
+def needs_gloo() -> bool:
+    """Several processes (torchrun's WORLD_SIZE) and no GPU: Accelerate would pick MPI, so the
+    trainer and the tools ask for gloo."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def tool_state() -> PartialState:
     """Accelerate's process state, with gloo when there is no GPU.
 
-    Without a GPU, Accelerate needs cpu=True to see torchrun's processes as MULTI_CPU, and would
-    then pick MPI unless told gloo (the same choice the trainer makes).
+    Without a GPU, Accelerate needs cpu=True to see torchrun's processes as MULTI_CPU.
     """
-    no_gpu = not torch.cuda.is_available()
-    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return PartialState(cpu=no_gpu, **({"backend": "gloo"} if no_gpu and multi else {}))
+    return PartialState(cpu=not torch.cuda.is_available(), **({"backend": "gloo"} if needs_gloo() else {}))
 
 
 def share(total: int, rank: int, world_size: int) -> range:

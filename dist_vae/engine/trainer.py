@@ -25,6 +25,7 @@ from dist_vae.config import Config, ConfigError, to_yaml
 from dist_vae.data.stream import ShardStream, read_manifest
 from dist_vae.engine import checkpoint
 from dist_vae.engine.atomic import write_text_atomic
+from dist_vae.engine.distributed import needs_gloo
 from dist_vae.engine.ema import EMA
 from dist_vae.engine.logging import RunLogger
 from dist_vae.engine.preemption import (
@@ -76,10 +77,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
         # Accelerate would silently run fp32 (no loss scaler) on CPU.
         raise ConfigError("bad value 'fp16' for 'train.precision': fp16 needs a GPU; use bf16 or fp32 on CPU")
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    no_gpu = not torch.cuda.is_available()
-    cpu = no_gpu and not deepspeed
-    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if no_gpu and multi else []
+    cpu = not torch.cuda.is_available() and not deepspeed
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if needs_gloo() else []
     accelerator = Accelerator(
         cpu=cpu, mixed_precision=_PRECISION[cfg.train.precision], kwargs_handlers=handlers
     )
