@@ -12,10 +12,10 @@ from torch import nn
 from dist_vae.config import ConfigError
 from dist_vae.engine.checkpoint import COMPLETE, clean_partial, latest_complete, resolve_resume
 from dist_vae.engine.ema import EMA
-from dist_vae.engine.logging import image_grid
 from dist_vae.engine.schedule import lr_factor
 from dist_vae.engine.skip import SpikeDetector
 from dist_vae.engine.trainer import sample_rows
+from dist_vae.files import image_grid
 
 
 def stable_norms(n: int, seed: int = 0) -> list[float]:

@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from dist_vae.config import Config, ConfigError, load_config
-from dist_vae.engine.atomic import fsync_dir
+from dist_vae.files import fsync_dir
 from dist_vae.models import build_model
 
 COMPLETE = "COMPLETE"

@@ -6,37 +6,13 @@ branches on the rank to log.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-
-def image_grid(rows: Sequence[torch.Tensor], pad: int = 2) -> np.ndarray:
-    """Tile images into one uint8 HWC array: one row per tensor [n,3,R,R] in [-1,1]."""
-    if not rows:
-        raise ValueError("image_grid needs at least one row of images")
-    n, c, h, w = rows[0].shape
-    grid = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for r, images in enumerate(rows):
-        if images.shape != rows[0].shape:
-            raise ValueError(f"row {r} has shape {tuple(images.shape)}, row 0 has {(n, c, h, w)}")
-        pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-        for i in range(n):
-            y, x = pad + r * (h + pad), pad + i * (w + pad)
-            grid[y : y + h, x : x + w] = pixels[i].transpose(1, 2, 0)
-    return grid
-
-
-def save_png_atomic(grid: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(grid).save(tmp, format="PNG")
-    os.replace(tmp, path)
+from dist_vae.files import image_grid, save_png_atomic
 
 
 class RunLogger:

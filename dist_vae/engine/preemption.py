@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from dist_vae.engine.atomic import write_text_atomic
+from dist_vae.files import write_text_atomic
 
 REQUEUE_EXIT_CODE = 3
 REQUEUE_FILE = "requeue"

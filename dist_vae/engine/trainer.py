@@ -24,7 +24,6 @@ from torch import nn
 from dist_vae.config import Config, ConfigError, to_yaml
 from dist_vae.data.stream import ShardStream, read_manifest
 from dist_vae.engine import checkpoint
-from dist_vae.engine.atomic import write_text_atomic
 from dist_vae.engine.distributed import needs_gloo
 from dist_vae.engine.ema import EMA
 from dist_vae.engine.logging import RunLogger
@@ -37,6 +36,7 @@ from dist_vae.engine.preemption import (
 from dist_vae.engine.rng import preserved_rng
 from dist_vae.engine.schedule import lr_factor
 from dist_vae.engine.skip import SpikeDetector
+from dist_vae.files import write_text_atomic
 from dist_vae.models import build_model
 from dist_vae.sampling import grid_samples
 

@@ -1,0 +1,81 @@
+"""The one way this project writes a file: to a temporary sibling, fsync'd, then renamed over the target.
+
+A crash, a kill -9 or a full disk at any moment leaves either the old content or the new, never a
+torn file, and the temporary is removed when the write fails. Data, checkpoints, logs and tools all
+write through here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary sibling of `path` to write; on success it is fsync'd and renamed over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Call `write` on a binary file that replaces `path` only once it is complete and on disk."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    write_atomic(path, lambda f: f.write(data))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
+
+
+def save_png_atomic(grid: np.ndarray, path: Path) -> None:
+    """A uint8 HWC array as a PNG file."""
+    write_atomic(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
+
+
+def image_grid(rows: Sequence[torch.Tensor], pad: int = 2) -> np.ndarray:
+    """Tile images into one uint8 HWC array: one row per tensor [n,3,R,R] in [-1,1]."""
+    if not rows:
+        raise ValueError("image_grid needs at least one row of images")
+    n, c, h, w = rows[0].shape
+    grid = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for r, images in enumerate(rows):
+        if images.shape != rows[0].shape:
+            raise ValueError(f"row {r} has shape {tuple(images.shape)}, row 0 has {(n, c, h, w)}")
+        pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+        for i in range(n):
+            y, x = pad + r * (h + pad), pad + i * (w + pad)
+            grid[y : y + h, x : x + w] = pixels[i].transpose(1, 2, 0)
+    return grid
