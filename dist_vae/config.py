@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 
@@ -40,7 +40,7 @@ def between(default: Any, low: float, high: float) -> Any:
 class DataConfig:
     path: str = "data/demo/shards"  # directory holding train-*.tar, val-*.tar and manifest.json
     resolution: int = at_least(32, 8)  # <= the shards' resolution; smaller is resized on the fly
-    batch_size: int = at_least(16, 1)  # per rank
+    batch_size: int = at_least(16, 1)  # per-rank micro-batch; x world size x train.accumulate per update
     num_workers: int = at_least(2, 0)  # DataLoader workers per rank; a resumed run must keep it
     shuffle_buffer: int = at_least(1000, 0)  # encoded samples held per worker; 0 or 1: shard order only
     random_flip: bool = True
@@ -77,7 +77,6 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     steps: int = at_least(1000, 1)
-    batch_size: int | None = None  # per rank; None takes data.batch_size
     precision: str = choice("fp32", "fp32", "bf16", "fp16")
     lr: float = at_least(2.0e-4, 0.0)
     critic_lr: float = at_least(2.0e-4, 0.0)
@@ -101,6 +100,10 @@ class TrainConfig:
     spike_k: float = at_least(10.0, 0.0)
     spike_warmup: int = at_least(20, 1)  # norms needed before the threshold applies
     max_consecutive_skips: int = at_least(5, 0)  # after this many, the next update is applied anyway
+    # This many non-finite updates in a row end the run: exit code 4, nothing new saved.
+    max_nonfinite_skips: int = at_least(10, 1)
+    compile: bool = False  # torch.compile the model (in place, before DDP/DeepSpeed wrap it)
+    peak_flops: float | None = at_least(None, 0.0)  # FLOP/s of one device for perf/mfu; None: by name
     sample_count: int = at_least(16, 1)  # images in each sample grid
 
 
@@ -112,6 +115,20 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# Keys that once existed: a config still using one gets told what replaced it.
+_REMOVED = {
+    "train.batch_size": "use data.batch_size, the per-rank micro-batch (one key per meaning)",
+}
+
+
+def _check_removed(layer: Any, origin: str) -> None:
+    for key, instead in _REMOVED.items():
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(layer, parent) if parent else layer
+        if isinstance(node, DictConfig) and leaf in node:
+            raise ConfigError(f"{origin}: key '{key}' was removed; {instead}")
 
 
 def _schema_at(dotted: str) -> type | None:
@@ -174,6 +191,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"override {item!r} is not of the form key=value (for example train.lr=1e-4)")
         layers.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
     for origin, layer in layers:
+        _check_removed(layer, origin)
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as exc:

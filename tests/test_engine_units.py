@@ -117,7 +117,7 @@ def test_ema_follows_weights_with_warmed_up_decay() -> None:
     start = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(1.0)
-    ema.update(model)
+    ema.update()
     decay = min(0.9, 2 / 11)
     torch.testing.assert_close(ema.model.weight, decay * start + (1 - decay) * model.weight.detach())
     assert not any(p.requires_grad for p in ema.model.parameters()) and not ema.model.training
