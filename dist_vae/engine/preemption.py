@@ -48,9 +48,11 @@ class PreemptionFlag:
 
 
 def write_requeue_marker(run_dir: Path, step: int, reason: str) -> None:
-    """Tell the cluster script that the run stopped early and wants to be requeued."""
+    """Tell the cluster script that the run stopped early and wants to be requeued (a `done` left by
+    an earlier, shorter train.steps would tell it otherwise)."""
     from dist_vae.files import write_text_atomic  # imports torch: see the module docstring
 
+    (run_dir / DONE_FILE).unlink(missing_ok=True)
     write_text_atomic(run_dir / REQUEUE_FILE, f"step {step}\nreason {reason}\ntime {time.time():.0f}\n")
 
 
