@@ -231,7 +231,7 @@ class Trainer:
             [~finite, torch.where(finite, norm, 0.0), ~torch.isfinite(loss), requested, norm]
         )
         # Under fp16 a non-finite gradient with a finite loss is loss-scale overflow, not divergence.
-        diverging = bool(bad_loss) or self.accelerator.scaler is None
+        diverging = bool(bad_loss) or self.cfg.train.precision != "fp16"
         reason = self.gate.decide(self.step + 1, agreed_norm, bool(nonfinite), diverging)
         if reason:
             self.update_path.discard(reason == "nonfinite")
