@@ -125,7 +125,9 @@ class ShardReader:
             records = self._records(entry)
             fd = os.open(self.directory / entry["name"], os.O_RDONLY)
         except (OSError, ValueError, KeyError, TypeError, tarfile.TarError) as exc:
-            why = f"unreadable ({type(exc).__name__}: {exc})" if not isinstance(exc, _Why) else str(exc)
+            why = str(exc) if isinstance(exc, _Why) else f"unreadable ({type(exc).__name__}: {exc})"
+            if isinstance(exc, OSError) and exc.strerror:
+                why = f"unreadable ({exc.strerror})"
             self.bad_shards[shard] = why
             raise BadSample(entry["name"], why) from exc
         self._open[shard] = (fd, records)
