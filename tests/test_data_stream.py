@@ -188,15 +188,17 @@ def test_bad_samples_are_replaced_counted_and_batches_kept(
         assert all(torch.equal(a, b) for (a, _), (b, _) in zip(results[0], results[workers], strict=True))
 
 
-def test_nothing_readable_raises_with_the_reasons(shard_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 2])
+def test_nothing_readable_raises_with_the_reasons(shard_dir: Path, tmp_path: Path, workers: int) -> None:
     copy = tmp_path / "shards"
     shutil.copytree(shard_dir, copy)
     for tar in copy.glob("*.tar"):
         tar.unlink()
-    stream = ShardStream(config(copy, num_workers=0), batch_size=4)
+    stream = ShardStream(config(copy, num_workers=workers), batch_size=4)
     missing = r"left in split 'train' .*\(train-000000.tar: unreadable \(No such file or directory\); train-0"
-    with pytest.raises(DataError, match=missing):
+    with pytest.raises(DataError, match=missing) as caught:
         next(iter(stream))
+    assert "\n" not in str(caught.value)  # one line, also from a worker process
 
 
 def test_shards_without_index_still_stream_with_one_warning(

@@ -64,6 +64,15 @@ def decode(data: bytes, pil_format: str, resolution: int) -> np.ndarray:
     return np.asarray(img)
 
 
+def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """An empty float tensor; in a worker, in shared memory from the start (as default_collate does),
+    which saves the copy into shared memory that sending it to the main process would make."""
+    if get_worker_info() is None:
+        return torch.empty(shape)
+    storage = torch.empty(0)._typed_storage()._new_shared(math.prod(shape), device="cpu")
+    return torch.empty(0).new(storage).view(shape)
+
+
 class _Plan:
     """Which positions make which batch of this rank, and how to turn them into pixels (picklable)."""
 
@@ -128,7 +137,7 @@ class _Plan:
         """Batch j as [b,3,R,R] in [-1, 1], its sample keys, and (shard, why) per replaced sample."""
         positions = self.positions(start, j)
         # Converted here, in the worker (torch gives workers one thread): the main process only waits.
-        images = torch.empty((len(positions), 3, self.resolution, self.resolution))
+        images = _batch_tensor((len(positions), 3, self.resolution, self.resolution))
         planes = images.numpy()
         keys, bad = [], []
         for k, position in enumerate(positions):
@@ -154,14 +163,19 @@ class _Lanes(IterableDataset):
         super().__init__()
         self.plan, self.start = plan, start
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str], list[tuple[str, str]]]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str], list[tuple[str, str]]] | str]:
+        """Batches; a DataError's message instead, which the main process raises as one clean line."""
         info = get_worker_info()
         lane, lanes = (info.id, info.num_workers) if info is not None else (0, 1)
         reader = ShardReader(self.plan.directory, self.plan.shards)
         try:
             j = lane
             while self.plan.training or j < self.plan.batches:
-                yield self.plan.batch(reader, self.start, j)
+                try:
+                    yield self.plan.batch(reader, self.start, j)
+                except DataError as exc:
+                    yield str(exc)
+                    return
                 j += lanes
         finally:
             reader.close()
@@ -295,7 +309,10 @@ class ShardStream:
             worker_init_fn=functools.partial(_worker_init, os.getpid()) if workers else None,
         )
         step = self.world_size * self.batch_size
-        for images, keys, bad in loader:
+        for item in loader:
+            if isinstance(item, str):
+                raise DataError(item)
+            images, keys, bad = item
             for name, why in bad:
                 if name not in self._bad_shards:
                     self._bad_shards[name] = why
