@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -49,8 +50,7 @@ def take(stream: ShardStream, n: int) -> list:
 
 def reference(cfg: DataConfig, n: int, seed: int = 9) -> torch.Tensor:
     """The first n images of the sample sequence, indexed by global position (one rank, no workers)."""
-    stream = ShardStream(cfg, seed=seed, batch_size=5)
-    stream.num_workers = 0
+    stream = ShardStream(dataclasses.replace(cfg, num_workers=0), seed=seed, batch_size=5)
     return torch.cat(take(stream, -(-n // 5)))[:n]
 
 
