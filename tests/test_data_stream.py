@@ -186,6 +186,12 @@ def test_bad_samples_are_replaced_counted_and_batches_kept(
     assert len(set(keys)) == N_IMAGES - lost
     for workers in (1, 2):
         assert all(torch.equal(a, b) for (a, _), (b, _) in zip(results[0], results[workers], strict=True))
+    one_rank = torch.cat([images for images, _ in results[0]])
+    for rank in (0, 1):  # two ranks see the same substitutes at the same positions
+        stream = ShardStream(config(copy, num_workers=0), "train", rank, 2, seed=4, batch_size=5)
+        for k, images in enumerate(take(stream, 4)):
+            start = k * 10 + rank * 5
+            assert torch.equal(images, one_rank[start : start + 5])
 
 
 @pytest.mark.parametrize("workers", [0, 2])
