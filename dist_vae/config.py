@@ -41,8 +41,8 @@ class DataConfig:
     path: str = "data/demo/shards"  # directory holding train-*.tar, val-*.tar and manifest.json
     resolution: int = at_least(32, 8)  # <= the shards' resolution; smaller is resized on the fly
     batch_size: int = at_least(16, 1)  # per rank
-    num_workers: int = at_least(2, 0)  # DataLoader workers per rank; a resumed run must keep it
-    shuffle_buffer: int = at_least(1000, 0)  # encoded samples held per worker; 0 or 1: shard order only
+    num_workers: int = at_least(2, 0)  # DataLoader workers per rank; a resumed run may change it
+    shuffle_group: int = at_least(8, 1)  # shards whose samples are mixed together in an epoch
     random_flip: bool = True
 
 

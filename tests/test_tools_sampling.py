@@ -52,7 +52,7 @@ def run_dir(request: pytest.FixtureRequest, shards: Path, tmp_path_factory: pyte
     path = tmp_path_factory.mktemp(kind)
     run(
         "dist_vae/train.py", "--config", "configs/debug.yaml", f"run_dir={path}", f"data.path={shards}",
-        "data.resolution=16", "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=10",
+        "data.resolution=16", "data.batch_size=4", "data.num_workers=0", "data.shuffle_group=2",
         f"model.kind={kind}", *TINY[kind], "train.steps=4", "train.checkpoint_every=2", "train.eval_every=4",
         "train.sample_every=4", "train.sample_count=2", "train.warmup=1", "train.ema_decay=0.9",
     )  # fmt: skip

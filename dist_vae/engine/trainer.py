@@ -8,6 +8,7 @@ their batches, so data position, LR schedule and step agree after a resume.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -40,6 +41,7 @@ from dist_vae.files import write_text_atomic
 from dist_vae.models import build_model
 from dist_vae.sampling import grid_samples
 
+log = logging.getLogger(__name__)
 _PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
@@ -155,7 +157,10 @@ class Trainer:
         self.stream = ShardStream(
             cfg.data, "train", acc.process_index, acc.num_processes, cfg.seed, batch_size=self.batch_size
         )
-        self._val_stream()  # a missing or too small val split fails now, not at the first evaluation
+        # A missing val split fails now, not at the first evaluation; an empty one turns validation off.
+        self.validate = self._val_stream().total > 0
+        if not self.validate and acc.is_main_process:
+            log.warning("split 'val' of %s is empty: validation is off", cfg.data.path)
         if resume_from is not None:
             trainer_state, rank_state = checkpoint.load_checkpoint(acc, resume_from)
             self._load_trainer_state(trainer_state)
@@ -345,7 +350,7 @@ class Trainer:
                 else:
                     self.logger.progress(self.step, None)
                 paused = time.perf_counter()
-                if self.step % t.eval_every == 0:
+                if self.validate and self.step % t.eval_every == 0:
                     self.logger.scalars({"val/bpd": self.evaluate()}, self.step)
                 if self.step % t.sample_every == 0:
                     self.sample()
