@@ -7,14 +7,14 @@ from torch.distributions import Normal, kl_divergence
 
 from dist_vae.config import ConfigError, load_config
 from dist_vae.models import build_model
-from dist_vae.models.iterative_vae import IterativeVAE, level_sizes
+from dist_vae.models.iterative_vae import IterativeVAE, IterativeVAEConfig, level_sizes
 
 
 def tiny(mode: str = "greedy", checkpointing: bool = False, **kwargs: object) -> IterativeVAE:
     torch.manual_seed(0)
-    args: dict = {"steps": 3, "latent_dims": (4, 6), "channels": 8, "kl_warmup": 0.0}
+    args: dict = {"refine_steps": 3, "latent_dims": [4, 6], "channels": 8, "kl_warmup": 0.0}
     args.update(kwargs)
-    return IterativeVAE(16, mode=mode, gradient_checkpointing=checkpointing, **args)
+    return IterativeVAE(IterativeVAEConfig(mode=mode, **args), 16, gradient_checkpointing=checkpointing)
 
 
 def images(n: int, size: int = 16, seed: int = 1) -> torch.Tensor:
@@ -162,9 +162,9 @@ def test_single_step_baseline_and_bad_settings_are_named() -> None:
     assert len(model.steps) == 1 and model.latent_size == 200
     assert len(model.sample(2)) == 1
     with pytest.raises(ConfigError, match=r"model\.latent_dims"):
-        IterativeVAE(16, latent_dims=(4, 4, 4, 4))  # 16 px has only 3 levels (16, 8, 4)
+        IterativeVAE(IterativeVAEConfig(latent_dims=[4, 4, 4, 4]), 16)  # 16 px has only 3 levels (16, 8, 4)
     with pytest.raises(ConfigError, match="power of two"):
-        IterativeVAE(48)
+        IterativeVAE(IterativeVAEConfig(), 48)
     with pytest.raises(ValueError, match=r"\[B, 3, 16, 16\]"):
         tiny()(torch.zeros(2, 3, 32, 32))
 

@@ -1,23 +1,17 @@
 import pytest
 import torch
 
-from dist_vae.models.iterative_vae import IterativeVAE
-from dist_vae.models.pixel_vae import PixelVAE
+from dist_vae.models.iterative_vae import IterativeVAE, IterativeVAEConfig
+from dist_vae.models.pixel_vae import PixelVAE, PixelVAEConfig
 from dist_vae.sampling import ancestral_samples, cached_decode, iterative_canvases, markov_chain
 
 
 def tiny_pixel_vae(side: int, n_stages: int) -> PixelVAE:
     torch.manual_seed(0)
-    model = PixelVAE(
-        side,
-        latent_dim=4,
-        nr_resnet=2,
-        nr_filters=8,
-        nr_mix=3,
-        n_stages=n_stages,
-        encoder_channels=8,
-        reg="elbo",
+    cfg = PixelVAEConfig(
+        latent_dim=4, nr_resnet=2, nr_filters=8, nr_mix=3, n_stages=n_stages, encoder_channels=8
     )
+    model = PixelVAE(cfg, side)
     # float64 so that summation order (window vs whole-image convolution) cannot move a sample
     # across a bin edge; the comparison below is then exact.
     return model.double()
@@ -62,7 +56,7 @@ def test_markov_chain_rejects_starts_outside_the_data_range() -> None:
 
 def test_iterative_canvases_are_one_per_step_and_deterministic_for_a_seed() -> None:
     torch.manual_seed(0)
-    model = IterativeVAE(16, steps=3, latent_dims=(2, 3), channels=4).train()
+    model = IterativeVAE(IterativeVAEConfig(refine_steps=3, latent_dims=[2, 3], channels=4), 16).train()
     canvases = iterative_canvases(model, 2, torch.Generator().manual_seed(0))
     again = iterative_canvases(model, 2, torch.Generator().manual_seed(0))
     assert len(canvases) == 3 and all(c.shape == (2, 3, 16, 16) for c in canvases)

@@ -22,20 +22,35 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dist_vae.config import ConfigError, ModelConfig
 from dist_vae.models.output import LossOutput
 from dist_vae.models.regularizers import diag_normal_log_density, gaussian_kl
+from dist_vae.schema import ConfigError, at_least, choice
 
 COARSEST = 4  # side in pixels of the lowest-resolution level
 LATENT_GRID = 8  # latents are read from and written to feature maps pooled/broadcast at most this side
 _BIN_NATS = math.log(127.5)  # -log of the width of one 8-bit bin in [-1, 1]
+
+
+@dataclass
+class IterativeVAEConfig:
+    """model.kind=iterative_vae (defaults: LSUN 256 px, the seed's sizes)."""
+
+    kind: str = "iterative_vae"
+    refine_steps: int = at_least(8, 1)  # T; 1 with T-times larger latent_dims is the single-step baseline
+    # One latent per level at the len(latent_dims) coarsest levels, the last at 4 px; drawn afresh per step.
+    latent_dims: list[int] = field(default_factory=lambda: [20, 30, 30, 30])
+    mode: str = choice("greedy", "greedy", "joint")  # greedy stops gradients between steps (the original)
+    channels: int = at_least(64, 1)  # width at 64 px; x2 per halving up to x4, /2 per doubling above 64 px
+    rec_weight: float = at_least(16.0, 1.0e-3)  # 1 / (2 sigma^2) of the fixed-variance Gaussian decoder
+    kl_warmup: float = at_least(1.0e4, 0.0)  # KL weight is 1 - exp(-step / kl_warmup); 0 disables warm-up
+    blocks: int = at_least(1, 1)  # residual blocks per resolution level in every encoder and generator
 
 
 def level_sizes(resolution: int) -> list[int]:
@@ -234,61 +249,27 @@ class IterativeVAE(nn.Module):
     """
 
     def __init__(
-        self,
-        resolution: int,
-        steps: int = 8,
-        latent_dims: Sequence[int] = (20, 30, 30, 30),
-        mode: str = "greedy",
-        gradient_checkpointing: bool = False,
-        channels: int = 64,
-        blocks: int = 1,
-        rec_weight: float = 16.0,
-        kl_warmup: float = 1.0e4,
+        self, cfg: IterativeVAEConfig, resolution: int, gradient_checkpointing: bool = False
     ) -> None:
         super().__init__()
         sizes = level_sizes(resolution)
-        if mode not in ("greedy", "joint"):
-            raise ConfigError(f"bad value {mode!r} for 'model.mode'; expected one of ['greedy', 'joint']")
+        latent_dims = cfg.latent_dims
         if not 1 <= len(latent_dims) <= len(sizes) or min(latent_dims) < 1:
             raise ConfigError(
                 f"bad value {list(latent_dims)} for 'model.latent_dims'; expected 1 to {len(sizes)} positive "
                 f"sizes (one per level; {resolution} px has levels {sizes})"
             )
-        for key, value, low in (("refine_steps", steps, 1), ("channels", channels, 1), ("blocks", blocks, 1)):
-            if value < low:
-                raise ConfigError(f"bad value {value!r} for 'model.{key}'; expected a value >= {low}")
-        if rec_weight <= 0 or kl_warmup < 0:
-            raise ConfigError(
-                f"bad model.rec_weight={rec_weight} or model.kl_warmup={kl_warmup}; expected rec_weight > 0 "
-                "and kl_warmup >= 0"
-            )
         self.resolution = resolution
-        self.mode = mode
+        self.mode = cfg.mode
         self.gradient_checkpointing = gradient_checkpointing
-        self.rec_weight = float(rec_weight)
-        self.kl_warmup = float(kl_warmup)
+        self.rec_weight = float(cfg.rec_weight)
+        self.kl_warmup = float(cfg.kl_warmup)
         self.latent_size = int(sum(latent_dims))
-        widths = [level_width(s, channels) for s in sizes]
+        widths = [level_width(s, cfg.channels) for s in sizes]
         first_level = len(sizes) - len(latent_dims)
         ladder = {first_level + i: int(d) for i, d in enumerate(latent_dims)}
         self.steps = nn.ModuleList(
-            RefineStep(sizes, widths, ladder, blocks, first=t == 0) for t in range(steps)
-        )
-
-    @classmethod
-    def from_config(
-        cls, cfg: ModelConfig, resolution: int, gradient_checkpointing: bool = False
-    ) -> IterativeVAE:
-        return cls(
-            resolution,
-            steps=cfg.refine_steps,
-            latent_dims=tuple(cfg.latent_dims),
-            mode=cfg.mode,
-            gradient_checkpointing=gradient_checkpointing,
-            channels=cfg.channels,
-            blocks=cfg.blocks,
-            rec_weight=cfg.rec_weight,
-            kl_warmup=cfg.kl_warmup,
+            RefineStep(sizes, widths, ladder, cfg.blocks, first=t == 0) for t in range(cfg.refine_steps)
         )
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:

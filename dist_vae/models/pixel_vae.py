@@ -11,18 +11,38 @@ constant factor, so the optimum is the same, but gradient sizes no longer grow w
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from dist_vae.config import ConfigError, ModelConfig
 from dist_vae.models import logistic_mixture
 from dist_vae.models.output import LossOutput
 from dist_vae.models.pixelcnnpp import PixelCNNpp
 from dist_vae.models.regularizers import Critic, diag_normal_log_density, gaussian_kl, mmd, stein
+from dist_vae.schema import ConfigError, at_least, between, choice
 
-REGULARIZERS = ("elbo", "none", "mmd", "stein", "adversarial")
 LOGVAR_BOUND = 10.0
+
+
+@dataclass
+class PixelVAEConfig:
+    """model.kind=pixel_vae: encoder + conditional PixelCNN++ decoder (defaults: LSUN 64 px)."""
+
+    kind: str = "pixel_vae"
+    reg: str = choice("mmd", "elbo", "none", "mmd", "stein", "adversarial")
+    latent_dim: int = at_least(64, 1)
+    nr_resnet: int = at_least(5, 1)
+    nr_filters: int = at_least(160, 1)
+    nr_mix: int = at_least(10, 1)
+    n_stages: int = at_least(3, 1)
+    dropout: float = between(0.5, 0.0, 0.99)
+    encoder_channels: int = at_least(64, 1)
+    # InfoVAE weighting: loss = rec + (1 - alpha) * KL + (alpha + lambda_ - 1) * D(q(z) || p(z)).
+    # alpha = 1 drops the per-sample KL, which with a PixelCNN++ decoder makes z carry nothing.
+    alpha: float = 1.0
+    lambda_: float = 1000.0
+    critic_hidden: int = at_least(256, 1)
 
 
 class Encoder(nn.Module):
@@ -57,57 +77,23 @@ class Encoder(nn.Module):
 class PixelVAE(nn.Module):
     """Encoder + conditional PixelCNN++; `model(x, step) -> LossOutput` as the engine expects."""
 
-    def __init__(
-        self,
-        resolution: int,
-        latent_dim: int = 64,
-        nr_resnet: int = 5,
-        nr_filters: int = 160,
-        nr_mix: int = 10,
-        n_stages: int = 3,
-        dropout: float = 0.5,
-        encoder_channels: int = 64,
-        reg: str = "mmd",
-        alpha: float = 1.0,
-        lambda_: float = 1000.0,
-        critic_hidden: int = 256,
-        gradient_checkpointing: bool = False,
-    ) -> None:
+    def __init__(self, cfg: PixelVAEConfig, resolution: int, gradient_checkpointing: bool = False) -> None:
         super().__init__()
-        if reg not in REGULARIZERS:
-            raise ValueError(f"reg must be one of {list(REGULARIZERS)}, got {reg!r}")
-        self.resolution, self.latent_dim, self.reg = resolution, latent_dim, reg
-        self.kl_weight = {"elbo": 1.0, "none": 0.0}.get(reg, 1.0 - alpha)
-        self.reg_weight = alpha + lambda_ - 1.0
-        self.encoder = Encoder(resolution, encoder_channels, latent_dim)
-        self.decoder = PixelCNNpp(
-            nr_resnet, nr_filters, nr_mix, n_stages, latent_dim, dropout, gradient_checkpointing
-        )
-        self.critic = Critic(latent_dim, critic_hidden) if reg == "adversarial" else None
-
-    @classmethod
-    def from_config(cls, cfg: ModelConfig, resolution: int, gradient_checkpointing: bool = False) -> PixelVAE:
         factor = 2 ** (cfg.n_stages - 1)
         if resolution % factor:
             raise ConfigError(
                 f"data.resolution={resolution} must be divisible by 2**(model.n_stages-1) = {factor} "
                 f"(model.n_stages={cfg.n_stages})"
             )
-        return cls(
-            resolution,
-            latent_dim=cfg.latent_dim,
-            nr_resnet=cfg.nr_resnet,
-            nr_filters=cfg.nr_filters,
-            nr_mix=cfg.nr_mix,
-            n_stages=cfg.n_stages,
-            dropout=cfg.dropout,
-            encoder_channels=cfg.encoder_channels,
-            reg=cfg.reg,
-            alpha=cfg.alpha,
-            lambda_=cfg.lambda_,
-            critic_hidden=cfg.critic_hidden,
-            gradient_checkpointing=gradient_checkpointing,
-        )
+        self.resolution, self.latent_dim, self.reg = resolution, cfg.latent_dim, cfg.reg
+        self.kl_weight = {"elbo": 1.0, "none": 0.0}.get(cfg.reg, 1.0 - cfg.alpha)
+        self.reg_weight = cfg.alpha + cfg.lambda_ - 1.0
+        self.encoder = Encoder(resolution, cfg.encoder_channels, cfg.latent_dim)
+        self.decoder = PixelCNNpp(
+            cfg.nr_resnet, cfg.nr_filters, cfg.nr_mix, cfg.n_stages, cfg.latent_dim, cfg.dropout,
+            gradient_checkpointing,
+        )  # fmt: skip
+        self.critic = Critic(cfg.latent_dim, cfg.critic_hidden) if cfg.reg == "adversarial" else None
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         critic = [] if self.critic is None else list(self.critic.parameters())

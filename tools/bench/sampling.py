@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from dist_vae.models.pixel_vae import PixelVAE
+from dist_vae.models.pixel_vae import PixelVAE, PixelVAEConfig
 from dist_vae.sampling import cached_decode
 
 
@@ -30,9 +30,10 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    model = PixelVAE(
-        args.side, latent_dim=32, nr_resnet=args.nr_resnet, nr_filters=args.nr_filters, nr_mix=args.nr_mix
-    ).to(args.device)
+    cfg = PixelVAEConfig(
+        latent_dim=32, nr_resnet=args.nr_resnet, nr_filters=args.nr_filters, nr_mix=args.nr_mix
+    )
+    model = PixelVAE(cfg, args.side).to(args.device)
     z = torch.randn(args.batch, 32, device=args.device)
     times, images = {}, {}
     for name, decode in (("naive", model.decode), ("cached", lambda z, g: cached_decode(model, z, g))):
