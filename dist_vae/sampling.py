@@ -1,115 +1,73 @@
-"""Samplers: cached PixelCNN++ generation, PixelVAE Markov chains and prior samples, iterative canvases.
+"""Samplers over any `GenerativeModel`: prior samples, sample grids, Markov chains, reconstructions.
 
-Naive PixelCNN++ generation (`PixelVAE.decode`) runs the whole network once per pixel; the cached
-sampler (`models/pixelcnnpp_cache.py`) computes each position of each layer once.
+Each runs the model in eval mode and restores its mode after. The PixelVAE's decoding is the cached
+PixelCNN++ sampler (`models/pixelcnnpp_cache.py`); naive generation would cost one full forward pass
+per pixel.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
-from torch import nn
 
-from dist_vae.models import pixelcnnpp_cache
-from dist_vae.models.iterative_vae import IterativeVAE
-from dist_vae.models.pixel_vae import PixelVAE
+from dist_vae.models.protocol import GenerativeModel, evaluating
 
-__all__ = [
-    "ancestral_samples",
-    "cached_decode",
-    "grid_samples",
-    "iterative_canvases",
-    "markov_chain",
-]
+__all__ = ["grid_samples", "markov_chain", "prior_samples", "reconstructions"]
 
 
 @torch.no_grad()
-def cached_decode(model: PixelVAE, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """x ~ p(x | z) [n, 3, R, R] in [-1, 1], drawing exactly as `model.decode` does, pixel by pixel.
-
-    The model is put in eval mode for the duration (dropout off), as naive decoding does.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        return pixelcnnpp_cache.cached_decode(model.decoder, z, model.resolution, generator)
-    finally:
-        model.train(was_training)
-
-
-def _prior(model: PixelVAE, n: int, generator: torch.Generator | None) -> torch.Tensor:
-    param = next(model.parameters())
-    noise_device = generator.device if generator is not None else param.device
-    return torch.randn(n, model.latent_dim, generator=generator, device=noise_device).to(param)
-
-
-@torch.no_grad()
-def ancestral_samples(
-    model: PixelVAE, n: int, generator: torch.Generator | None = None, cached: bool = True
-) -> torch.Tensor:
-    """z ~ p(z) = N(0, I), then x ~ p(x | z): [n, 3, R, R] in [-1, 1]."""
-    z = _prior(model, n, generator)
-    return cached_decode(model, z, generator) if cached else model.decode(z, generator)
-
-
-@torch.no_grad()
-def markov_chain(
-    model: PixelVAE,
-    start: torch.Tensor,
-    steps: int,
-    generator: torch.Generator | None = None,
-    cached: bool = True,
+def prior_samples(
+    model: GenerativeModel, n: int, generator: torch.Generator | None = None
 ) -> list[torch.Tensor]:
-    """x_0 = start, then K times z ~ q(z | x_k), x_{k+1} ~ p(x | z); returns [x_0, ..., x_K].
-
-    `start` is data or noise in [-1, 1] (the range the model was trained on; the seed's chain started
-    from U(0, 1), off that range). The encoder runs in eval mode, like the decoder.
-    """
-    if start.dim() != 4 or start.shape[1:] != (3, model.resolution, model.resolution):
-        raise ValueError(
-            f"chain start must be [n, 3, {model.resolution}, {model.resolution}], got {tuple(start.shape)}"
-        )
-    if start.min() < -1.0 or start.max() > 1.0:
-        raise ValueError(f"chain start must lie in [-1, 1], got [{start.min():.3f}, {start.max():.3f}]")
-    was_training = model.training
-    model.eval()
-    try:
-        chain = [start.to(next(model.parameters()))]
-        for _ in range(steps):
-            mean, logvar = model.encode(chain[-1])
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-            z = (mean + torch.exp(0.5 * logvar) * noise).to(chain[0])
-            chain.append(cached_decode(model, z, generator) if cached else model.decode(z, generator))
-        return chain
-    finally:
-        model.train(was_training)
-
-
-@torch.no_grad()
-def iterative_canvases(
-    model: IterativeVAE, n: int, generator: torch.Generator | None = None
-) -> list[torch.Tensor]:
-    """The iterative VAE's T canvases from the prior, each [n, 3, R, R], in eval mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        return model.sample(n, generator)
-    finally:
-        model.train(was_training)
+    """z ~ p(z), then x ~ p(x | z): one [n, 3, R, R] batch per generation step, the last the sample."""
+    with evaluating(model):
+        return model.decode(model.prior_sample(n, generator), generator)
 
 
 @torch.no_grad()
 def grid_samples(
-    model: nn.Module, n: int, generator: torch.Generator | None = None
-) -> torch.Tensor | list[torch.Tensor]:
-    """What a run's sample grid shows: cached ancestral samples of a PixelVAE (naive generation would
-    cost one full forward pass per pixel), the per-step canvases of the iterative VAE."""
-    if isinstance(model, PixelVAE):
-        was_training = model.training
-        model.eval()
-        try:
-            return ancestral_samples(model, n, generator)
-        finally:
-            model.train(was_training)
-    if isinstance(model, IterativeVAE):
-        return iterative_canvases(model, n, generator)
-    raise TypeError(f"no sampler for {type(model).__name__}")
+    model: GenerativeModel, n: int, generator: torch.Generator | None = None
+) -> list[torch.Tensor]:
+    """The rows of a run's sample grid: one per generation step (each n images) for a model with
+    several, else the n samples tiled near-square (a last short row is dropped, unless it is the only one)."""
+    steps = prior_samples(model, n, generator)
+    if len(steps) > 1:
+        return steps
+    per_row = math.ceil(math.sqrt(n))
+    rows = list(steps[0].split(per_row))
+    if rows[-1].shape[0] != per_row:
+        rows = rows[:-1] or [rows[-1]]
+    return rows
+
+
+@torch.no_grad()
+def markov_chain(
+    model: GenerativeModel, start: torch.Tensor, steps: int, generator: torch.Generator | None = None
+) -> list[torch.Tensor]:
+    """x_0 = start, then K times z ~ q(z | x_k), x_{k+1} ~ p(x | z); returns [x_0, ..., x_K].
+
+    `start` is data or noise in [-1, 1] (the range the model was trained on; the seed's chain started
+    from U(0, 1), off that range).
+    """
+    side = model.resolution
+    if start.dim() != 4 or start.shape[1:] != (3, side, side):
+        raise ValueError(f"chain start must be [n, 3, {side}, {side}], got {tuple(start.shape)}")
+    if start.min() < -1.0 or start.max() > 1.0:
+        raise ValueError(f"chain start must lie in [-1, 1], got [{start.min():.3f}, {start.max():.3f}]")
+    with evaluating(model):
+        chain = [start.to(next(model.parameters()))]
+        for _ in range(steps):
+            z = model.posterior_sample(chain[-1], generator)
+            chain.append(model.decode(z, generator)[-1].to(chain[0]))
+        return chain
+
+
+@torch.no_grad()
+def reconstructions(
+    model: GenerativeModel, x: torch.Tensor, generator: torch.Generator | None = None
+) -> list[torch.Tensor]:
+    """x ~ p(x | z) at the posterior mean of each image, per generation step: a decoder that averages
+    gives blurred ones, and unlike prior samples they cannot look sharp merely by being noisy."""
+    with evaluating(model):
+        return model.decode(model.posterior(x).mean, generator)

@@ -14,8 +14,8 @@ from dist_vae.metrics import (
     evaluate,
     gaussian_kl,
     importance_weighted_log_likelihood,
-    iterative_mutual_information,
     laplacian_variance,
+    model_mutual_information,
     mutual_information,
     sample_spread,
 )
@@ -208,22 +208,22 @@ def test_iterative_importance_weights_average_to_the_elbo_and_the_bound_tightens
     assert draws.mean().item() < bounds[0] < bounds[1]
 
 
-def test_iterative_mutual_information_equals_the_gaussian_estimate_for_one_step() -> None:
+def test_model_mutual_information_equals_the_gaussian_estimate_for_one_step() -> None:
     """With T = 1 the posterior is one Gaussian, so the chain estimator must agree with the closed form."""
     model, x = _informative_iterative_vae(1), _images(48)
     mean, logvar = model.steps[0].encoder(x, torch.zeros_like(x))
     gaussian = mutual_information(mean, logvar, samples=8, generator=torch.Generator().manual_seed(2))
     seeds = [torch.Generator().manual_seed(s) for s in range(8)]
-    chain = torch.stack([iterative_mutual_information(model, x, g, batch_size=20) for g in seeds]).mean()
+    chain = torch.stack([model_mutual_information(model, x, g, batch_size=20) for g in seeds]).mean()
     assert 0.3 < gaussian.item() < math.log(48)
     assert chain.item() == pytest.approx(gaussian.item(), abs=0.1)
 
 
-def test_iterative_mutual_information_is_zero_at_the_prior_and_positive_when_steps_listen() -> None:
+def test_model_mutual_information_is_zero_at_the_prior_and_positive_when_steps_listen() -> None:
     x = _images(16)
     prior = IterativeVAE(
         IterativeVAEConfig(refine_steps=2, latent_dims=[3], channels=4), 8
     ).eval()  # zero heads: q = p
-    assert iterative_mutual_information(prior, x).item() == pytest.approx(0.0, abs=1e-9)
-    informative = iterative_mutual_information(_informative_iterative_vae(2), x).item()
+    assert model_mutual_information(prior, x).item() == pytest.approx(0.0, abs=1e-9)
+    informative = model_mutual_information(_informative_iterative_vae(2), x).item()
     assert 0.3 < informative <= math.log(16) + 1e-9

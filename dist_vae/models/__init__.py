@@ -11,26 +11,37 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
-
 from dist_vae.models.iterative_vae import IterativeVAE, IterativeVAEConfig
 from dist_vae.models.output import LossOutput
 from dist_vae.models.pixel_vae import PixelVAE, PixelVAEConfig
+from dist_vae.models.protocol import GenerativeModel, Posterior, evaluating
 from dist_vae.schema import ConfigError
 
-__all__ = ["LossOutput", "build_model", "model_config_class", "model_kinds", "register_model"]
+__all__ = [
+    "GenerativeModel",
+    "LossOutput",
+    "Posterior",
+    "build_model",
+    "evaluating",
+    "model_config_class",
+    "model_kinds",
+    "register_model",
+]
 
 
 @dataclass(frozen=True)
 class _Entry:
     config: type
-    build: Callable[[Any, int, bool], nn.Module]
+    build: Callable[[Any, int, bool], GenerativeModel]
 
 
 _REGISTRY: dict[str, _Entry] = {}
+_PROTOCOL_MEMBERS = sorted(
+    name for name in dir(GenerativeModel) if not name.startswith("_")
+) + sorted(GenerativeModel.__annotations__)
 
 
-def register_model(kind: str, config: type, build: Callable[[Any, int, bool], nn.Module]) -> None:
+def register_model(kind: str, config: type, build: Callable[[Any, int, bool], GenerativeModel]) -> None:
     """Make `model.kind=<kind>` select the dataclass `config` (its own `kind` field defaults to `kind`)
     and `build(cfg, resolution, gradient_checkpointing)`."""
     default = getattr(config(), "kind", None)
@@ -50,10 +61,14 @@ def model_config_class(kind: str) -> type:
     return _REGISTRY[kind].config
 
 
-def build_model(cfg: Any, resolution: int, gradient_checkpointing: bool = False) -> nn.Module:
+def build_model(cfg: Any, resolution: int, gradient_checkpointing: bool = False) -> GenerativeModel:
     """Instantiate the model `cfg.kind` (cfg: its config dataclass) for square images of side `resolution`."""
     model_config_class(cfg.kind)
-    return _REGISTRY[cfg.kind].build(cfg, resolution, gradient_checkpointing)
+    model = _REGISTRY[cfg.kind].build(cfg, resolution, gradient_checkpointing)
+    if not isinstance(model, GenerativeModel):
+        missing = [name for name in _PROTOCOL_MEMBERS if not hasattr(model, name)]
+        raise TypeError(f"model.kind={cfg.kind} built {type(model).__name__}, which lacks {missing}")
+    return model
 
 
 register_model("pixel_vae", PixelVAEConfig, PixelVAE)

@@ -19,6 +19,8 @@ from torch import nn
 from dist_vae.models import logistic_mixture
 from dist_vae.models.output import LossOutput
 from dist_vae.models.pixelcnnpp import PixelCNNpp
+from dist_vae.models.pixelcnnpp_cache import cached_decode
+from dist_vae.models.protocol import Posterior, evaluating
 from dist_vae.models.regularizers import Critic, diag_normal_log_density, gaussian_kl, mmd, stein
 from dist_vae.schema import ConfigError, at_least, between, choice
 
@@ -108,6 +110,21 @@ class PixelVAE(nn.Module):
         return self.encoder(x)
 
     @torch.no_grad()
+    def posterior(self, x: torch.Tensor) -> Posterior:
+        return Posterior(*self.encode(x))
+
+    @torch.no_grad()
+    def posterior_sample(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        mean, logvar = self.encode(x)
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + torch.exp(0.5 * logvar) * noise
+
+    @torch.no_grad()
+    def posterior_log_prob(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        mean, logvar = self.encode(x)
+        return diag_normal_log_density(z.expand_as(mean), mean, logvar)
+
+    @torch.no_grad()
     def log_importance_weight(
         self, x: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
@@ -158,15 +175,19 @@ class PixelVAE(nn.Module):
         return LossOutput(loss=objective / dims, scalars=scalars, aux_losses=aux)
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Naive ancestral sampling of x ~ p(x|z), one decoder pass per pixel, in eval mode.
+    def generate(
+        self, z: torch.Tensor, generator: torch.Generator | None = None, cached: bool = True
+    ) -> torch.Tensor:
+        """x ~ p(x|z) [n, 3, R, R] in [-1, 1], pixel by pixel in eval mode (dropout off).
 
-        Rows below the current one cannot influence it (the network only looks up), so each pass
-        runs on the rows up to the current one, rounded up to what the U-net's strides allow.
+        Cached (`pixelcnnpp_cache`) or naive: one decoder pass per pixel, each on the rows up to the
+        current one (rows below cannot influence it), rounded up to what the U-net's strides allow.
+        Both draw the same samples from the same generator (up to floating-point summation order).
         """
-        was_training = self.training
-        self.eval()
-        try:
+        z = z.to(next(self.parameters()).dtype)
+        with evaluating(self):
+            if cached:
+                return cached_decode(self.decoder, z, self.resolution, generator)
             n, side = z.shape[0], self.resolution
             factor = 2 ** (self.decoder.n_stages - 1)
             x = torch.zeros(n, 3, side, side, device=z.device, dtype=z.dtype)
@@ -176,12 +197,12 @@ class PixelVAE(nn.Module):
                     params = self.decoder(x[:, :, :rows], z)[:, :, i : i + 1, j : j + 1]
                     x[:, :, i, j] = logistic_mixture.sample(params, generator)[:, :, 0, 0]
             return x
-        finally:
-            self.train(was_training)
 
-    @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n images [n, 3, R, R] in [-1, 1]: z from the prior N(0, I), then `decode`."""
-        device = next(self.parameters()).device
-        z = torch.randn(n, self.latent_dim, generator=generator, device=device)
-        return self.decode(z, generator)
+    def decode(self, z: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """One generation step: the cached sample."""
+        return [self.generate(z, generator)]
+
+    def prior_sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        param = next(self.parameters())
+        noise_device = generator.device if generator is not None else param.device
+        return torch.randn(n, self.latent_dim, generator=generator, device=noise_device).to(param)

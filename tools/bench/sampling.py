@@ -14,7 +14,6 @@ import time
 import torch
 
 from dist_vae.models.pixel_vae import PixelVAE, PixelVAEConfig
-from dist_vae.sampling import cached_decode
 
 
 def main() -> None:
@@ -36,12 +35,12 @@ def main() -> None:
     model = PixelVAE(cfg, args.side).to(args.device)
     z = torch.randn(args.batch, 32, device=args.device)
     times, images = {}, {}
-    for name, decode in (("naive", model.decode), ("cached", lambda z, g: cached_decode(model, z, g))):
+    for name in ("naive", "cached"):
         generator = torch.Generator(args.device).manual_seed(1)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        images[name] = decode(z, generator)
+        images[name] = model.generate(z, generator, cached=name == "cached")
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         times[name] = time.perf_counter() - start
