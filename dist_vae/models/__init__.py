@@ -36,9 +36,9 @@ class _Entry:
 
 
 _REGISTRY: dict[str, _Entry] = {}
-_PROTOCOL_MEMBERS = sorted(
-    name for name in dir(GenerativeModel) if not name.startswith("_")
-) + sorted(GenerativeModel.__annotations__)
+_PROTOCOL_MEMBERS = sorted(name for name in dir(GenerativeModel) if not name.startswith("_")) + sorted(
+    GenerativeModel.__annotations__
+)
 
 
 def register_model(kind: str, config: type, build: Callable[[Any, int, bool], GenerativeModel]) -> None:
