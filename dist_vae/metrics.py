@@ -18,14 +18,12 @@ import torch.nn.functional as F
 
 from dist_vae.models import logistic_mixture
 from dist_vae.models.protocol import GenerativeModel, evaluating
-from dist_vae.models.regularizers import gaussian_kl
 
 __all__ = [
     "EvalPart",
     "accumulate",
     "active_units",
     "evaluate",
-    "gaussian_kl",
     "importance_weighted_log_likelihood",
     "laplacian_variance",
     "model_mutual_information",

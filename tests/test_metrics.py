@@ -12,7 +12,6 @@ from dist_vae.data.stream import ShardStream
 from dist_vae.metrics import (
     active_units,
     evaluate,
-    gaussian_kl,
     importance_weighted_log_likelihood,
     laplacian_variance,
     model_mutual_information,
@@ -22,6 +21,7 @@ from dist_vae.metrics import (
 from dist_vae.models import build_model
 from dist_vae.models.iterative_vae import IterativeVAE, IterativeVAEConfig
 from dist_vae.models.pixel_vae import PixelVAE, PixelVAEConfig
+from dist_vae.models.regularizers import gaussian_kl
 
 
 def gaussian_encoder(n: int, dim: int, s: float, a: float, v: float, seed: int = 0):
