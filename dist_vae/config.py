@@ -2,7 +2,13 @@
 
 OmegaConf does the merging and type coercion; this module turns its exceptions into one
 `ConfigError` that always names the offending key, the value given and what is allowed, and adds the
-checks OmegaConf has no notion of (choices, lower bounds).
+checks OmegaConf has no notion of (choices, lower bounds: `schema.check_fields`).
+
+The `model` section is the config dataclass of the model `model.kind` names (each model defines its
+own, beside its code; `models.model_config_class`), so it holds that model's keys alone. A layer
+(file or override) that switches `model.kind` starts the section afresh from the new kind's defaults.
+Files written before the sections were split hold every kind's keys: a model key of another kind
+at that kind's default value is dropped from a file; any other foreign key is refused.
 """
 
 from __future__ import annotations
@@ -16,24 +22,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A configuration value, key or file that cannot be used; the message says which and why."""
-
-
-def choice(default: Any, *allowed: Any) -> Any:
-    """A field whose value must be one of `allowed` (checked after every merge)."""
-    return field(default=default, metadata={"choices": allowed})
-
-
-def at_least(default: Any, minimum: float) -> Any:
-    """A numeric field that must be >= `minimum`."""
-    return field(default=default, metadata={"min": minimum})
-
-
-def between(default: Any, low: float, high: float) -> Any:
-    """A numeric field that must lie in [low, high]."""
-    return field(default=default, metadata={"min": low, "max": high})
+from dist_vae.models import model_config_class, model_kinds
+from dist_vae.models.pixel_vae import PixelVAEConfig
+from dist_vae.schema import ConfigError, at_least, between, check_fields, choice
 
 
 @dataclass
@@ -41,37 +32,9 @@ class DataConfig:
     path: str = "data/demo/shards"  # directory holding train-*.tar, val-*.tar and manifest.json
     resolution: int = at_least(32, 8)  # <= the shards' resolution; smaller is resized on the fly
     batch_size: int = at_least(16, 1)  # per-rank micro-batch; x world size x train.accumulate per update
-    num_workers: int = at_least(2, 0)  # DataLoader workers per rank; a resumed run must keep it
-    shuffle_buffer: int = at_least(1000, 0)  # encoded samples held per worker; 0 or 1: shard order only
+    num_workers: int = at_least(2, 0)  # DataLoader workers per rank; a resumed run may change it
+    shuffle_group: int = at_least(8, 1)  # shards whose samples are mixed together in an epoch
     random_flip: bool = True
-
-
-@dataclass
-class ModelConfig:
-    kind: str = choice("pixel_vae", "pixel_vae", "iterative_vae")
-    # --- PixelVAE: encoder + conditional PixelCNN++ decoder (defaults: LSUN 64 px) ---
-    reg: str = choice("mmd", "elbo", "none", "mmd", "stein", "adversarial")
-    latent_dim: int = at_least(64, 1)
-    nr_resnet: int = at_least(5, 1)
-    nr_filters: int = at_least(160, 1)
-    nr_mix: int = at_least(10, 1)
-    n_stages: int = at_least(3, 1)
-    dropout: float = between(0.5, 0.0, 0.99)
-    encoder_channels: int = at_least(64, 1)
-    # InfoVAE weighting: loss = rec + (1 - alpha) * KL + (alpha + lambda_ - 1) * D(q(z) || p(z)).
-    # alpha = 1 drops the per-sample KL, which with a PixelCNN++ decoder makes z carry nothing.
-    alpha: float = 1.0
-    lambda_: float = 1000.0
-    critic_hidden: int = at_least(256, 1)
-    # --- Iterative latent-injection VAE (defaults: LSUN 256 px, the seed's sizes) ---
-    refine_steps: int = at_least(8, 1)  # T; 1 with T-times larger latent_dims is the single-step baseline
-    # One latent per level at the len(latent_dims) coarsest levels, the last at 4 px; drawn afresh per step.
-    latent_dims: list[int] = field(default_factory=lambda: [20, 30, 30, 30])
-    mode: str = choice("greedy", "greedy", "joint")  # greedy stops gradients between steps (the original)
-    channels: int = at_least(64, 1)  # width at 64 px; x2 per halving up to x4, /2 per doubling above 64 px
-    rec_weight: float = at_least(16.0, 1.0e-3)  # 1 / (2 sigma^2) of the fixed-variance Gaussian decoder
-    kl_warmup: float = at_least(1.0e4, 0.0)  # KL weight is 1 - exp(-step / kl_warmup); 0 disables warm-up
-    blocks: int = at_least(1, 1)  # residual blocks per resolution level in every encoder and generator
 
 
 @dataclass
@@ -113,13 +76,14 @@ class Config:
     seed: int = 0
     resume: str = "auto"  # auto | never | path of a checkpoint directory
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: Any = field(default_factory=PixelVAEConfig)  # the config dataclass of model.kind
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
 # Keys that once existed: a config still using one gets told what replaced it.
 _REMOVED = {
     "train.batch_size": "use data.batch_size, the per-rank micro-batch (one key per meaning)",
+    "data.shuffle_buffer": "use data.shuffle_group, the number of shards whose samples are mixed",
 }
 
 
@@ -131,24 +95,15 @@ def _check_removed(layer: Any, origin: str) -> None:
             raise ConfigError(f"{origin}: key '{key}' was removed; {instead}")
 
 
-def _schema_at(dotted: str) -> type | None:
-    """The dataclass that holds the keys under `dotted` ('' is the root), or None."""
-    schema: type = Config
-    for part in filter(None, dotted.split(".")):
-        fields = {f.name: f for f in dataclasses.fields(schema)}
-        if part not in fields or not dataclasses.is_dataclass(fields[part].default_factory):  # type: ignore[arg-type]
-            return None
-        schema = fields[part].default_factory  # type: ignore[assignment]
-    return schema
-
-
-def _error_from_omegaconf(exc: OmegaConfBaseException, origin: str) -> ConfigError:
+def _error_from_omegaconf(exc: OmegaConfBaseException, origin: str, merged: DictConfig) -> ConfigError:
     key = str(getattr(exc, "full_key", None) or "?")
     parent, _, leaf = key.rpartition(".")
-    schema = _schema_at(parent)
-    fields = {f.name: f for f in dataclasses.fields(schema)} if schema else {}
-    if isinstance(exc, ConfigKeyError) or (schema and leaf not in fields):
-        return ConfigError(f"{origin}: unknown key '{key}'; allowed keys here: {sorted(fields)}")
+    node = OmegaConf.select(merged, parent) if parent else merged
+    schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+    fields = {f.name: f for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else {}
+    if isinstance(exc, ConfigKeyError) or (fields and leaf not in fields):
+        where = f" for model.kind={node.kind}" if parent == "model" else ""
+        return ConfigError(f"{origin}: unknown key '{key}'{where}; allowed keys here: {sorted(fields)}")
     msg = str(getattr(exc, "msg", exc)).splitlines()[0]
     expected = ""
     if leaf in fields:
@@ -157,47 +112,59 @@ def _error_from_omegaconf(exc: OmegaConfBaseException, origin: str) -> ConfigErr
     return ConfigError(f"{origin}: bad value for '{key}': {msg}; expected {expected or 'a valid value'}")
 
 
-def _check_bounds(obj: Any, prefix: str = "") -> None:
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(value):
-            _check_bounds(value, key + ".")
-            continue
-        meta = f.metadata
-        if "choices" in meta and value not in meta["choices"]:
-            raise ConfigError(f"bad value {value!r} for '{key}'; expected one of {list(meta['choices'])}")
-        if "min" in meta and value is not None and value < meta["min"]:
-            raise ConfigError(f"bad value {value!r} for '{key}'; expected a value >= {meta['min']}")
-        if "max" in meta and value is not None and value > meta["max"]:
-            raise ConfigError(f"bad value {value!r} for '{key}'; expected a value <= {meta['max']}")
+def _layer_kind(layer: DictConfig, origin: str) -> str | None:
+    """The model.kind a layer sets (None: it sets none), checked against the registered kinds."""
+    model = layer.get("model") if isinstance(layer, DictConfig) else None
+    kind = model.get("kind") if isinstance(model, DictConfig) else None
+    if kind is not None and kind not in model_kinds():
+        raise ConfigError(f"{origin}: bad value {kind!r} for 'model.kind'; expected one of {model_kinds()}")
+    return kind
+
+
+def _drop_other_kinds_defaults(layer: DictConfig, kind: str) -> None:
+    """Remove from a file's model section the keys of other kinds that sit at their defaults (what
+    config.yaml files written before the per-model sections hold)."""
+    model = layer.get("model")
+    if not isinstance(model, DictConfig):
+        return
+    own = {f.name for f in dataclasses.fields(model_config_class(kind))}
+    for other in model_kinds():
+        defaults = OmegaConf.structured(model_config_class(other))
+        for key in [k for k in model if k not in own and k in defaults]:
+            if model[key] == defaults[key]:
+                del model[key]
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Schema defaults <- YAML file <- `key=value` overrides, each layer validated as it is merged."""
     merged = OmegaConf.structured(Config)
-    layers: list[tuple[str, Any]] = []
+    layers: list[tuple[str, Any, bool]] = []
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            layers.append((str(path), OmegaConf.load(path)))
+            layers.append((str(path), OmegaConf.load(path), True))
         except Exception as exc:  # yaml errors have no common base worth naming
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     for item in overrides:
         key, sep, _ = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form key=value (for example train.lr=1e-4)")
-        layers.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
-    for origin, layer in layers:
+        layers.append((f"override {item!r}", OmegaConf.from_dotlist([item]), False))
+    for origin, layer, is_file in layers:
         _check_removed(layer, origin)
+        kind = _layer_kind(layer, origin)
+        if kind is not None and kind != merged.model.kind:
+            merged.model = OmegaConf.structured(model_config_class(kind))
+        if is_file:
+            _drop_other_kinds_defaults(layer, merged.model.kind)
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as exc:
-            raise _error_from_omegaconf(exc, origin) from exc
+            raise _error_from_omegaconf(exc, origin, merged) from exc
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    _check_bounds(cfg)
+    check_fields(cfg)
     return cfg
 
 

@@ -8,6 +8,7 @@ write through here.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +30,10 @@ def fsync_dir(path: Path) -> None:
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary sibling of `path` to write; on success it is fsync'd and renamed over `path`."""
+    """A temporary sibling of `path` to write; on success it is fsync'd and renamed over `path`.
+
+    The temporary may be a file or a directory (an LMDB environment); either is removed on failure.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -42,7 +46,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.close(fd)
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+        else:
+            tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
 
 

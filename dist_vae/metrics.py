@@ -15,22 +15,18 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from dist_vae.models import logistic_mixture
-from dist_vae.models.iterative_vae import IterativeVAE
-from dist_vae.models.pixel_vae import PixelVAE
-from dist_vae.models.regularizers import gaussian_kl
+from dist_vae.models.protocol import GenerativeModel, evaluating
 
 __all__ = [
     "EvalPart",
     "accumulate",
     "active_units",
     "evaluate",
-    "gaussian_kl",
     "importance_weighted_log_likelihood",
-    "iterative_mutual_information",
     "laplacian_variance",
+    "model_mutual_information",
     "mutual_information",
     "sample_spread",
     "summarize",
@@ -80,25 +76,23 @@ def mutual_information(
 
 
 @torch.no_grad()
-def iterative_mutual_information(
-    model: IterativeVAE, x: torch.Tensor, generator: torch.Generator | None = None, batch_size: int = 64
+def model_mutual_information(
+    model: GenerativeModel, x: torch.Tensor, generator: torch.Generator | None = None, batch_size: int = 64
 ) -> torch.Tensor:
-    """I(x; z_1..T) of the iterative VAE over the N images x, in nats (at most log N).
+    """I(x; z) over the N images x in nats (at most log N), for a posterior without a closed form.
 
-    Its posterior is a chain of Gaussians whose means depend on the earlier draws, so the aggregate
-    posterior has no closed form: each image's draw is scored under every image's encoders
-    (`posterior_log_prob`), N^2 * T encoder passes, which is why callers cap N.
+    Each image's draw z ~ q(z | x_i) is scored under every image's posterior (`posterior_log_prob`):
+    for the iterative VAE, whose posterior is a chain of Gaussians with means depending on earlier
+    draws, that is N^2 * T encoder passes, which is why callers cap N.
     """
     if x.shape[0] < 2:
         raise ValueError(f"the mutual information needs at least 2 images, got {x.shape[0]}")
     n = x.shape[0]
     total = torch.zeros((), dtype=torch.float64)
     for i in range(n):
-        outputs = model.unroll(x[i : i + 1], model.noise(1, generator, x.device))
-        inputs = [torch.zeros_like(x[:1])] + [o.canvas for o in outputs[:-1]]
-        z = [o.z for o in outputs]
+        z = model.posterior_sample(x[i : i + 1], generator)
         row = torch.cat(
-            [model.posterior_log_prob(x[j : j + batch_size], inputs, z) for j in range(0, n, batch_size)]
+            [model.posterior_log_prob(x[j : j + batch_size], z) for j in range(0, n, batch_size)]
         ).double()
         total = total + _mi_terms(row[None], row[i : i + 1]).cpu()
     return total / n
@@ -106,7 +100,7 @@ def iterative_mutual_information(
 
 @torch.no_grad()
 def importance_weighted_log_likelihood(
-    model: PixelVAE | IterativeVAE, x: torch.Tensor, samples: int, generator: torch.Generator | None = None
+    model: GenerativeModel, x: torch.Tensor, samples: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """log p(x) >= log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x): nats per image, [B].
 
@@ -167,14 +161,14 @@ class EvalPart:
     iw_bpd: float = 0.0
     iw_samples: int = 0
     means: list[torch.Tensor] = field(default_factory=list)  # posterior means (CPU), for active units
-    logvars: list[torch.Tensor] = field(default_factory=list)  # PixelVAE: with means, for its MI
-    mi: float | None = None  # iterative VAE: over the first `mi_images` images of this share
+    logvars: list[torch.Tensor] = field(default_factory=list)  # Gaussian posteriors: with means, for MI
+    mi: float | None = None  # other posteriors: over the first `mi_images` images of this share
     mi_images: int = 0
 
 
 @torch.no_grad()
 def accumulate(
-    model: nn.Module,
+    model: GenerativeModel,
     batches: Iterable[torch.Tensor],
     iw_samples: int = 0,
     generator: torch.Generator | None = None,
@@ -182,30 +176,25 @@ def accumulate(
     mi_images: int = 128,
 ) -> EvalPart:
     """Measure `model` (eval mode) over every image of `batches`; each image weighs the same whatever
-    its batch's size. The iterative VAE's MI runs here, over the first `mi_images` images, because it
-    needs the images and the model (the PixelVAE's needs only the gathered posteriors)."""
-    if not isinstance(model, PixelVAE | IterativeVAE):
-        raise TypeError(f"evaluate supports PixelVAE and IterativeVAE, got {type(model).__name__}")
-    was_training = model.training
-    model.eval()
+    its batch's size. A posterior that is one Gaussian per image keeps its statistics for the
+    closed-form MI in `summarize`; any other has its MI sampled here, over the first `mi_images`
+    images, because that needs the images and the model."""
     param = next(model.parameters())
     part = EvalPart(iw_samples=iw_samples)
     kept: list[torch.Tensor] = []
-    try:
+    with evaluating(model):
         for x in batches:
             x = x.to(param)
             n = x.shape[0]
             scalars = model(x).scalars
             part.elbo_bpd += n * scalars.get("elbo_bpd", scalars["bpd"]).item()
             part.kl += n * scalars["kl"].item()
-            if isinstance(model, PixelVAE):
-                mean, logvar = model.encode(x)
-                part.means.append(mean.cpu())
-                part.logvars.append(logvar.cpu())
-            else:
-                part.means.append(model.posterior_means(x).cpu())
-                if part.images < mi_images:
-                    kept.append(x[: mi_images - part.images])
+            posterior = model.posterior(x)
+            part.means.append(posterior.mean.cpu())
+            if posterior.logvar is not None:
+                part.logvars.append(posterior.logvar.cpu())
+            elif part.images < mi_images:
+                kept.append(x[: mi_images - part.images])
             if iw_samples:
                 nll = -importance_weighted_log_likelihood(model, x, iw_samples, generator)
                 part.iw_bpd += logistic_mixture.bits_per_dim(nll, x[0].numel()).sum().item()
@@ -214,10 +203,8 @@ def accumulate(
                 progress(n)
         if kept and sum(k.shape[0] for k in kept) > 1:
             images = torch.cat(kept)
-            part.mi = iterative_mutual_information(model, images, generator).item()
+            part.mi = model_mutual_information(model, images, generator).item()
             part.mi_images = images.shape[0]
-    finally:
-        model.train(was_training)
     return part
 
 
@@ -227,8 +214,8 @@ def summarize(
     """Merge the processes' shares (in rank order) into the split's numbers: 'images', 'elbo_bpd'
     (bits/dim of -ELBO), 'kl' (nats per image), 'iw_bpd' (None without importance samples), 'mi'
     (nats) with 'mi_images' (the N it used: the estimate is at most log N), 'active_units' and
-    'latent_dim' (the iterative VAE's code is all T steps' latents). The PixelVAE's MI uses the first
-    `mi_images` posteriors: its pairwise cost grows as N^2."""
+    'latent_dim' (the iterative VAE's code is all T steps' latents). The closed-form MI of Gaussian
+    posteriors uses the first `mi_images` of them: its pairwise cost grows as N^2."""
     count = sum(p.images for p in parts)
     if count == 0:
         raise ValueError("evaluate was given no images")
@@ -254,7 +241,7 @@ def summarize(
 
 
 def evaluate(
-    model: nn.Module,
+    model: GenerativeModel,
     batches: Iterable[torch.Tensor],
     iw_samples: int = 0,
     generator: torch.Generator | None = None,

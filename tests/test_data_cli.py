@@ -19,6 +19,7 @@ from dist_vae.data.demo import build_demo_lmdb
 from dist_vae.data.shards import ShardSettings, build_shards
 from dist_vae.data.sources import FolderSource, SourceError, sniff_format
 from tests.data_fixtures import read_tars
+from tests.engine_util import env, python_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,3 +110,16 @@ def test_folder_source_is_recursive_and_sniffs_bytes(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match="empty holds no image files"):
         FolderSource(tmp_path / "empty").keys()
+
+
+@pytest.mark.slow
+def test_training_runs_with_an_empty_val_split(tmp_path: Path) -> None:
+    """Issue 11.9: demo:200 with the default --val-fraction 0.01 has no val image; train anyway."""
+    made = make_shards("--source", "demo:200", "--out", str(tmp_path / "s"), "--resolution", "32")
+    assert made.returncode == 0, made.stderr
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["splits"]["val"]["count"] == 0
+    cmd = python_cmd(tmp_path / "run", tmp_path / "s", "train.steps=4", "train.eval_every=2")
+    result = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.count("split 'val' of") == 1 and "validation is off" in result.stderr

@@ -161,3 +161,37 @@ def test_limit_and_jpeg_output_are_readable_by_webdataset(mixed_lmdb, tmp_path: 
     samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
     assert {json.loads(s["json"])["key"] for s in samples} == set(first) - corrupt
     assert all(sniff_format(s["jpg"]) == "jpeg" for s in samples)
+
+
+def test_index_sidecars_locate_and_hash_every_image(mixed_lmdb, tmp_path: Path) -> None:
+    manifest = build_shards(settings_for(mixed_lmdb[0]), tmp_path / "out", progress=False)
+    for split in ("train", "val"):
+        for shard in manifest["splits"][split]["shards"]:
+            data = (tmp_path / "out" / shard["name"]).read_bytes()
+            index_bytes = (tmp_path / "out" / shard["index"]["name"]).read_bytes()
+            assert shard["index"]["name"] == shard["name"].replace(".tar", ".idx.json")
+            assert shard["index"]["bytes"] == len(index_bytes)
+            assert shard["index"]["sha256"] == hashlib.sha256(index_bytes).hexdigest()
+            index = json.loads(index_bytes)
+            assert index["shard"] == shard["name"] and len(index["samples"]) == shard["count"]
+            members = read_tars(tmp_path / "out")[shard["name"]]
+            for key, member, offset, size, sha in index["samples"]:
+                assert data[offset : offset + size] == members[member]
+                assert hashlib.sha256(members[member]).hexdigest() == sha
+                assert json.loads(members[member.rsplit(".", 1)[0] + ".json"])["key"] == key
+
+
+def test_output_of_an_older_make_shards_is_rebuilt_with_indexes(mixed_lmdb, tmp_path: Path) -> None:
+    settings = settings_for(mixed_lmdb[0])
+    manifest = build_shards(settings, tmp_path / "out", progress=False)
+    tars = {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.tar")}
+    for path in (tmp_path / "out").glob("*.idx.json"):
+        path.unlink()
+    old = {**json.loads(json.dumps(manifest)), "version": 1}
+    for split in old["splits"].values():
+        for shard in split["shards"]:
+            del shard["index"]
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(old))
+    assert build_shards(settings, tmp_path / "out", progress=False) == manifest
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.tar")} == tars
+    assert len(list((tmp_path / "out").glob("*.idx.json"))) == len(tars)

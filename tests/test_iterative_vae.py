@@ -7,14 +7,15 @@ from torch.distributions import Normal, kl_divergence
 
 from dist_vae.config import ConfigError, load_config
 from dist_vae.models import build_model
-from dist_vae.models.iterative_vae import IterativeVAE, level_sizes
+from dist_vae.models.iterative_vae import IterativeVAE, IterativeVAEConfig, level_sizes
+from dist_vae.sampling import prior_samples, reconstructions
 
 
 def tiny(mode: str = "greedy", checkpointing: bool = False, **kwargs: object) -> IterativeVAE:
     torch.manual_seed(0)
-    args: dict = {"steps": 3, "latent_dims": (4, 6), "channels": 8, "kl_warmup": 0.0}
+    args: dict = {"refine_steps": 3, "latent_dims": [4, 6], "channels": 8, "kl_warmup": 0.0}
     args.update(kwargs)
-    return IterativeVAE(16, mode=mode, gradient_checkpointing=checkpointing, **args)
+    return IterativeVAE(IterativeVAEConfig(mode=mode, **args), 16, gradient_checkpointing=checkpointing)
 
 
 def images(n: int, size: int = 16, seed: int = 1) -> torch.Tensor:
@@ -36,14 +37,14 @@ def test_sample_returns_t_canvases_in_range_that_change() -> None:
     model = tiny()
     storages = [{p.data_ptr() for p in step.parameters()} for step in model.steps]
     assert all(a.isdisjoint(b) for a, b in itertools.combinations(storages, 2))  # no weights shared
-    canvases = model.sample(5, generator=torch.Generator().manual_seed(3))
+    canvases = prior_samples(model, 5, generator=torch.Generator().manual_seed(3))
     assert len(canvases) == 3
     for c in canvases:
         assert c.shape == (5, 3, 16, 16)
         assert c.min() >= -1 and c.max() <= 1
     for before, after in itertools.pairwise(canvases):
         assert (after - before).abs().mean() > 1e-3
-    again = model.eval().sample(5, generator=torch.Generator().manual_seed(3))
+    again = prior_samples(model.eval(), 5, generator=torch.Generator().manual_seed(3))
     for a, b in zip(canvases, again, strict=True):
         torch.testing.assert_close(a, b)  # same noise, same canvases; eval() changes nothing
 
@@ -62,7 +63,7 @@ def test_training_on_fixed_batch_lowers_loss_and_refines() -> None:
         losses.append(out.loss.item())
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
     assert out.scalars["rec/step3"] < out.scalars["rec/step1"]
-    recons = model.reconstruct(x)
+    recons = reconstructions(model, x)
     errors = [(r - x).square().mean().item() for r in recons]
     assert errors[-1] < errors[0]
     assert all(r.min() >= -1 and r.max() <= 1 for r in recons)
@@ -160,11 +161,11 @@ def test_single_step_baseline_and_bad_settings_are_named() -> None:
     )
     model = build_model(cfg.model, 32)
     assert len(model.steps) == 1 and model.latent_size == 200
-    assert len(model.sample(2)) == 1
+    assert len(prior_samples(model, 2)) == 1
     with pytest.raises(ConfigError, match=r"model\.latent_dims"):
-        IterativeVAE(16, latent_dims=(4, 4, 4, 4))  # 16 px has only 3 levels (16, 8, 4)
+        IterativeVAE(IterativeVAEConfig(latent_dims=[4, 4, 4, 4]), 16)  # 16 px has only 3 levels (16, 8, 4)
     with pytest.raises(ConfigError, match="power of two"):
-        IterativeVAE(48)
+        IterativeVAE(IterativeVAEConfig(), 48)
     with pytest.raises(ValueError, match=r"\[B, 3, 16, 16\]"):
         tiny()(torch.zeros(2, 3, 32, 32))
 
@@ -173,7 +174,7 @@ def test_bf16_autocast_with_checkpointing_trains_and_samples() -> None:
     model = tiny("joint", checkpointing=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(images(2), step=10)
-        canvases = model.sample(2)
+        canvases = prior_samples(model, 2)
     out.loss.backward()
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

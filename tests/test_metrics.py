@@ -12,16 +12,16 @@ from dist_vae.data.stream import ShardStream
 from dist_vae.metrics import (
     active_units,
     evaluate,
-    gaussian_kl,
     importance_weighted_log_likelihood,
-    iterative_mutual_information,
     laplacian_variance,
+    model_mutual_information,
     mutual_information,
     sample_spread,
 )
 from dist_vae.models import build_model
-from dist_vae.models.iterative_vae import IterativeVAE
-from dist_vae.models.pixel_vae import PixelVAE
+from dist_vae.models.iterative_vae import IterativeVAE, IterativeVAEConfig
+from dist_vae.models.pixel_vae import PixelVAE, PixelVAEConfig
+from dist_vae.models.regularizers import gaussian_kl
 
 
 def gaussian_encoder(n: int, dim: int, s: float, a: float, v: float, seed: int = 0):
@@ -69,7 +69,9 @@ def _sharp_pixel_vae() -> PixelVAE:
     """A tiny PixelVAE whose posterior is narrow and away from the prior, and whose decoder listens to
     z: the ELBO then pays a large KL that importance weighting can win back."""
     torch.manual_seed(0)
-    model = PixelVAE(8, latent_dim=3, nr_resnet=1, nr_filters=8, nr_mix=2, n_stages=2, encoder_channels=8)
+    model = PixelVAE(
+        PixelVAEConfig(latent_dim=3, nr_resnet=1, nr_filters=8, nr_mix=2, n_stages=2, encoder_channels=8), 8
+    )
     with torch.no_grad():
         model.encoder.head.bias[3:] = -3.0  # log-variance
         for module in model.decoder.modules():
@@ -141,9 +143,19 @@ def tiny_val_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_evaluate_covers_the_whole_split_including_the_last_partial_batch(
     tiny_val_shards: Path, kind: str
 ) -> None:
-    cfg = load_config(None, [f"data.path={tiny_val_shards}", "data.resolution=8", f"model.kind={kind}"])
-    cfg.model.nr_resnet, cfg.model.nr_filters, cfg.model.nr_mix, cfg.model.n_stages = 1, 8, 2, 2
-    cfg.model.latent_dim, cfg.model.encoder_channels, cfg.model.channels, cfg.model.latent_dims = 4, 8, 4, [2]
+    tiny = {
+        "pixel_vae": [
+            "nr_resnet=1",
+            "nr_filters=8",
+            "nr_mix=2",
+            "n_stages=2",
+            "latent_dim=4",
+            "encoder_channels=8",
+        ],
+        "iterative_vae": ["channels=4", "latent_dims=[2]"],
+    }[kind]
+    overrides = [f"data.path={tiny_val_shards}", "data.resolution=8", f"model.kind={kind}"]
+    cfg = load_config(None, overrides + [f"model.{o}" for o in tiny])
     torch.manual_seed(0)
     model = build_model(cfg.model, 8)
     stream = ShardStream(cfg.data, "val", batch_size=4, training=False)
@@ -168,7 +180,7 @@ def _informative_iterative_vae(steps: int) -> IterativeVAE:
     """A tiny iterative VAE whose encoder heads (zero at init: q = prior) are randomised, so every
     step's posterior depends on x and on the canvas."""
     torch.manual_seed(0)
-    model = IterativeVAE(8, steps=steps, latent_dims=(3,), channels=4)
+    model = IterativeVAE(IterativeVAEConfig(refine_steps=steps, latent_dims=[3], channels=4), 8)
     with torch.no_grad():
         for step in model.steps:
             for head in step.encoder.heads.values():
@@ -196,20 +208,22 @@ def test_iterative_importance_weights_average_to_the_elbo_and_the_bound_tightens
     assert draws.mean().item() < bounds[0] < bounds[1]
 
 
-def test_iterative_mutual_information_equals_the_gaussian_estimate_for_one_step() -> None:
+def test_model_mutual_information_equals_the_gaussian_estimate_for_one_step() -> None:
     """With T = 1 the posterior is one Gaussian, so the chain estimator must agree with the closed form."""
     model, x = _informative_iterative_vae(1), _images(48)
     mean, logvar = model.steps[0].encoder(x, torch.zeros_like(x))
     gaussian = mutual_information(mean, logvar, samples=8, generator=torch.Generator().manual_seed(2))
     seeds = [torch.Generator().manual_seed(s) for s in range(8)]
-    chain = torch.stack([iterative_mutual_information(model, x, g, batch_size=20) for g in seeds]).mean()
+    chain = torch.stack([model_mutual_information(model, x, g, batch_size=20) for g in seeds]).mean()
     assert 0.3 < gaussian.item() < math.log(48)
     assert chain.item() == pytest.approx(gaussian.item(), abs=0.1)
 
 
-def test_iterative_mutual_information_is_zero_at_the_prior_and_positive_when_steps_listen() -> None:
+def test_model_mutual_information_is_zero_at_the_prior_and_positive_when_steps_listen() -> None:
     x = _images(16)
-    prior = IterativeVAE(8, steps=2, latent_dims=(3,), channels=4).eval()  # zero heads: q = p
-    assert iterative_mutual_information(prior, x).item() == pytest.approx(0.0, abs=1e-9)
-    informative = iterative_mutual_information(_informative_iterative_vae(2), x).item()
+    prior = IterativeVAE(
+        IterativeVAEConfig(refine_steps=2, latent_dims=[3], channels=4), 8
+    ).eval()  # zero heads: q = p
+    assert model_mutual_information(prior, x).item() == pytest.approx(0.0, abs=1e-9)
+    informative = model_mutual_information(_informative_iterative_vae(2), x).item()
     assert 0.3 < informative <= math.log(16) + 1e-9

@@ -52,7 +52,7 @@ def run_dir(request: pytest.FixtureRequest, shards: Path, tmp_path_factory: pyte
     path = tmp_path_factory.mktemp(kind)
     run(
         "dist_vae/train.py", "--config", "configs/debug.yaml", f"run_dir={path}", f"data.path={shards}",
-        "data.resolution=16", "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=10",
+        "data.resolution=16", "data.batch_size=4", "data.num_workers=0", "data.shuffle_group=2",
         f"model.kind={kind}", *TINY[kind], "train.steps=4", "train.checkpoint_every=2", "train.eval_every=4",
         "train.sample_every=4", "train.sample_count=2", "train.warmup=1", "train.ema_decay=0.9",
     )  # fmt: skip
@@ -63,12 +63,12 @@ def run_dir(request: pytest.FixtureRequest, shards: Path, tmp_path_factory: pyte
 def test_sample_writes_grids_of_the_expected_size(run_dir: Path, tmp_path: Path) -> None:
     run("tools/sample.py", str(run_dir), "--n", "3", "--chain-steps", "2", "--ema", "--out", str(tmp_path))
     cell = 16 + 2
+    sizes = {name: Image.open(tmp_path / name).size for name in ("chain_data.png", "chain_noise.png")}
+    assert set(sizes.values()) == {(3 * cell + 2, 3 * cell + 2)}  # K + 1 = 3 columns, 3 chains
     if "kind: pixel_vae" in (run_dir / "config.yaml").read_text():
-        sizes = {name: Image.open(tmp_path / name).size for name in ("chain_data.png", "chain_noise.png")}
-        assert set(sizes.values()) == {(3 * cell + 2, 3 * cell + 2)}  # K + 1 = 3 columns, 3 chains
-        assert Image.open(tmp_path / "ancestral.png").size == (3 * cell + 2, cell + 2)
-    else:
-        assert Image.open(tmp_path / "steps.png").size == (3 * cell + 2, 3 * cell + 2)  # T = 3 steps
+        assert Image.open(tmp_path / "ancestral.png").size == (3 * cell + 2, cell + 2)  # one row
+    else:  # one row per sample, T = 3 steps left to right
+        assert Image.open(tmp_path / "ancestral.png").size == (3 * cell + 2, 3 * cell + 2)
 
 
 @pytest.mark.slow
@@ -85,14 +85,15 @@ def test_evaluate_writes_eval_json_over_the_whole_val_split(run_dir: Path, shard
     assert 0 <= result["active_units"] <= result["latent_dim"]
     fuzz = result["fuzziness"]
     assert fuzz["data_laplacian_var"] > 0
-    if "kind: pixel_vae" in (run_dir / "config.yaml").read_text():
+    assert [len(v) for v in fuzz["chain_laplacian_var_per_step"].values()] == [3, 3]  # x_0 .. x_2
+    assert fuzz["data_chain_change_per_step"][0] == 0
+    pixel = "kind: pixel_vae" in (run_dir / "config.yaml").read_text()
+    for key in ("sample_laplacian_var", "reconstruction_laplacian_var", "reconstruction_mse"):
+        assert len(fuzz[f"{key}_per_step"]) == (1 if pixel else 3)  # generation steps
+    if pixel:
         assert result["latent_dim"] == 4 and fuzz["decoder_spread"] >= 0
-        assert [len(v) for v in fuzz["chain_laplacian_var_per_step"].values()] == [3, 3]  # x_0 .. x_2
-        assert fuzz["data_chain_change_per_step"][0] == 0
-    else:
-        assert result["latent_dim"] == 2 * 3  # every step's latents
-        for key in ("sample_laplacian_var", "reconstruction_laplacian_var", "reconstruction_mse"):
-            assert len(fuzz[f"{key}_per_step"]) == 3
+    else:  # every step's latents; the canvases are deterministic given z
+        assert result["latent_dim"] == 2 * 3 and fuzz["decoder_spread"] == 0
 
 
 def accelerate(*args: str) -> list[str]:
@@ -134,11 +135,9 @@ def test_sample_on_two_processes_writes_the_whole_grids(run_dir: Path, tmp_path:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     cell = 16 + 2
-    if "kind: pixel_vae" in (run_dir / "config.yaml").read_text():
-        assert Image.open(tmp_path / "chain_data.png").size == (2 * cell + 2, 3 * cell + 2)  # 3 chains
-        assert Image.open(tmp_path / "ancestral.png").size == (3 * cell + 2, cell + 2)
-    else:
-        assert Image.open(tmp_path / "steps.png").size == (3 * cell + 2, 3 * cell + 2)
+    assert Image.open(tmp_path / "chain_data.png").size == (2 * cell + 2, 3 * cell + 2)  # 3 chains
+    rows = 1 if "kind: pixel_vae" in (run_dir / "config.yaml").read_text() else 3
+    assert Image.open(tmp_path / "ancestral.png").size == (3 * cell + 2, rows * cell + 2)
 
 
 def test_tools_name_what_is_missing_in_a_bad_run_dir(tmp_path: Path) -> None:

@@ -5,13 +5,13 @@
 
 eval.json: elbo_bpd (bits/dim of -ELBO over every image of the split), iw_bpd (importance-weighted
 with K samples), kl (nats/image), mi (I(x; z) in nats over mi_images images: at most log mi_images),
-active_units of latent_dim, and fuzziness: the Laplacian variance of data and of samples (for the
-iterative VAE per step, of prior samples and of reconstructions, with the reconstructions' squared
-error), plus the PixelVAE decoder's spread (per-pixel std of draws that share one z) and sharpness
-along Markov chains.
+active_units of latent_dim, and fuzziness: the Laplacian variance of data, of prior samples and of
+reconstructions (per generation step), the reconstructions' squared error, the decoder's spread
+(per-pixel std of draws that share one z) and the sharpness along Markov chains.
 Under several processes each evaluates its share of the split (nothing dropped, nothing twice), the
 main process merges the shares and writes eval.json; the numbers equal a one-process run's up to the
-random draws, which are seeded per process. The iterative VAE's MI uses the first process's share.
+random draws, which are seeded per process. A posterior that is not one Gaussian per image (the
+iterative VAE's) has its MI sampled over the first process's share.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from dist_vae.data.stream import DataError, ShardStream
 from dist_vae.engine.checkpoint import load_run
 from dist_vae.engine.distributed import tool_state
 from dist_vae.metrics import accumulate, laplacian_variance, sample_spread, summarize
-from dist_vae.models.pixel_vae import PixelVAE
-from dist_vae.sampling import ancestral_samples, cached_decode, iterative_canvases, markov_chain
+from dist_vae.models.protocol import GenerativeModel, evaluating
+from dist_vae.sampling import markov_chain, prior_samples, reconstructions
 
 
 def sharpness(images: torch.Tensor) -> float:
@@ -43,36 +43,32 @@ def sharpness(images: torch.Tensor) -> float:
 
 
 def fuzziness(
-    model: torch.nn.Module,
+    model: GenerativeModel,
     data: torch.Tensor,
     n: int,
     draws: int,
     chain_steps: int,
     generator: torch.Generator,
 ) -> dict:
-    """Sharpness of n samples next to n data images. For a PixelVAE also the decoder's spread given z,
-    and the sharpness along Markov chains from data and from noise (x_0 .. x_K) with the mean
-    absolute change from x_0 of the data chains: a chain that stays on the data keeps the data's
-    sharpness, one from noise should reach it."""
-    result: dict = {"data_laplacian_var": sharpness(data[:n])}
-    if isinstance(model, PixelVAE):
-        result["sample_laplacian_var"] = sharpness(ancestral_samples(model, n, generator))
-        z = torch.randn(2, model.latent_dim, generator=generator, device=generator.device).to(data.device)
-        samples = torch.stack([cached_decode(model, z, generator) for _ in range(draws)], dim=1)
-        result["decoder_spread"] = sample_spread(samples)
-        noise = torch.rand(data[:n].shape, generator=generator, device=generator.device).to(data) * 2 - 1
-        chains = {name: markov_chain(model, start, chain_steps, generator) for name, start in
-                  (("data", data[:n]), ("noise", noise))}  # fmt: skip
-        result["chain_laplacian_var_per_step"] = {k: [sharpness(x) for x in c] for k, c in chains.items()}
-        result["data_chain_change_per_step"] = [(x - data[:n]).abs().mean().item() for x in chains["data"]]
-    else:
-        canvases = iterative_canvases(model, n, generator)
-        result["sample_laplacian_var_per_step"] = [sharpness(c) for c in canvases]
-        # Reconstructions from the posterior means: a decoder that averages gives blurred ones, and
-        # unlike prior samples they cannot look sharp merely by being noisy.
-        recons = model.reconstruct(data[:n])
-        result["reconstruction_laplacian_var_per_step"] = [sharpness(r) for r in recons]
-        result["reconstruction_mse_per_step"] = [(r - data[:n]).square().mean().item() for r in recons]
+    """Sharpness of n data images, of n prior samples and of the reconstructions of the data, per
+    generation step; the decoder's spread given z; the sharpness along Markov chains from data and
+    from noise (x_0 .. x_K) with the mean absolute change from x_0 of the data chains: a chain that
+    stays on the data keeps the data's sharpness, one from noise should reach it."""
+    data = data[:n]
+    result: dict = {"data_laplacian_var": sharpness(data)}
+    result["sample_laplacian_var_per_step"] = [sharpness(s) for s in prior_samples(model, n, generator)]
+    recons = reconstructions(model, data, generator)
+    result["reconstruction_laplacian_var_per_step"] = [sharpness(r) for r in recons]
+    result["reconstruction_mse_per_step"] = [(r.to(data) - data).square().mean().item() for r in recons]
+    with evaluating(model):
+        z = model.prior_sample(2, generator)
+        samples = torch.stack([model.decode(z, generator)[-1] for _ in range(draws)], dim=1)
+    result["decoder_spread"] = sample_spread(samples)
+    noise = torch.rand(data.shape, generator=generator, device=generator.device).to(data) * 2 - 1
+    chains = {name: markov_chain(model, start, chain_steps, generator) for name, start in
+              (("data", data), ("noise", noise))}  # fmt: skip
+    result["chain_laplacian_var_per_step"] = {k: [sharpness(x) for x in c] for k, c in chains.items()}
+    result["data_chain_change_per_step"] = [(x - data).abs().mean().item() for x in chains["data"]]
     return result
 
 
@@ -93,13 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         help="evaluate the EMA weights (--no-ema: the trained ones; default: EMA when the run has them)",
     )
     parser.add_argument("--fuzz-samples", type=int, default=8, help="samples for the sharpness measures")
-    parser.add_argument("--chain-steps", type=int, default=4, help="Markov-chain steps K (PixelVAE)")
+    parser.add_argument("--chain-steps", type=int, default=4, help="Markov-chain steps K")
     parser.add_argument(
         "--mi-images",
         type=int,
         default=None,
-        help="images in the MI estimate (default: 4096 for a PixelVAE, whose posteriors are closed-form; "
-        "128 for the iterative VAE, which scores every pair with T encoders)",
+        help="images in the MI estimate (default: 4096 for Gaussian posteriors (PixelVAE), whose MI is "
+        "closed-form; 128 for others (iterative VAE), whose MI scores every pair)",
     )
     parser.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/eval.json")
     parser.add_argument("--seed", type=int, default=0)

@@ -1,13 +1,13 @@
-"""PNG grids from a trained run: prior samples, Markov chains (PixelVAE), per-step canvases (iterative).
+"""PNG grids from a trained run: prior samples and Markov chains, for any registered model.
 
     python tools/sample.py RUN_DIR [--[no-]ema] [--n N] [--chain-steps K] [--out DIR] [--seed S]
     accelerate launch [--config_file configs/accelerate/ddp.yaml] tools/sample.py RUN_DIR ...
 
 Reads RUN_DIR/config.yaml and the newest complete checkpoint (its EMA weights when it has them).
-Writes into --out (default RUN_DIR/samples/step-XXXXXXXX/): PixelVAE: ancestral.png (n images),
-chain_data.png and chain_noise.png (one row per chain, x_0 .. x_K left to right; data chains start
-from val images, noise chains from U(-1, 1)); iterative VAE: steps.png (one row per sample, canvases
-1..T).
+Writes into --out (default RUN_DIR/samples/step-XXXXXXXX/): ancestral.png (n prior samples in one
+row; for a model that generates in several steps, such as the iterative VAE, one row per sample with
+its steps left to right), chain_data.png and chain_noise.png (one row per chain, x_0 .. x_K left to
+right; data chains start from val images, noise chains from U(-1, 1)).
 Under several processes each draws its share of the n images and chains (seeded per process) and
 the main process writes the grids.
 """
@@ -29,8 +29,7 @@ from dist_vae.data.stream import DataError, ShardStream
 from dist_vae.engine.checkpoint import LoadedRun, load_run
 from dist_vae.engine.distributed import share, tool_state
 from dist_vae.files import image_grid, save_png_atomic
-from dist_vae.models.pixel_vae import PixelVAE
-from dist_vae.sampling import ancestral_samples, iterative_canvases, markov_chain
+from dist_vae.sampling import markov_chain, prior_samples
 
 
 def val_images(run: LoadedRun, n: int) -> torch.Tensor:
@@ -49,13 +48,11 @@ def draw(
     """This process's rows of every grid, each [rows, cols, 3, R, R] on the CPU."""
     model, device = run.model, next(run.model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed + rank)
-    if not isinstance(model, PixelVAE):
-        return {"steps": torch.stack(iterative_canvases(model, len(rows), generator), dim=1).cpu()}
     side = model.resolution
     # Every process builds the same n starts (one seed) and keeps its rows.
     noise = torch.rand(n, 3, side, side, generator=torch.Generator().manual_seed(seed)) * 2 - 1
     starts = {"chain_data": val_images(run, n), "chain_noise": noise}
-    grids = {"ancestral": ancestral_samples(model, len(rows), generator)[:, None].cpu()}
+    grids = {"ancestral": torch.stack(prior_samples(model, len(rows), generator), dim=1).cpu()}
     for name, start in starts.items():
         chain = markov_chain(model, start[rows.start : rows.stop].to(device), chain_steps, generator)
         grids[name] = torch.stack(chain, dim=1).cpu()
@@ -74,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         help="sample with the EMA weights (--no-ema: the trained ones; default: EMA when the run has them)",
     )
     parser.add_argument("--n", type=int, default=16, help="images (and chains) to draw")
-    parser.add_argument("--chain-steps", type=int, default=8, help="Markov-chain steps K (PixelVAE)")
+    parser.add_argument("--chain-steps", type=int, default=8, help="Markov-chain steps K")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: this process's GPU, else the CPU")
@@ -97,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or args.run_dir / "samples" / f"step-{run.step:08d}"
         for name in mine:
             grid = torch.cat([s[name] for s in shares])
-            rows_of_images = [grid[:, 0]] if name == "ancestral" else list(grid)
+            rows_of_images = [grid[:, 0]] if grid.shape[1] == 1 else list(grid)
             save_png_atomic(image_grid(rows_of_images), out / f"{name}.png")
             print(out / f"{name}.png")
     state.wait_for_everyone()

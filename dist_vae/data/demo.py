@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import lmdb
 import numpy as np
 from PIL import Image
+
+from dist_vae.files import atomic_path
 
 DEFAULT_DEMO_SIZE = 500
 
@@ -63,26 +63,24 @@ def _variant(photo: np.ndarray, rng: np.random.Generator, short_side: int) -> Im
 def build_demo_lmdb(
     path: str | Path, n: int, seed: int = 0, short_side: int = 256, quality: int = 90
 ) -> Path:
-    """Write `n` varied WebP images into a new LMDB at `path` (built beside it, then renamed)."""
+    """Write `n` varied WebP images into a new LMDB directory at `path` (built beside it, then renamed)."""
     if n < 1:
         raise ValueError(f"demo size must be >= 1, got {n}")
     path = Path(path)
     photos = _photos()
     rng = np.random.default_rng(seed)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    env = lmdb.open(str(tmp), map_size=max(1 << 26, n * short_side * short_side * 6))
-    try:
-        with env.begin(write=True) as txn:
-            for i in range(n):
-                img = _variant(photos[i % len(photos)], rng, short_side)
-                buf = io.BytesIO()
-                img.save(buf, format="WEBP", quality=quality)
-                txn.put(demo_key(seed, i).encode(), buf.getvalue())
-    finally:
-        env.close()
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        env = lmdb.open(str(tmp), map_size=max(1 << 26, n * short_side * short_side * 6))
+        try:
+            with env.begin(write=True) as txn:
+                for i in range(n):
+                    img = _variant(photos[i % len(photos)], rng, short_side)
+                    buf = io.BytesIO()
+                    img.save(buf, format="WEBP", quality=quality)
+                    txn.put(demo_key(seed, i).encode(), buf.getvalue())
+        finally:
+            env.close()
     return path
 
 

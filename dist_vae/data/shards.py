@@ -4,8 +4,10 @@ The output depends only on the source and the settings, never on the worker coun
 the job was interrupted: the train/val split comes from a hash of each key, the samples are ordered
 by that hash and cut into shards of `shard_size` keys, and tar headers carry fixed metadata. So a
 killed run started again redoes only the shards that were not finished, and a finished output is left
-untouched. Each shard is written under a temporary name and renamed when complete; its record
-(count, bytes, sha256, skipped keys) goes to `.progress/` until the manifest gathers them all.
+untouched. Each shard is written under a temporary name and renamed when complete (dist_vae.files),
+then its per-sample index `NAME.idx.json` (key, member, offset, size, sha256 per image: the stream
+checks each image alone); its record (count, bytes, sha256, index, skipped keys) goes to
+`.progress/` until the manifest gathers them all.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import shutil
 import tarfile
@@ -28,10 +29,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from dist_vae.data.demo import DEFAULT_DEMO_SIZE, ensure_demo_lmdb
+from dist_vae.data.index import index_document, index_name, index_tar
 from dist_vae.data.sources import FolderSource, LmdbSource, SourceError, sniff_format
+from dist_vae.files import atomic_path, write_bytes_atomic, write_text_atomic
 
 FORMATS = ("webp", "png", "jpg")
 MANIFEST = "manifest.json"
+MANIFEST_VERSION = 2
 CACHE_DIR = ".cache"
 PROGRESS_DIR = ".progress"
 SPLIT_RULE = "val if int.from_bytes(sha256(key)[:8], 'big') / 2**64 < val_fraction else train"
@@ -151,9 +155,7 @@ def file_sha256(path: Path) -> str:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 @dataclass(frozen=True)
@@ -183,24 +185,33 @@ def plan(keys: Iterable[str], settings: ShardSettings) -> list[ShardJob]:
 
 
 def write_shard(source: Source, job: ShardJob, settings: ShardSettings, out: Path) -> dict[str, Any]:
-    """Write one shard (temporary name, then rename) and return its record."""
+    """Write one shard (temporary name, then rename), then its index, and return its record."""
     final = out / job.name
-    tmp = out / f"{job.name}.tmp-{os.getpid()}"
     skipped = []
-    count = 0
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for key in job.keys:
-            try:
-                img = square_image(source.read(key), settings.resolution)
-            except SkipImage as exc:
-                skipped.append({"key": key, "reason": exc.reason, "detail": exc.detail})
-                continue
-            stem = sample_name(key)
-            _add_member(tar, f"{stem}.{settings.format}", encode(img, settings.format, settings.quality))
-            _add_member(tar, f"{stem}.json", json.dumps({"key": key}).encode())
-            count += 1
-    os.replace(tmp, final)
-    record = {"name": job.name, "count": count, "bytes": final.stat().st_size, "sha256": file_sha256(final)}
+    with atomic_path(final) as tmp:
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for key in job.keys:
+                try:
+                    img = square_image(source.read(key), settings.resolution)
+                except SkipImage as exc:
+                    skipped.append({"key": key, "reason": exc.reason, "detail": exc.detail})
+                    continue
+                stem = sample_name(key)
+                _add_member(tar, f"{stem}.{settings.format}", encode(img, settings.format, settings.quality))
+                _add_member(tar, f"{stem}.json", json.dumps({"key": key}).encode())
+        index = index_document(job.name, index_tar(tmp, hashes=True))
+    write_bytes_atomic(out / index_name(job.name), index)
+    record = {
+        "name": job.name,
+        "count": len(job.keys) - len(skipped),
+        "bytes": final.stat().st_size,
+        "sha256": file_sha256(final),
+        "index": {
+            "name": index_name(job.name),
+            "bytes": len(index),
+            "sha256": hashlib.sha256(index).hexdigest(),
+        },
+    }
     _write_json(out / PROGRESS_DIR / f"{job.name}.json", {**record, "skipped": skipped})
     return record
 
@@ -227,6 +238,8 @@ def _finished_manifest(out: Path, settings: ShardSettings) -> dict[str, Any] | N
         manifest["splits"]
     except (ValueError, KeyError, TypeError) as exc:
         raise ShardError(f"{path} is not a shard manifest ({exc}): remove it to rebuild {out}") from exc
+    if manifest.get("version") != MANIFEST_VERSION:
+        return None  # made before per-sample indexes: rebuild (same shard bytes, plus the indexes)
     if manifest.get("settings") != asdict(settings):
         raise ShardError(
             f"{out} already holds shards made with settings {manifest.get('settings')}, not "
@@ -234,9 +247,10 @@ def _finished_manifest(out: Path, settings: ShardSettings) -> dict[str, Any] | N
         )
     for split in manifest["splits"].values():
         for shard in split["shards"]:
-            f = out / shard["name"]
-            if not f.is_file() or f.stat().st_size != shard["bytes"]:
-                return None
+            for entry in (shard, shard["index"]):
+                f = out / entry["name"]
+                if not f.is_file() or f.stat().st_size != entry["bytes"]:
+                    return None
     return manifest
 
 
@@ -259,7 +273,10 @@ def _done_record(out: Path, job: ShardJob) -> dict[str, Any] | None:
     if not (progress.is_file() and shard.is_file()):
         return None
     record = json.loads(progress.read_text())
+    index = out / index_name(job.name)
     if record["bytes"] != shard.stat().st_size or record["sha256"] != file_sha256(shard):
+        return None
+    if not index.is_file() or record.get("index", {}).get("sha256") != file_sha256(index):
         return None
     return record
 
@@ -316,14 +333,15 @@ def _manifest(out: Path, jobs: list[ShardJob], settings: ShardSettings) -> dict[
             "shards": shards,
         }
     return {
-        "version": 1,
+        "version": MANIFEST_VERSION,
         "settings": asdict(settings),
         "resolution": settings.resolution,
         "format": settings.format,
         "source": settings.source,
         "split_rule": SPLIT_RULE,
         "resize": RESIZE_RULE,
-        "layout": f"KEY.{settings.format} + KEY.json ({{'key': source key}}); KEY = sha256(key)[:40]",
+        "layout": f"KEY.{settings.format} + KEY.json ({{'key': source key}}); KEY = sha256(key)[:40]; "
+        "NAME.idx.json beside NAME.tar: [key, member, offset, size, sha256] per image",
         "splits": splits,
         "skipped": {
             "count": len(skipped),

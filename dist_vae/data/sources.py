@@ -15,6 +15,8 @@ from pathlib import Path
 
 import lmdb
 
+from dist_vae.files import write_text_atomic
+
 IMAGE_SUFFIXES = {".webp", ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -82,10 +84,7 @@ class LmdbSource:
             raise SourceError(f"LMDB {self.path} has a key that is not UTF-8: {exc}") from exc
         if any(not k or k.split() != [k] for k in keys):
             raise SourceError(f"LMDB {self.path} has a key that is empty or holds whitespace")
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(k + "\n" for k in keys))
-        os.replace(tmp, cache)
+        write_text_atomic(cache, "".join(k + "\n" for k in keys))
         return keys
 
     def read(self, key: str) -> bytes:

@@ -13,6 +13,7 @@ inf check every step). Everything logged stays on the device until a log point.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -47,6 +48,7 @@ from dist_vae.files import write_text_atomic
 from dist_vae.models import build_model
 from dist_vae.sampling import grid_samples
 
+log = logging.getLogger(__name__)
 _PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
@@ -177,7 +179,10 @@ class Trainer:
         self.stream = ShardStream(
             cfg.data, "train", acc.process_index, acc.num_processes, cfg.seed, batch_size=self.batch_size
         )
-        self._val_stream()  # a missing or too small val split fails now, not at the first evaluation
+        # A missing val split fails now, not at the first evaluation; an empty one turns validation off.
+        self.validate = self._val_stream().total > 0
+        if not self.validate and acc.is_main_process:
+            log.warning("split 'val' of %s is empty: validation is off", cfg.data.path)
         if resume_from is not None:
             trainer_state, rank_state = checkpoint.load_checkpoint(acc, resume_from)
             self._load_trainer_state(trainer_state)
@@ -360,7 +365,7 @@ class Trainer:
                     last = checkpoint.latest_complete(self.run_dir)
                     raise self.gate.divergence(str(last) if last else "none (no checkpoint was written)")
                 paused = time.perf_counter()
-                if self.step % t.eval_every == 0:
+                if self.validate and self.step % t.eval_every == 0:
                     self.logger.scalars({"val/bpd": self.evaluate()}, self.step)
                 if self.step % t.sample_every == 0:
                     self.sample()

@@ -19,23 +19,37 @@ of earlier steps are auxiliary losses that shape the refinement and are not part
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dist_vae.config import ConfigError, ModelConfig
+from dist_vae.models.iterative_nets import Encoder, Generator, level_width
 from dist_vae.models.output import LossOutput
+from dist_vae.models.protocol import Posterior
 from dist_vae.models.regularizers import diag_normal_log_density, gaussian_kl
+from dist_vae.schema import ConfigError, at_least, choice
 
 COARSEST = 4  # side in pixels of the lowest-resolution level
-LATENT_GRID = 8  # latents are read from and written to feature maps pooled/broadcast at most this side
 _BIN_NATS = math.log(127.5)  # -log of the width of one 8-bit bin in [-1, 1]
+
+
+@dataclass
+class IterativeVAEConfig:
+    """model.kind=iterative_vae (defaults: LSUN 256 px, the seed's sizes)."""
+
+    kind: str = "iterative_vae"
+    refine_steps: int = at_least(8, 1)  # T; 1 with T-times larger latent_dims is the single-step baseline
+    # One latent per level at the len(latent_dims) coarsest levels, the last at 4 px; drawn afresh per step.
+    latent_dims: list[int] = field(default_factory=lambda: [20, 30, 30, 30])
+    mode: str = choice("greedy", "greedy", "joint")  # greedy stops gradients between steps (the original)
+    channels: int = at_least(64, 1)  # width at 64 px; x2 per halving up to x4, /2 per doubling above 64 px
+    rec_weight: float = at_least(16.0, 1.0e-3)  # 1 / (2 sigma^2) of the fixed-variance Gaussian decoder
+    kl_warmup: float = at_least(1.0e4, 0.0)  # KL weight is 1 - exp(-step / kl_warmup); 0 disables warm-up
+    blocks: int = at_least(1, 1)  # residual blocks per resolution level in every encoder and generator
 
 
 def level_sizes(resolution: int) -> list[int]:
@@ -45,149 +59,6 @@ def level_sizes(resolution: int) -> list[int]:
             f"bad resolution {resolution} for model.kind=iterative_vae; expected a power of two >= {COARSEST}"
         )
     return [resolution >> i for i in range(int(math.log2(resolution // COARSEST)) + 1)]
-
-
-def level_width(size: int, channels: int) -> int:
-    """Channels at a level: `channels` at 64 px, doubling per halving up to 4x, halving above 64 px.
-
-    Narrow fine levels keep 256-px activations affordable; wide coarse levels hold the layout.
-    """
-    return max(1, min(4 * channels, channels * 64 // size))
-
-
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(channels, 32), channels)
-
-
-class ResBlock(nn.Module):
-    """Pre-activation residual block with GroupNorm (same behaviour in train and eval)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.norm1 = _norm(channels)
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.norm2 = _norm(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
-        # Zero-initialised last conv: every block starts as the identity, so depth does not destabilise.
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(h))))))
-
-
-def _stage(channels: int, blocks: int) -> nn.Sequential:
-    return nn.Sequential(*(ResBlock(channels) for _ in range(blocks)))
-
-
-class DownPath(nn.Module):
-    """Convolutional pyramid: returns the feature map of every level, finest first."""
-
-    def __init__(self, in_channels: int, widths: Sequence[int], blocks: int) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=1)
-        self.stages = nn.ModuleList(_stage(w, blocks) for w in widths)
-        self.down = nn.ModuleList(
-            nn.Conv2d(w, w_next, 3, stride=2, padding=1) for w, w_next in itertools.pairwise(widths)
-        )
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        h = self.stem(x)
-        features = []
-        for i, stage in enumerate(self.stages):
-            if i > 0:
-                h = self.down[i - 1](h)
-            h = stage(h)
-            features.append(h)
-        return features
-
-
-class Encoder(nn.Module):
-    """q(z_t | x, canvas_{t-1}): one diagonal Gaussian per ladder level, read from that level's features."""
-
-    def __init__(
-        self, sizes: Sequence[int], widths: Sequence[int], ladder: dict[int, int], blocks: int
-    ) -> None:
-        super().__init__()
-        self.path = DownPath(6, widths, blocks)
-        self.ladder = dict(ladder)
-        self.heads = nn.ModuleDict()
-        for level, dim in ladder.items():
-            grid = min(sizes[level], LATENT_GRID)
-            linear = nn.Linear(widths[level] * grid * grid, 2 * dim)
-            # Zero-initialised: q starts at the prior, so the KL starts at 0 and z at pure noise.
-            nn.init.zeros_(linear.weight)
-            nn.init.zeros_(linear.bias)
-            self.heads[str(level)] = nn.Sequential(
-                _norm(widths[level]), nn.SiLU(), nn.AdaptiveAvgPool2d(grid), nn.Flatten(), linear
-            )
-
-    def forward(self, x: torch.Tensor, canvas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and log-variance of all ladder latents, concatenated in ladder order."""
-        features = self.path(torch.cat([x, canvas], dim=1))
-        stats = [self.heads[str(level)](features[level]) for level in self.ladder]
-        mean, raw_logvar = torch.cat(stats, dim=1).float().chunk(2, dim=1)
-        # Soft bound on the log-variance keeps exp() finite under bf16/fp16 autocast.
-        return mean, 8.0 * torch.tanh(raw_logvar / 8.0)
-
-
-class Generator(nn.Module):
-    """p(canvas_t | z_t, canvas_{t-1}): a U-Net from the coarsest level up, latents added at ladder levels.
-
-    The first step has no canvas to refine and returns its output directly; later steps encode the
-    previous canvas (skip connections per level) and mix new and old through the gate r in (0, 1).
-    """
-
-    def __init__(
-        self, sizes: Sequence[int], widths: Sequence[int], ladder: dict[int, int], blocks: int, refine: bool
-    ) -> None:
-        super().__init__()
-        self.sizes = list(sizes)
-        self.widths = list(widths)
-        self.ladder = dict(ladder)
-        self.canvas_path = DownPath(3, widths, blocks) if refine else None
-        self.inject = nn.ModuleDict(
-            {
-                str(level): nn.Linear(dim, widths[level] * min(sizes[level], LATENT_GRID) ** 2)
-                for level, dim in ladder.items()
-            }
-        )
-        self.stages = nn.ModuleList(_stage(w, blocks) for w in widths)
-        self.up = nn.ModuleList(
-            nn.Conv2d(w_coarse, w, 3, padding=1) for w, w_coarse in itertools.pairwise(widths)
-        )
-        self.out = nn.Sequential(
-            _norm(widths[0]), nn.SiLU(), nn.Conv2d(widths[0], 4 if refine else 3, 3, padding=1)
-        )
-
-    def _latent_map(self, level: int, z: torch.Tensor) -> torch.Tensor:
-        grid = min(self.sizes[level], LATENT_GRID)
-        h = self.inject[str(level)](z).view(z.shape[0], self.widths[level], grid, grid)
-        return F.interpolate(h, size=self.sizes[level], mode="nearest") if grid < self.sizes[level] else h
-
-    def forward(
-        self, z: torch.Tensor, canvas: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """New canvas in [-1, 1] and the gate (None for the first step)."""
-        zs = dict(zip(self.ladder, z.split(list(self.ladder.values()), dim=1), strict=True))
-        skips = self.canvas_path(canvas) if self.canvas_path is not None else None
-        h: torch.Tensor | None = None
-        for level in reversed(range(len(self.sizes))):
-            if h is not None:
-                h = self.up[level](F.interpolate(h, scale_factor=2.0, mode="nearest"))
-            parts = [] if h is None else [h]
-            if skips is not None:
-                parts.append(skips[level])
-            if level in zs:
-                parts.append(self._latent_map(level, zs[level]))
-            h = self.stages[level](sum(parts[1:], parts[0]))
-        assert h is not None
-        out = self.out(h)
-        if canvas is None:
-            return torch.tanh(out), None
-        new, gate = torch.tanh(out[:, :3]), torch.sigmoid(out[:, 3:])
-        # A convex mix of two images in [-1, 1] stays in [-1, 1].
-        return gate * new + (1.0 - gate) * canvas, gate
 
 
 @dataclass
@@ -234,61 +105,27 @@ class IterativeVAE(nn.Module):
     """
 
     def __init__(
-        self,
-        resolution: int,
-        steps: int = 8,
-        latent_dims: Sequence[int] = (20, 30, 30, 30),
-        mode: str = "greedy",
-        gradient_checkpointing: bool = False,
-        channels: int = 64,
-        blocks: int = 1,
-        rec_weight: float = 16.0,
-        kl_warmup: float = 1.0e4,
+        self, cfg: IterativeVAEConfig, resolution: int, gradient_checkpointing: bool = False
     ) -> None:
         super().__init__()
         sizes = level_sizes(resolution)
-        if mode not in ("greedy", "joint"):
-            raise ConfigError(f"bad value {mode!r} for 'model.mode'; expected one of ['greedy', 'joint']")
+        latent_dims = cfg.latent_dims
         if not 1 <= len(latent_dims) <= len(sizes) or min(latent_dims) < 1:
             raise ConfigError(
                 f"bad value {list(latent_dims)} for 'model.latent_dims'; expected 1 to {len(sizes)} positive "
                 f"sizes (one per level; {resolution} px has levels {sizes})"
             )
-        for key, value, low in (("refine_steps", steps, 1), ("channels", channels, 1), ("blocks", blocks, 1)):
-            if value < low:
-                raise ConfigError(f"bad value {value!r} for 'model.{key}'; expected a value >= {low}")
-        if rec_weight <= 0 or kl_warmup < 0:
-            raise ConfigError(
-                f"bad model.rec_weight={rec_weight} or model.kl_warmup={kl_warmup}; expected rec_weight > 0 "
-                "and kl_warmup >= 0"
-            )
         self.resolution = resolution
-        self.mode = mode
+        self.mode = cfg.mode
         self.gradient_checkpointing = gradient_checkpointing
-        self.rec_weight = float(rec_weight)
-        self.kl_warmup = float(kl_warmup)
+        self.rec_weight = float(cfg.rec_weight)
+        self.kl_warmup = float(cfg.kl_warmup)
         self.latent_size = int(sum(latent_dims))
-        widths = [level_width(s, channels) for s in sizes]
+        widths = [level_width(s, cfg.channels) for s in sizes]
         first_level = len(sizes) - len(latent_dims)
         ladder = {first_level + i: int(d) for i, d in enumerate(latent_dims)}
         self.steps = nn.ModuleList(
-            RefineStep(sizes, widths, ladder, blocks, first=t == 0) for t in range(steps)
-        )
-
-    @classmethod
-    def from_config(
-        cls, cfg: ModelConfig, resolution: int, gradient_checkpointing: bool = False
-    ) -> IterativeVAE:
-        return cls(
-            resolution,
-            steps=cfg.refine_steps,
-            latent_dims=tuple(cfg.latent_dims),
-            mode=cfg.mode,
-            gradient_checkpointing=gradient_checkpointing,
-            channels=cfg.channels,
-            blocks=cfg.blocks,
-            rec_weight=cfg.rec_weight,
-            kl_warmup=cfg.kl_warmup,
+            RefineStep(sizes, widths, ladder, cfg.blocks, first=t == 0) for t in range(cfg.refine_steps)
         )
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -383,42 +220,49 @@ class IterativeVAE(nn.Module):
             for _ in self.steps
         ]
 
-    @torch.no_grad()
-    def posterior_log_prob(
-        self, x: torch.Tensor, inputs: Sequence[torch.Tensor], z: Sequence[torch.Tensor]
-    ) -> torch.Tensor:
-        """log q(z_1..T | x_b) for every image x_b of the batch [B] and ONE draw: z[t] [1, latent] and
-        the canvas inputs[t] [1, 3, R, R] it was drawn against (zeros, then canvas_1 .. canvas_{T-1}).
+    @property
+    def latent_dim(self) -> int:
+        """The whole code: every step's latents, concatenated."""
+        return len(self.steps) * self.latent_size
 
-        The canvases depend on z alone (the generators never see x), so the same draw can be scored
-        under every image's encoders: what the aggregate posterior q(z) in I(x; z) needs.
-        """
-        self._check_input(x)
-        total = torch.zeros(x.shape[0], device=x.device)
-        for step, canvas, z_t in zip(self.steps, inputs, z, strict=True):
-            mean, logvar = step.encoder(x, canvas.expand_as(x))
-            total = total + diag_normal_log_density(z_t.expand_as(mean), mean, logvar)
-        return total
+    def prior_sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.cat(self.noise(n, generator, next(self.parameters()).device), dim=1)
 
-    @torch.no_grad()
-    def posterior_means(self, x: torch.Tensor) -> torch.Tensor:
-        """The steps' posterior means along the mean path (every z_t at its mean), concatenated:
-        [B, T * latent], the codes whose spread across images counts active units."""
-        zeros = [torch.zeros(x.shape[0], self.latent_size, device=x.device) for _ in self.steps]
-        return torch.cat([o.mean for o in self.unroll(x, eps=zeros)], dim=1)
-
-    @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
-        """Ancestral sampling: z_t ~ N(0, I) at every step; returns the T canvases, each [n, 3, R, R]."""
+    def _paint(self, z: torch.Tensor) -> list[torch.Tensor]:
+        """The T canvases the steps' generators paint from z = z_1..T."""
         canvas: torch.Tensor | None = None
         canvases = []
-        for step, z in zip(self.steps, self.noise(n, generator, next(self.parameters()).device), strict=True):
-            canvas, _ = step.generator(z, canvas)
-            canvases.append(canvas.float())
+        for step, z_t in zip(self.steps, z.split(self.latent_size, dim=1), strict=True):
+            canvas, _ = step.generator(z_t, canvas)
+            canvases.append(canvas)
         return canvases
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The T canvases decoded from the posterior means (deterministic)."""
+    def decode(self, z: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """The T canvases (fp32) from z = z_1..T; deterministic given z, so `generator` is unused."""
+        return [canvas.float() for canvas in self._paint(z)]
+
+    @torch.no_grad()
+    def posterior(self, x: torch.Tensor) -> Posterior:
+        """The steps' posterior means along the mean path (every z_t at its mean); not one Gaussian."""
         zeros = [torch.zeros(x.shape[0], self.latent_size, device=x.device) for _ in self.steps]
-        return [o.canvas.float() for o in self.unroll(x, eps=zeros)]
+        return Posterior(torch.cat([o.mean for o in self.unroll(x, eps=zeros)], dim=1), None)
+
+    @torch.no_grad()
+    def posterior_sample(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.cat([o.z for o in self.unroll(x, self.noise(x.shape[0], generator, x.device))], dim=1)
+
+    @torch.no_grad()
+    def posterior_log_prob(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log q(z_1..T | x_b) for every image x_b [B]: the sum of the steps' Gaussian log-densities,
+        each against the canvas the earlier z_<t paint. Those canvases depend on z alone (the
+        generators never see x), so one draw can be scored under every image's encoders: what the
+        aggregate posterior q(z) in I(x; z) needs."""
+        self._check_input(x)
+        canvases = self._paint(z)
+        inputs = [torch.zeros_like(canvases[0]), *canvases[:-1]]
+        total = torch.zeros(x.shape[0], device=x.device)
+        for step, canvas, z_t in zip(self.steps, inputs, z.split(self.latent_size, dim=1), strict=True):
+            mean, logvar = step.encoder(x, canvas.expand_as(x))
+            total = total + diag_normal_log_density(z_t.expand_as(mean), mean, logvar)
+        return total

@@ -58,6 +58,10 @@ class WNConv2d(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.g * self.v / torch.linalg.vector_norm(self.v, dim=self._norm_dims, keepdim=True)
 
+    def frozen(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight and bias as constants, computed once for many inference steps."""
+        return self.weight().detach(), self.bias.detach()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.transpose:
             return F.conv_transpose2d(x, self.weight(), self.bias, stride=self.stride, output_padding=1)
@@ -69,30 +73,65 @@ def nin(in_ch: int, out_ch: int) -> WNConv2d:
     return WNConv2d(in_ch, out_ch, (1, 1))
 
 
-class DownShiftedConv2d(nn.Module):
+class FrozenConv:
+    """A shifted convolution with its weights fixed, evaluated on the window of its zero-padded input
+    that one output row segment reads: what the incremental (cached) sampler computes per step."""
+
+    def __init__(self, conv: WNConv2d, top: int, left: int) -> None:
+        self.weight, self.bias = conv.frozen()
+        self.stride, self.top, self.left = conv.stride, top, left
+        self.kh, self.kw = self.weight.shape[-2:]
+        self.matrix = self.weight.flatten(1).T.contiguous()
+
+    def window(self, r: int, c0: int, c1: int) -> tuple[int, int, int, int]:
+        """Input rows and columns (first, last; inclusive, -1 is the zero padding) that output row r,
+        columns c0..c1 read."""
+        s = self.stride
+        top, left = s * r - self.top, s * c0 - self.left
+        return top, top + self.kh - 1, left, s * c1 - self.left + self.kw - 1
+
+    def __call__(self, window: torch.Tensor) -> torch.Tensor:
+        if window.shape[-1] == self.kw:  # one output position: a matrix product, far cheaper than conv2d
+            return torch.addmm(self.bias, window.reshape(window.shape[0], -1), self.matrix)[:, :, None, None]
+        return F.conv2d(window, self.weight, self.bias, stride=self.stride)
+
+
+class ShiftedConv2d(nn.Module):
+    """A convolution on its input zero-padded by `padding` = (left, right, top, bottom)."""
+
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel: tuple[int, int],
+        stride: int,
+        padding: tuple[int, int, int, int],
+    ) -> None:
+        super().__init__()
+        self.padding = padding
+        self.conv = WNConv2d(in_ch, out_ch, kernel, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, self.padding))
+
+    def frozen(self) -> FrozenConv:
+        return FrozenConv(self.conv, top=self.padding[2], left=self.padding[0])
+
+
+class DownShiftedConv2d(ShiftedConv2d):
     """Output (i, j) sees input rows <= i, columns j-k..j+k: causal once followed by `down_shift`."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel: tuple[int, int] = (2, 3), stride: int = 1) -> None:
-        super().__init__()
         kh, kw = kernel
-        self.pad = ((kw - 1) // 2, (kw - 1) // 2, kh - 1, 0)
-        self.conv = WNConv2d(in_ch, out_ch, kernel, stride)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, self.pad))
+        super().__init__(in_ch, out_ch, kernel, stride, ((kw - 1) // 2, (kw - 1) // 2, kh - 1, 0))
 
 
-class DownRightShiftedConv2d(nn.Module):
+class DownRightShiftedConv2d(ShiftedConv2d):
     """Output (i, j) sees input rows <= i and columns <= j."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel: tuple[int, int] = (2, 2), stride: int = 1) -> None:
-        super().__init__()
         kh, kw = kernel
-        self.pad = (kw - 1, 0, kh - 1, 0)
-        self.conv = WNConv2d(in_ch, out_ch, kernel, stride)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, self.pad))
+        super().__init__(in_ch, out_ch, kernel, stride, (kw - 1, 0, kh - 1, 0))
 
 
 class DownShiftedDeconv2d(nn.Module):
@@ -107,9 +146,15 @@ class DownShiftedDeconv2d(nn.Module):
         side = (self.kernel[1] - 1) // 2
         return slice(side, width - side)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.deconv(x)
+    def crop(self, out: torch.Tensor) -> torch.Tensor:
+        """The transposed convolution's output cut back to twice the input's size, causally."""
         return out[:, :, : out.shape[2] - self.kernel[0] + 1, self._columns(out.shape[3])]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.crop(self.deconv(x))
+
+    def frozen(self) -> FrozenDeconv:
+        return FrozenDeconv(self)
 
 
 class DownRightShiftedDeconv2d(DownShiftedDeconv2d):
@@ -120,6 +165,36 @@ class DownRightShiftedDeconv2d(DownShiftedDeconv2d):
 
     def _columns(self, width: int) -> slice:
         return slice(0, width - self.kernel[1] + 1)
+
+
+class FrozenDeconv:
+    """A causal stride-2 upsampling with its weights fixed, for the incremental sampler.
+
+    Output row r receives input row r // 2 alone, so `row` runs on that one input row. With a 2x2
+    kernel output (r, c) also receives input (r // 2, c // 2) alone, through kernel tap (r % 2, c % 2):
+    `position` is then a matrix product.
+    """
+
+    def __init__(self, module: DownShiftedDeconv2d) -> None:
+        self.crop = module.crop
+        self.weight, self.bias = module.deconv.frozen()
+
+    def row(self, source: torch.Tensor, r: int) -> torch.Tensor:
+        """Output row r [B, C, 1, 2W] from input row r // 2 [B, C, 1, W]."""
+        out = self.crop(F.conv_transpose2d(source, self.weight, self.bias, stride=2, output_padding=1))
+        return out[:, :, r % 2 : r % 2 + 1]
+
+    def position(self, source: torch.Tensor, r: int, c: int) -> torch.Tensor:
+        """Output (r, c) [B, C, 1, 1] from input (r // 2, c // 2) [B, C] (2x2 kernels only)."""
+        if self.weight.shape[-2:] != (2, 2):
+            raise ValueError(f"position() needs a 2x2 kernel, got {tuple(self.weight.shape[-2:])}")
+        return (source @ self.weight[:, :, r % 2, c % 2] + self.bias)[:, :, None, None]
+
+
+def gated_sum(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """x + a * sigmoid(b) for h = [a, b]: the gated resnet's output."""
+    a, b = h.chunk(2, dim=1)
+    return x + a * torch.sigmoid(b)
 
 
 class GatedResnet(nn.Module):
@@ -166,8 +241,7 @@ class GatedResnet(nn.Module):
         h = self.conv_out(h)
         if self.cond is not None:
             h = h + self.cond(z)[:, :, None, None]
-        a, b = h.chunk(2, dim=1)
-        return x + a * torch.sigmoid(b)
+        return gated_sum(x, h)
 
     def forward(
         self, x: torch.Tensor, skips: tuple[torch.Tensor, ...] = (), z: torch.Tensor | None = None
@@ -179,3 +253,29 @@ class GatedResnet(nn.Module):
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(self._block, x, z, keep, *skips, use_reentrant=False)
         return self._block(x, z, keep, *skips)
+
+    def frozen(self, z: torch.Tensor | None) -> FrozenGatedResnet:
+        return FrozenGatedResnet(self, z)
+
+
+class FrozenGatedResnet:
+    """A gated resnet with its weights (and its latent bias for a given z) fixed, in two halves for the
+    incremental sampler, which caches the hidden map between them: the second convolution reads a
+    window of it."""
+
+    def __init__(self, block: GatedResnet, z: torch.Tensor | None) -> None:
+        self.conv_in, self.conv_out = block.conv_in.frozen(), block.conv_out.frozen()
+        # The 1x1 skip convolution as a matrix over channels (cheaper than conv2d on a few positions).
+        self.skip = None if block.skip is None else FrozenConv(block.skip, 0, 0)
+        self.cond = None if block.cond is None else block.cond(z).detach()[:, :, None, None]
+
+    def hidden(self, conv_in: torch.Tensor, skips: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The first half's output from conv_in(concat_elu(x)) and the skip inputs at the same positions."""
+        if self.skip is None:
+            return conv_in
+        skip = concat_elu(torch.cat(skips, dim=1)).movedim(1, -1) @ self.skip.matrix + self.skip.bias
+        return conv_in + skip.movedim(-1, 1)
+
+    def output(self, x: torch.Tensor, conv_out: torch.Tensor) -> torch.Tensor:
+        """The block's output from its input x and conv_out(concat_elu(hidden)) at the same positions."""
+        return gated_sum(x, conv_out if self.cond is None else conv_out + self.cond)

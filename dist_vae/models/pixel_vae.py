@@ -11,18 +11,40 @@ constant factor, so the optimum is the same, but gradient sizes no longer grow w
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from dist_vae.config import ConfigError, ModelConfig
 from dist_vae.models import logistic_mixture
 from dist_vae.models.output import LossOutput
 from dist_vae.models.pixelcnnpp import PixelCNNpp
+from dist_vae.models.pixelcnnpp_cache import cached_decode
+from dist_vae.models.protocol import Posterior, evaluating
 from dist_vae.models.regularizers import Critic, diag_normal_log_density, gaussian_kl, mmd, stein
+from dist_vae.schema import ConfigError, at_least, between, choice
 
-REGULARIZERS = ("elbo", "none", "mmd", "stein", "adversarial")
 LOGVAR_BOUND = 10.0
+
+
+@dataclass
+class PixelVAEConfig:
+    """model.kind=pixel_vae: encoder + conditional PixelCNN++ decoder (defaults: LSUN 64 px)."""
+
+    kind: str = "pixel_vae"
+    reg: str = choice("mmd", "elbo", "none", "mmd", "stein", "adversarial")
+    latent_dim: int = at_least(64, 1)
+    nr_resnet: int = at_least(5, 1)
+    nr_filters: int = at_least(160, 1)
+    nr_mix: int = at_least(10, 1)
+    n_stages: int = at_least(3, 1)
+    dropout: float = between(0.5, 0.0, 0.99)
+    encoder_channels: int = at_least(64, 1)
+    # InfoVAE weighting: loss = rec + (1 - alpha) * KL + (alpha + lambda_ - 1) * D(q(z) || p(z)).
+    # alpha = 1 drops the per-sample KL, which with a PixelCNN++ decoder makes z carry nothing.
+    alpha: float = 1.0
+    lambda_: float = 1000.0
+    critic_hidden: int = at_least(256, 1)
 
 
 class Encoder(nn.Module):
@@ -57,57 +79,23 @@ class Encoder(nn.Module):
 class PixelVAE(nn.Module):
     """Encoder + conditional PixelCNN++; `model(x, step) -> LossOutput` as the engine expects."""
 
-    def __init__(
-        self,
-        resolution: int,
-        latent_dim: int = 64,
-        nr_resnet: int = 5,
-        nr_filters: int = 160,
-        nr_mix: int = 10,
-        n_stages: int = 3,
-        dropout: float = 0.5,
-        encoder_channels: int = 64,
-        reg: str = "mmd",
-        alpha: float = 1.0,
-        lambda_: float = 1000.0,
-        critic_hidden: int = 256,
-        gradient_checkpointing: bool = False,
-    ) -> None:
+    def __init__(self, cfg: PixelVAEConfig, resolution: int, gradient_checkpointing: bool = False) -> None:
         super().__init__()
-        if reg not in REGULARIZERS:
-            raise ValueError(f"reg must be one of {list(REGULARIZERS)}, got {reg!r}")
-        self.resolution, self.latent_dim, self.reg = resolution, latent_dim, reg
-        self.kl_weight = {"elbo": 1.0, "none": 0.0}.get(reg, 1.0 - alpha)
-        self.reg_weight = alpha + lambda_ - 1.0
-        self.encoder = Encoder(resolution, encoder_channels, latent_dim)
-        self.decoder = PixelCNNpp(
-            nr_resnet, nr_filters, nr_mix, n_stages, latent_dim, dropout, gradient_checkpointing
-        )
-        self.critic = Critic(latent_dim, critic_hidden) if reg == "adversarial" else None
-
-    @classmethod
-    def from_config(cls, cfg: ModelConfig, resolution: int, gradient_checkpointing: bool = False) -> PixelVAE:
         factor = 2 ** (cfg.n_stages - 1)
         if resolution % factor:
             raise ConfigError(
                 f"data.resolution={resolution} must be divisible by 2**(model.n_stages-1) = {factor} "
                 f"(model.n_stages={cfg.n_stages})"
             )
-        return cls(
-            resolution,
-            latent_dim=cfg.latent_dim,
-            nr_resnet=cfg.nr_resnet,
-            nr_filters=cfg.nr_filters,
-            nr_mix=cfg.nr_mix,
-            n_stages=cfg.n_stages,
-            dropout=cfg.dropout,
-            encoder_channels=cfg.encoder_channels,
-            reg=cfg.reg,
-            alpha=cfg.alpha,
-            lambda_=cfg.lambda_,
-            critic_hidden=cfg.critic_hidden,
-            gradient_checkpointing=gradient_checkpointing,
-        )
+        self.resolution, self.latent_dim, self.reg = resolution, cfg.latent_dim, cfg.reg
+        self.kl_weight = {"elbo": 1.0, "none": 0.0}.get(cfg.reg, 1.0 - cfg.alpha)
+        self.reg_weight = cfg.alpha + cfg.lambda_ - 1.0
+        self.encoder = Encoder(resolution, cfg.encoder_channels, cfg.latent_dim)
+        self.decoder = PixelCNNpp(
+            cfg.nr_resnet, cfg.nr_filters, cfg.nr_mix, cfg.n_stages, cfg.latent_dim, cfg.dropout,
+            gradient_checkpointing,
+        )  # fmt: skip
+        self.critic = Critic(cfg.latent_dim, cfg.critic_hidden) if cfg.reg == "adversarial" else None
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         critic = [] if self.critic is None else list(self.critic.parameters())
@@ -120,6 +108,21 @@ class PixelVAE(nn.Module):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-variance (fp32) of q(z|x)."""
         return self.encoder(x)
+
+    @torch.no_grad()
+    def posterior(self, x: torch.Tensor) -> Posterior:
+        return Posterior(*self.encode(x))
+
+    @torch.no_grad()
+    def posterior_sample(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        mean, logvar = self.encode(x)
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + torch.exp(0.5 * logvar) * noise
+
+    @torch.no_grad()
+    def posterior_log_prob(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        mean, logvar = self.encode(x)
+        return diag_normal_log_density(z.expand_as(mean), mean, logvar)
 
     @torch.no_grad()
     def log_importance_weight(
@@ -172,15 +175,19 @@ class PixelVAE(nn.Module):
         return LossOutput(loss=objective / dims, scalars=scalars, aux_losses=aux)
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Naive ancestral sampling of x ~ p(x|z), one decoder pass per pixel, in eval mode.
+    def generate(
+        self, z: torch.Tensor, generator: torch.Generator | None = None, cached: bool = True
+    ) -> torch.Tensor:
+        """x ~ p(x|z) [n, 3, R, R] in [-1, 1], pixel by pixel in eval mode (dropout off).
 
-        Rows below the current one cannot influence it (the network only looks up), so each pass
-        runs on the rows up to the current one, rounded up to what the U-net's strides allow.
+        Cached (`pixelcnnpp_cache`) or naive: one decoder pass per pixel, each on the rows up to the
+        current one (rows below cannot influence it), rounded up to what the U-net's strides allow.
+        Both draw the same samples from the same generator (up to floating-point summation order).
         """
-        was_training = self.training
-        self.eval()
-        try:
+        z = z.to(next(self.parameters()).dtype)
+        with evaluating(self):
+            if cached:
+                return cached_decode(self.decoder, z, self.resolution, generator)
             n, side = z.shape[0], self.resolution
             factor = 2 ** (self.decoder.n_stages - 1)
             x = torch.zeros(n, 3, side, side, device=z.device, dtype=z.dtype)
@@ -190,12 +197,12 @@ class PixelVAE(nn.Module):
                     params = self.decoder(x[:, :, :rows], z)[:, :, i : i + 1, j : j + 1]
                     x[:, :, i, j] = logistic_mixture.sample(params, generator)[:, :, 0, 0]
             return x
-        finally:
-            self.train(was_training)
 
-    @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n images [n, 3, R, R] in [-1, 1]: z from the prior N(0, I), then `decode`."""
-        device = next(self.parameters()).device
-        z = torch.randn(n, self.latent_dim, generator=generator, device=device)
-        return self.decode(z, generator)
+    def decode(self, z: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """One generation step: the cached sample."""
+        return [self.generate(z, generator)]
+
+    def prior_sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        param = next(self.parameters())
+        noise_device = generator.device if generator is not None else param.device
+        return torch.randn(n, self.latent_dim, generator=generator, device=noise_device).to(param)

@@ -4,9 +4,15 @@ The "u" stream sees only rows above a pixel, the "ul" stream rows above plus the
 left; together they cover the whole causal context without a blind spot. Each of `n_stages` stages
 runs `nr_resnet` gated blocks per stream at one resolution; the down pass mirrors the up pass and
 takes every up-pass output as a skip input. A latent z (cond_dim) biases every gated block.
+
+The wiring is written once, as `PixelCNNpp.schedule`: a list of layers in forward order, each naming
+its input and skip inputs. `forward` runs it on whole images; the cached sampler
+(`pixelcnnpp_cache.py`) runs the same list position by position.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +29,26 @@ from dist_vae.models.layers import (
     right_shift,
 )
 from dist_vae.models.logistic_mixture import num_params
+
+IMAGE = -1  # `Layer.source` of the layers that read the input image
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One step of the network: `modules` applied to the output of layer `source` (IMAGE: the input)
+    with the outputs of layers `skips` as skip inputs, producing a map of the "u" (rows above) or "ul"
+    (rows above and pixels to the left) stream at `scale` (the image halved that many times).
+
+    kind: "init_u" down_shift(conv(x)); "init_ul" down_shift(conv_up(x)) + right_shift(conv_left(x));
+    "block" a gated resnet; "down" a stride-2 convolution; "up" a stride-2 transposed convolution.
+    """
+
+    kind: str
+    stream: str
+    scale: int
+    modules: tuple[nn.Module, ...]
+    source: int
+    skips: tuple[int, ...] = ()
 
 
 class PixelCNNpp(nn.Module):
@@ -73,6 +99,8 @@ class PixelCNNpp(nn.Module):
         self.up_sample_u = nn.ModuleList(DownShiftedDeconv2d(f, f) for _ in range(n_stages - 1))
         self.up_sample_ul = nn.ModuleList(DownRightShiftedDeconv2d(f, f) for _ in range(n_stages - 1))
         self.out = nin(f, num_params(nr_mix))
+        self.schedule = self._build_schedule()
+        self._released = _last_reads(self.schedule)
 
     def _check(self, x: torch.Tensor, z: torch.Tensor | None) -> None:
         factor = 2 ** (self.n_stages - 1)
@@ -90,21 +118,66 @@ class PixelCNNpp(nn.Module):
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         self._check(x, z)
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
-        us = [down_shift(self.u_init(x))]
-        uls = [down_shift(self.ul_init_up(x)) + right_shift(self.ul_init_left(x))]
+        outputs: list[torch.Tensor | None] = []
+        for index, layer in enumerate(self.schedule):
+            source = x if layer.source == IMAGE else outputs[layer.source]
+            skips = tuple(outputs[s] for s in layer.skips)
+            outputs.append(_apply(layer, source, skips, z))
+            for done in self._released[index]:  # no later layer reads it: free it now
+                outputs[done] = None
+        return self.out(F.elu(outputs[-1]))
+
+    def _build_schedule(self) -> list[Layer]:
+        """The U-net's wiring in forward order; every up-pass output is consumed once, in reverse."""
+        schedule: list[Layer] = []
+
+        def add(kind: str, stream: str, scale: int, modules: tuple, source: int, skips: tuple = ()) -> int:
+            schedule.append(Layer(kind, stream, scale, modules, source, skips))
+            return len(schedule) - 1
+
+        us = [add("init_u", "u", 0, (self.u_init,), IMAGE)]
+        uls = [add("init_ul", "ul", 0, (self.ul_init_up, self.ul_init_left), IMAGE)]
         for stage in range(self.n_stages):
             for block_u, block_ul in zip(self.up_u[stage], self.up_ul[stage], strict=True):
-                us.append(block_u(us[-1], z=z))
-                uls.append(block_ul(uls[-1], (us[-1],), z=z))
+                us.append(add("block", "u", stage, (block_u,), us[-1]))
+                uls.append(add("block", "ul", stage, (block_ul,), uls[-1], (us[-1],)))
             if stage < self.n_stages - 1:
-                us.append(self.down_sample_u[stage](us[-1]))
-                uls.append(self.down_sample_ul[stage](uls[-1]))
+                us.append(add("down", "u", stage + 1, (self.down_sample_u[stage],), us[-1]))
+                uls.append(add("down", "ul", stage + 1, (self.down_sample_ul[stage],), uls[-1]))
         u, ul = us.pop(), uls.pop()
         for stage in range(self.n_stages):
+            scale = self.n_stages - 1 - stage
             for block_u, block_ul in zip(self.down_u[stage], self.down_ul[stage], strict=True):
-                u = block_u(u, (us.pop(),), z=z)
-                ul = block_ul(ul, (u, uls.pop()), z=z)
+                u = add("block", "u", scale, (block_u,), u, (us.pop(),))
+                ul = add("block", "ul", scale, (block_ul,), ul, (u, uls.pop()))
             if stage < self.n_stages - 1:
-                u = self.up_sample_u[stage](u)
-                ul = self.up_sample_ul[stage](ul)
-        return self.out(F.elu(ul))
+                u = add("up", "u", scale - 1, (self.up_sample_u[stage],), u)
+                ul = add("up", "ul", scale - 1, (self.up_sample_ul[stage],), ul)
+        return schedule
+
+
+def _last_reads(schedule: list[Layer]) -> list[list[int]]:
+    """For each layer, the earlier outputs that no layer after it reads (the last one is the result)."""
+    last: dict[int, int] = {}
+    for index, layer in enumerate(schedule):
+        for read in (layer.source, *layer.skips):
+            if read != IMAGE:
+                last[read] = index
+    released: list[list[int]] = [[] for _ in schedule]
+    for read, index in last.items():
+        released[index].append(read)
+    return released
+
+
+def _apply(
+    layer: Layer, x: torch.Tensor, skips: tuple[torch.Tensor, ...], z: torch.Tensor | None
+) -> torch.Tensor:
+    """A layer on whole maps."""
+    if layer.kind == "init_u":
+        return down_shift(layer.modules[0](x))
+    if layer.kind == "init_ul":
+        up, left = layer.modules
+        return down_shift(up(x)) + right_shift(left(x))
+    if layer.kind == "block":
+        return layer.modules[0](x, skips, z=z)
+    return layer.modules[0](x)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dist_vae.models.iterative_vae import IterativeVAE
+from dist_vae.models.iterative_vae import IterativeVAE, IterativeVAEConfig
 
 
 def peak_step_bytes(model: IterativeVAE, x: torch.Tensor, device: torch.device) -> int:
@@ -59,8 +59,9 @@ def measure(args: argparse.Namespace, resolution: int, batch: int) -> dict[bool,
     other processes hits both alike."""
     device = torch.device(args.device)
     torch.manual_seed(0)
-    plain = IterativeVAE(resolution, steps=args.steps, channels=args.channels).to(device)
-    ckpt = IterativeVAE(resolution, steps=args.steps, channels=args.channels, gradient_checkpointing=True)
+    cfg = IterativeVAEConfig(refine_steps=args.steps, channels=args.channels)
+    plain = IterativeVAE(cfg, resolution).to(device)
+    ckpt = IterativeVAE(cfg, resolution, gradient_checkpointing=True)
     ckpt.to(device).load_state_dict(plain.state_dict())
     models = {False: plain, True: ckpt}
     opts = {c: torch.optim.Adam(m.parameters(), lr=1e-4) for c, m in models.items()}

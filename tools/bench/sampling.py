@@ -13,8 +13,7 @@ import time
 
 import torch
 
-from dist_vae.models.pixel_vae import PixelVAE
-from dist_vae.sampling import cached_decode
+from dist_vae.models.pixel_vae import PixelVAE, PixelVAEConfig
 
 
 def main() -> None:
@@ -30,17 +29,18 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    model = PixelVAE(
-        args.side, latent_dim=32, nr_resnet=args.nr_resnet, nr_filters=args.nr_filters, nr_mix=args.nr_mix
-    ).to(args.device)
+    cfg = PixelVAEConfig(
+        latent_dim=32, nr_resnet=args.nr_resnet, nr_filters=args.nr_filters, nr_mix=args.nr_mix
+    )
+    model = PixelVAE(cfg, args.side).to(args.device)
     z = torch.randn(args.batch, 32, device=args.device)
     times, images = {}, {}
-    for name, decode in (("naive", model.decode), ("cached", lambda z, g: cached_decode(model, z, g))):
+    for name in ("naive", "cached"):
         generator = torch.Generator(args.device).manual_seed(1)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        images[name] = decode(z, generator)
+        images[name] = model.generate(z, generator, cached=name == "cached")
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         times[name] = time.perf_counter() - start

@@ -84,9 +84,9 @@ def pixel_tables(runs: list[tuple[str, EventAccumulator, dict]]) -> None:
     print("|---|---|---|---|---|---|")
     for name, _, evs in runs:
         fz = evs["val"]["fuzziness"]
-        chains = fz["chain_laplacian_var_per_step"]
+        chains, samples = fz["chain_laplacian_var_per_step"], fz["sample_laplacian_var_per_step"][-1]
         print(
-            f"| {name} | {fmt(fz['data_laplacian_var'], 3)} | {fmt(fz['sample_laplacian_var'], 3)} | "
+            f"| {name} | {fmt(fz['data_laplacian_var'], 3)} | {fmt(samples, 3)} | "
             f"{fmt(fz['decoder_spread'], 3)} | {' '.join(fmt(v, 3) for v in chains['data'])} | "
             f"{' '.join(fmt(v, 3) for v in chains['noise'])} |"
         )

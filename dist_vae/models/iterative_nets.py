@@ -1,0 +1,157 @@
+"""The iterative VAE's networks: per-step encoder q(z_t | x, canvas_{t-1}) and generator
+p(canvas_t | z_t, canvas_{t-1}), built from GroupNorm residual stages over a pyramid of levels."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LATENT_GRID = 8  # latents are read from and written to feature maps pooled/broadcast at most this side
+
+
+def level_width(size: int, channels: int) -> int:
+    """Channels at a level: `channels` at 64 px, doubling per halving up to 4x, halving above 64 px.
+
+    Narrow fine levels keep 256-px activations affordable; wide coarse levels hold the layout.
+    """
+    return max(1, min(4 * channels, channels * 64 // size))
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(channels, 32), channels)
+
+
+class ResBlock(nn.Module):
+    """Pre-activation residual block with GroupNorm (same behaviour in train and eval)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm1 = _norm(channels)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm2 = _norm(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        # Zero-initialised last conv: every block starts as the identity, so depth does not destabilise.
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(h))))))
+
+
+def _stage(channels: int, blocks: int) -> nn.Sequential:
+    return nn.Sequential(*(ResBlock(channels) for _ in range(blocks)))
+
+
+class DownPath(nn.Module):
+    """Convolutional pyramid: returns the feature map of every level, finest first."""
+
+    def __init__(self, in_channels: int, widths: Sequence[int], blocks: int) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=1)
+        self.stages = nn.ModuleList(_stage(w, blocks) for w in widths)
+        self.down = nn.ModuleList(
+            nn.Conv2d(w, w_next, 3, stride=2, padding=1) for w, w_next in itertools.pairwise(widths)
+        )
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        h = self.stem(x)
+        features = []
+        for i, stage in enumerate(self.stages):
+            if i > 0:
+                h = self.down[i - 1](h)
+            h = stage(h)
+            features.append(h)
+        return features
+
+
+class Encoder(nn.Module):
+    """q(z_t | x, canvas_{t-1}): one diagonal Gaussian per ladder level, read from that level's features."""
+
+    def __init__(
+        self, sizes: Sequence[int], widths: Sequence[int], ladder: dict[int, int], blocks: int
+    ) -> None:
+        super().__init__()
+        self.path = DownPath(6, widths, blocks)
+        self.ladder = dict(ladder)
+        self.heads = nn.ModuleDict()
+        for level, dim in ladder.items():
+            grid = min(sizes[level], LATENT_GRID)
+            linear = nn.Linear(widths[level] * grid * grid, 2 * dim)
+            # Zero-initialised: q starts at the prior, so the KL starts at 0 and z at pure noise.
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+            self.heads[str(level)] = nn.Sequential(
+                _norm(widths[level]), nn.SiLU(), nn.AdaptiveAvgPool2d(grid), nn.Flatten(), linear
+            )
+
+    def forward(self, x: torch.Tensor, canvas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-variance of all ladder latents, concatenated in ladder order."""
+        features = self.path(torch.cat([x, canvas], dim=1))
+        stats = [self.heads[str(level)](features[level]) for level in self.ladder]
+        mean, raw_logvar = torch.cat(stats, dim=1).float().chunk(2, dim=1)
+        # Soft bound on the log-variance keeps exp() finite under bf16/fp16 autocast.
+        return mean, 8.0 * torch.tanh(raw_logvar / 8.0)
+
+
+class Generator(nn.Module):
+    """p(canvas_t | z_t, canvas_{t-1}): a U-Net from the coarsest level up, latents added at ladder levels.
+
+    The first step has no canvas to refine and returns its output directly; later steps encode the
+    previous canvas (skip connections per level) and mix new and old through the gate r in (0, 1).
+    """
+
+    def __init__(
+        self, sizes: Sequence[int], widths: Sequence[int], ladder: dict[int, int], blocks: int, refine: bool
+    ) -> None:
+        super().__init__()
+        self.sizes = list(sizes)
+        self.widths = list(widths)
+        self.ladder = dict(ladder)
+        self.canvas_path = DownPath(3, widths, blocks) if refine else None
+        self.inject = nn.ModuleDict(
+            {
+                str(level): nn.Linear(dim, widths[level] * min(sizes[level], LATENT_GRID) ** 2)
+                for level, dim in ladder.items()
+            }
+        )
+        self.stages = nn.ModuleList(_stage(w, blocks) for w in widths)
+        self.up = nn.ModuleList(
+            nn.Conv2d(w_coarse, w, 3, padding=1) for w, w_coarse in itertools.pairwise(widths)
+        )
+        self.out = nn.Sequential(
+            _norm(widths[0]), nn.SiLU(), nn.Conv2d(widths[0], 4 if refine else 3, 3, padding=1)
+        )
+
+    def _latent_map(self, level: int, z: torch.Tensor) -> torch.Tensor:
+        grid = min(self.sizes[level], LATENT_GRID)
+        h = self.inject[str(level)](z).view(z.shape[0], self.widths[level], grid, grid)
+        return F.interpolate(h, size=self.sizes[level], mode="nearest") if grid < self.sizes[level] else h
+
+    def forward(
+        self, z: torch.Tensor, canvas: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """New canvas in [-1, 1] and the gate (None for the first step)."""
+        zs = dict(zip(self.ladder, z.split(list(self.ladder.values()), dim=1), strict=True))
+        skips = self.canvas_path(canvas) if self.canvas_path is not None else None
+        h: torch.Tensor | None = None
+        for level in reversed(range(len(self.sizes))):
+            if h is not None:
+                h = self.up[level](F.interpolate(h, scale_factor=2.0, mode="nearest"))
+            parts = [] if h is None else [h]
+            if skips is not None:
+                parts.append(skips[level])
+            if level in zs:
+                parts.append(self._latent_map(level, zs[level]))
+            h = self.stages[level](sum(parts[1:], parts[0]))
+        assert h is not None
+        out = self.out(h)
+        if canvas is None:
+            return torch.tanh(out), None
+        new, gate = torch.tanh(out[:, :3]), torch.sigmoid(out[:, 3:])
+        # A convex mix of two images in [-1, 1] stays in [-1, 1].
+        return gate * new + (1.0 - gate) * canvas, gate
