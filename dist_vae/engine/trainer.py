@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,15 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from accelerate.utils import set_seed
 from torch import distributed as dist
 from torch import nn
 
 from dist_vae.config import Config, ConfigError, to_yaml
 from dist_vae.data.stream import ShardStream, read_manifest
 from dist_vae.engine import checkpoint
-from dist_vae.engine.distributed import needs_gloo
+from dist_vae.engine.distributed import make_accelerator
 from dist_vae.engine.ema import EMA
 from dist_vae.engine.logging import RunLogger
 from dist_vae.engine.preemption import (
@@ -49,7 +47,6 @@ from dist_vae.models import build_model
 from dist_vae.sampling import grid_samples
 
 log = logging.getLogger(__name__)
-_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
 @dataclass
@@ -77,30 +74,6 @@ class Window:
     def add(self, name: str, value: torch.Tensor) -> None:
         value = value.detach().float()
         self.scalars[name] = self.scalars[name] + value if name in self.scalars else value
-
-
-def make_accelerator(cfg: Config) -> Accelerator:
-    # Without a GPU, Accelerate needs cpu=True to treat torchrun's processes as MULTI_CPU (else it
-    # reports DistributedType.NO and nothing is wrapped in DDP), but cpu=True also turns DeepSpeed
-    # off, which handles CPU by itself. Either way the backend must be gloo, not MPI.
-    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
-        # Accelerate would silently run fp32 (no loss scaler) on CPU.
-        raise ConfigError("bad value 'fp16' for 'train.precision': fp16 needs a GPU; use bf16 or fp32 on CPU")
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    cpu = not torch.cuda.is_available() and not deepspeed
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if needs_gloo() else []
-    accelerator = Accelerator(
-        cpu=cpu, mixed_precision=_PRECISION[cfg.train.precision], kwargs_handlers=handlers
-    )
-    # The launcher's environment may carry its own accumulation count; the run config decides.
-    accelerator.gradient_accumulation_steps = cfg.train.accumulate
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        ds = accelerator.state.deepspeed_plugin.deepspeed_config
-        ds["train_micro_batch_size_per_gpu"] = per_rank_batch(cfg)
-        ds["gradient_accumulation_steps"] = cfg.train.accumulate
-        ds["gradient_clipping"] = cfg.train.grad_clip
-        ds["steps_per_print"] = 2**31 - 1  # the progress bar and TensorBoard are the only per-step output
-    return accelerator
 
 
 def per_rank_batch(cfg: Config) -> int:
@@ -173,6 +146,7 @@ class Trainer:
         self.update_path = make_update_path(acc, self.model, optimizer, t.grad_clip)
         spikes = SpikeDetector(t.spike_window, t.spike_k, t.spike_warmup, t.max_consecutive_skips)
         self.gate = UpdateGate(spikes, t.max_nonfinite_skips)
+        self.data_skipped_before = {"shards": 0, "samples": 0}  # by the runs this one resumes
         self.step = 0
         set_seed(cfg.seed, device_specific=True)  # distinct dropout/noise streams per rank
 
@@ -191,17 +165,32 @@ class Trainer:
 
     # --- state ---------------------------------------------------------------------------------
     def _trainer_state(self) -> dict[str, Any]:
-        return {
+        """Collective (it sums the data stream's counts over ranks)."""
+        state = {
             "step": self.step,
             "ema": self.ema.state_dict() if self.ema else None,
             **self.gate.state_dict(),
         }
+        state["skipped"] = {**state["skipped"], **self._data_skipped()}
+        return state
 
     def _load_trainer_state(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         self.gate.load_state_dict(state)
+        self.data_skipped_before = {key: int(state["skipped"][key]) for key in self.data_skipped_before}
+
+    def _data_skipped(self) -> dict[str, int]:
+        """Bad shards and replaced samples met since the run began, summed over ranks (collective)."""
+        acc, mine = self.accelerator, self.stream.skipped
+        counts = torch.tensor([mine[key] for key in self.data_skipped_before], device=acc.device)
+        if acc.num_processes > 1:
+            dist.all_reduce(counts)
+        return {
+            key: self.data_skipped_before[key] + n
+            for key, n in zip(self.data_skipped_before, counts.tolist(), strict=True)
+        }
 
     def save(self) -> Path:
         return checkpoint.save_checkpoint(
@@ -336,6 +325,8 @@ class Trainer:
         values["perf/data_wait_fraction"] = window.data_wait / elapsed
         for reason, count in self.gate.skipped.items():
             values[f"skipped/{reason}"] = count
+        for kind, count in self._data_skipped().items():
+            values[f"data/skipped_{kind}"] = count
         if acc.scaler is not None:
             values["train/loss_scale"] = acc.scaler.get_scale()
         self.logger.scalars(values, self.step)
