@@ -46,8 +46,11 @@ def requeued_step(run_dir: Path) -> int:
     return step
 
 
-def test_sigusr1_checkpoints_and_exits_with_requeue_code(demo_shards: Path, tmp_path: Path) -> None:
-    sig = signal.SIGUSR1
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=lambda s: s.name)
+def test_a_signal_to_the_whole_group_checkpoints_and_exits_with_requeue_code(
+    demo_shards: Path, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """As Slurm does: the signal reaches the DataLoader worker too, which leaves it to the trainer."""
     cmd = python_cmd(tmp_path, demo_shards, *LONG, "data.num_workers=1")
     proc = start_and_signal(cmd, tmp_path, sig, group=True)
     _, err = proc.communicate(timeout=120)
