@@ -116,11 +116,14 @@ def optimizer_state(
     for index, (group, params) in enumerate(zip(inner.param_groups, _groups(model, optimizer), strict=True)):
         keys: list[str] = []
         if zero is not None:
-            from deepspeed.utils import safe_get_full_optimizer_state
+            from deepspeed.utils import lazy_init_hp_params_optimizer_state, safe_get_full_optimizer_state
 
             flat = group["params"][0]
             local = inner.state.get(flat, {})
             keys = sorted(k for k, v in local.items() if torch.is_tensor(v) and v.shape == flat.shape)
+            # DeepSpeed links parameters to their state views once, right after the first group's
+            # first step, so later groups would have none: link this group's again (idempotent).
+            lazy_init_hp_params_optimizer_state(params, flat, inner.state)
             for param in params:
                 for key in keys:
                     tensors[f"{key}/{names[id(param)]}"] = safe_get_full_optimizer_state(param, key)
