@@ -43,19 +43,22 @@ def main(mode: str, run_dir: Path) -> None:
     model, optimizer = acc.prepare(model, torch.optim.AdamW(groups, betas=(0.8, 0.95)))
     raw = acc.unwrap_model(model) if acc.distributed_type != DistributedType.DEEPSPEED else model.module
     ema = EMA(raw, 0.9)
+    meta = {"saved_by": acc.num_processes, "dtype": str(next(raw.parameters()).dtype)}
     first = 0
     if mode == "load":
         loaded = load_checkpoint(acc, checkpoint_dir(run_dir, 3), model=model, optimizer=optimizer, ema=ema)
-        assert loaded.step == 3 and loaded.world_size == 2 and loaded.meta == {"saved_by": 2}
+        assert loaded.step == 3 and loaded.world_size == 2 and loaded.meta["saved_by"] == 2
         weights = load_file(checkpoint_dir(run_dir, 3) / MODEL_FILE)
-        assert all(torch.equal(value, weights[name]) for name, value in raw.state_dict().items())
+        assert all(
+            torch.equal(value, weights[name].to(value.dtype)) for name, value in raw.state_dict().items()
+        )
         save_checkpoint(acc, run_dir, 4, model=model, optimizer=optimizer, ema=ema, scaler_state=None,
-                        meta={"saved_by": acc.num_processes}, keep=10)  # fmt: skip
+                        meta=meta, keep=10)  # fmt: skip
         first = 3
     for step in range(first, 3 if mode == "save" else 4):
         generator = torch.Generator().manual_seed(100 * step + acc.process_index)
         x = torch.randn(4, 7, generator=generator)
-        loss = model(x).square().mean()
+        loss = model(x.to(next(raw.parameters()).dtype)).float().square().mean()
         acc.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
@@ -63,7 +66,7 @@ def main(mode: str, run_dir: Path) -> None:
         assert torch.isfinite(loss)
     if mode == "save":
         save_checkpoint(acc, run_dir, 3, model=model, optimizer=optimizer, ema=ema, scaler_state=None,
-                        meta={"saved_by": acc.num_processes}, keep=10)  # fmt: skip
+                        meta=meta, keep=10)  # fmt: skip
     acc.wait_for_everyone()
     acc.end_training()
 

@@ -17,9 +17,10 @@ from tests.engine_util import ACCELERATE, ROOT, check, free_port, run
 HARNESS = ROOT / "tests" / "checkpoint_harness.py"
 
 
-def launch(config: str, processes: int, mode: str, run_dir: Path) -> None:
+def launch(config: str, precision: str, processes: int, mode: str, run_dir: Path) -> None:
     cmd = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs" / "accelerate" / config),
            "--num_processes", str(processes), "--main_process_port", str(free_port()),
+           "--mixed_precision", precision,
            str(HARNESS), mode, str(run_dir)]  # fmt: skip
     check(run(cmd, timeout=400))
 
@@ -30,27 +31,30 @@ def tensors(path: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("saver", "loaders"),
+    ("saver", "precision", "loaders"),
     [
-        ("cpu_debug.yaml", ["cpu_debug.yaml"]),
-        ("deepspeed_zero1.yaml", ["deepspeed_zero1.yaml"]),
-        ("deepspeed_zero2.yaml", ["deepspeed_zero2.yaml", "cpu_debug.yaml"]),
+        ("cpu_debug.yaml", "no", ["cpu_debug.yaml"]),
+        ("deepspeed_zero1.yaml", "bf16", ["deepspeed_zero1.yaml"]),  # bf16 weights, fp32 master copy saved
+        ("deepspeed_zero2.yaml", "no", ["deepspeed_zero2.yaml", "cpu_debug.yaml"]),
     ],
 )
 def test_two_process_checkpoint_loads_on_one_and_three(
-    saver: str, loaders: list[str], tmp_path: Path
+    saver: str, precision: str, loaders: list[str], tmp_path: Path
 ) -> None:
     saved = tmp_path / "saved"
-    launch(saver, 2, "save", saved)
+    launch(saver, precision, 2, "save", saved)
     original = tensors(checkpoint_dir(saved, 3))
+    trained_in = json.loads((checkpoint_dir(saved, 3) / STATE_FILE).read_text())["meta"]["dtype"]
+    assert trained_in == ("torch.bfloat16" if precision == "bf16" else "torch.float32")
     n_params = len(original[MODEL_FILE])
+    assert {value.dtype for value in original[MODEL_FILE].values()} == {torch.float32}
     assert len(original[OPTIMIZER_FILE]) == 3 * n_params  # exp_avg, exp_avg_sq, step per parameter
     assert {float(v) for k, v in original[OPTIMIZER_FILE].items() if k.startswith("step/")} == {3.0}
     for loader in loaders:
         for processes in (1, 3) if loader == saver else (3,):
             run_dir = tmp_path / f"{loader}-{processes}"
             shutil.copytree(saved, run_dir)
-            launch(loader, processes, "load", run_dir)  # loads step 3, saves it again as step 4
+            launch(loader, precision, processes, "load", run_dir)  # loads step 3, saves it again as step 4
             resaved = checkpoint_dir(run_dir, 4)
             assert json.loads((resaved / STATE_FILE).read_text())["world_size"] == processes
             again = tensors(resaved)
