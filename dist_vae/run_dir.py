@@ -35,6 +35,7 @@ EMA_FILE = "ema.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 OPTIMIZER_META = "optimizer.json"
 STATE_FILE = "state.json"
+_FILES = {MODEL_FILE, EMA_FILE, OPTIMIZER_FILE, OPTIMIZER_META, STATE_FILE}
 _NAME = re.compile(r"^step-(\d{8})$")
 
 
@@ -94,10 +95,14 @@ def read_marker(path: Path) -> dict[str, Any]:
     """The COMPLETE marker of a format-2 checkpoint."""
     refuse_format_1(path)
     marker = read_json(path / COMPLETE)
-    if marker.get("format") != FORMAT or not isinstance(marker.get("files"), dict):
+    files = marker.get("files")
+    if marker.get("format") != FORMAT or not isinstance(files, dict):
         raise ConfigError(
             f"{path / COMPLETE}: format {marker.get('format')!r}, expected {FORMAT} and a file list"
         )
+    for name, entry in files.items():
+        if name not in _FILES or not isinstance(entry, dict) or set(entry) != {"size", "sha256"}:
+            raise ConfigError(f"{path / COMPLETE}: bad entry {name!r}; expected files among {sorted(_FILES)}")
     return marker
 
 

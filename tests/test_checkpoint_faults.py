@@ -29,7 +29,7 @@ from dist_vae.run_dir import (
     load_module_state,
     load_run,
 )
-from tests.engine_util import ROOT, check, env, python_cmd, run
+from tests.engine_util import ROOT, accelerate_cmd, check, env, python_cmd, run
 
 STEPS = ["train.steps=4", "train.checkpoint_every=2", "train.eval_every=100", "train.sample_every=100"]
 
@@ -170,14 +170,19 @@ def tmpfs(path: Path, size: int) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(path)], check=True)
 
 
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_full_disk_exits_2_and_keeps_the_previous_checkpoint(
-    trained: Path, demo_shards: Path, tmp_path: Path
+    processes: int, trained: Path, demo_shards: Path, tmp_path: Path
 ) -> None:
     size = sum(f.stat().st_size for f in checkpoint_dir(trained, 4).iterdir())
     with tmpfs(tmp_path / "small", int(size * 1.6)) as run_dir:  # room for one checkpoint, not two
-        proc = run(python_cmd(run_dir, demo_shards, *STEPS))
-        check(proc, 2)
-        line = proc.stderr.strip().splitlines()[-1]
+        if processes == 1:
+            proc = run(python_cmd(run_dir, demo_shards, *STEPS))
+            check(proc, 2)
+        else:  # both ranks learn of rank 0's failure and stop: no hang; the launcher reports failure
+            proc = run(accelerate_cmd("cpu_debug.yaml", run_dir, demo_shards, *STEPS))
+            assert proc.returncode != 0
+        line = next(line for line in proc.stderr.splitlines() if line.startswith("error: "))
         assert (
             line.startswith("error: cannot write checkpoint ")
             and str(checkpoint_dir(run_dir, 4, tmp=True)) in line
@@ -206,3 +211,16 @@ def test_read_only_run_dir_raises_one_line_and_keeps_the_previous(tmp_path: Path
         assert "not writable" in message and "Read-only file system" in message
         assert [path for _, path in complete_checkpoints(run_dir)] == [first]
         assert resolve_resume("auto", run_dir) == first
+
+
+def test_complete_marker_names_only_checkpoint_files(tmp_path: Path) -> None:
+    path = checkpoint_dir(tmp_path, 1)
+    path.mkdir(parents=True)
+    (path / COMPLETE).write_text(
+        json.dumps({"format": 2, "files": {"../../secret": {"size": 1, "sha256": ""}}})
+    )
+    with pytest.raises(ConfigError, match=r"bad entry '../../secret'"):
+        resolve_resume(str(path), tmp_path)
+    (path / COMPLETE).write_text("step 1\nranks 2\n")  # format 1's text marker
+    with pytest.raises(ConfigError, match="expected a JSON file"):
+        resolve_resume(str(path), tmp_path)
