@@ -193,7 +193,17 @@ def test_full_disk_exits_2_and_keeps_the_previous_checkpoint(
         assert load_run(run_dir).step == 2 and not (run_dir / "done").exists()
 
 
-def test_read_only_run_dir_raises_one_line_and_keeps_the_previous(tmp_path: Path) -> None:
+def test_read_only_run_dir_exits_2_before_training(trained: Path, demo_shards: Path, tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "ro", 16 << 20) as run_dir:
+        shutil.copytree(trained, run_dir, dirs_exist_ok=True)
+        subprocess.run(["mount", "-o", "remount,ro", str(run_dir)], check=True)
+        proc = run(python_cmd(run_dir, demo_shards, *STEPS[1:], "train.steps=6"))
+        check(proc, 2)
+        line = proc.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"error: run_dir {run_dir} is not writable: Read-only file system")
+
+
+def test_read_only_checkpoint_dir_raises_one_line_and_keeps_the_previous(tmp_path: Path) -> None:
     acc = Accelerator(cpu=True)
     net = nn.Linear(3, 2)
     model, optimizer = acc.prepare(net, torch.optim.AdamW(net.parameters()))

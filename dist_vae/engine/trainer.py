@@ -139,7 +139,12 @@ class Trainer:
             checkpoint.check_resume(resume_from, cfg)  # a refused resume leaves config.yaml as it was
         if acc.is_main_process:
             checkpoint.clean_partial(self.run_dir)
-            write_text_atomic(self.run_dir / CONFIG_FILE, to_yaml(cfg))
+            try:
+                write_text_atomic(self.run_dir / CONFIG_FILE, to_yaml(cfg))
+            except OSError as exc:  # read-only or full file system: exit 2, like a failed checkpoint
+                raise ConfigError(
+                    f"run_dir {self.run_dir} is not writable: {exc.strerror} ({exc.filename})"
+                ) from exc
         acc.wait_for_everyone()
 
         set_seed(cfg.seed)  # identical initial weights on every rank
