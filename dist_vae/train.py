@@ -5,7 +5,8 @@ DeepSpeed ZeRO-1/2, CPU gloo) is chosen by the accelerate config file alone.
 
 Exit codes: 0 when train.steps is reached (RUN_DIR/done is written), 3 (`REQUEUE_EXIT_CODE`) after a
 SIGUSR1/SIGTERM checkpoint (RUN_DIR/requeue is written, since multi-process launchers may report
-their own code instead), 2 for a bad configuration or unusable data.
+their own code instead), 2 for a bad configuration, unusable data or a checkpoint that cannot be
+written (disk full, read-only run dir; the previous checkpoints are kept).
 
 Signals under launchers (checked by tests/test_engine_signals.py): SIGUSR1 may go to the whole
 process group (`kill -USR1 -- -PGID`, DataLoader workers included: they inherit the handler).
@@ -28,6 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from dist_vae.config import ConfigError, load_config
 from dist_vae.data.stream import DataError
+from dist_vae.engine.checkpoint import CheckpointWriteError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    code = trainer.fit()
+    try:
+        code = trainer.fit()
+    except CheckpointWriteError as exc:  # disk full or run dir not writable; older checkpoints are kept
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if trainer.accelerator.is_main_process:
         print(f"samples:     {trainer.logger.samples_dir}")
         print(f"tensorboard: tensorboard --logdir {trainer.logger.tensorboard_dir}")
