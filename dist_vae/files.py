@@ -53,6 +53,28 @@ def atomic_path(path: Path) -> Iterator[Path]:
     fsync_dir(path.parent)
 
 
+def write_synced(path: Path, data: bytes) -> None:
+    """Write `path` in place and fsync it: for files inside a temporary directory that is then
+    published as a whole by `replace_dir` (the directory rename is the atomic step)."""
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Rename the finished directory `tmp` to `final` durably; an existing `final` is moved aside
+    first and removed only once the new one is in place."""
+    aside = final.with_name(f".old-{final.name}")
+    if final.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+    fsync_dir(tmp)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Call `write` on a binary file that replaces `path` only once it is complete and on disk."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:

@@ -5,7 +5,8 @@ DeepSpeed ZeRO-1/2, CPU gloo) is chosen by the accelerate config file alone.
 
 Exit codes:
   0  train.steps reached; RUN_DIR/done is written.
-  2  bad configuration, unusable data or run directory (one line `error: ...` naming the key or file).
+  2  bad configuration, unusable data, a checkpoint that cannot be written (disk full, read-only run
+     dir; the previous checkpoints are kept): one line `error: ...` naming the key or file.
   3  (`REQUEUE_EXIT_CODE`) stopped by SIGUSR1/SIGTERM after a checkpoint; RUN_DIR/requeue is written,
      since multi-process launchers may report their own code instead.
   4  diverged: train.max_nonfinite_skips non-finite updates in a row. Nothing new is saved; one line
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str] | None, preemption: PreemptionFlag) -> int:
     from dist_vae.config import ConfigError, load_config
     from dist_vae.data.stream import DataError
+    from dist_vae.engine.checkpoint import CheckpointWriteError
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, help="run configuration YAML (configs/*.yaml)")
@@ -62,6 +64,9 @@ def _run(argv: list[str] | None, preemption: PreemptionFlag) -> int:
         return 2
     try:
         code = trainer.fit()
+    except CheckpointWriteError as exc:  # disk full or run dir not writable; older checkpoints are kept
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except TrainingDiverged as exc:
         if trainer.accelerator.is_main_process:
             print(f"error: {exc}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -11,6 +12,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
+
+from dist_vae.run_dir import STATE_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS = ROOT / "tests" / "engine_harness.py"
@@ -78,11 +82,16 @@ def check(proc: subprocess.CompletedProcess, code: int = 0) -> None:
 
 
 def checkpoint_contents(path: Path) -> dict[str, Any]:
-    """Every file of a checkpoint directory, loaded (DeepSpeed sub-directories included)."""
+    """Every file of a checkpoint directory, loaded: safetensors files as tensors, JSON as data. The
+    run's provenance (state.json's resolved config, which names the run dir; COMPLETE, which hashes
+    it) is left out so that two runs of the same training compare equal."""
     contents: dict[str, Any] = {}
-    for file in sorted(path.rglob("*")):
-        if file.suffix in (".pt", ".bin", ".pkl"):
-            contents[str(file.relative_to(path))] = torch.load(file, map_location="cpu", weights_only=False)
+    for file in sorted(path.iterdir()):
+        if file.suffix == ".safetensors":
+            contents[file.name] = load_file(file)
+        elif file.suffix == ".json":
+            contents[file.name] = json.loads(file.read_text())
+    contents[STATE_FILE]["meta"].pop("config")
     return contents
 
 

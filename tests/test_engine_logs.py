@@ -36,18 +36,17 @@ def bad_run(demo_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 def test_nan_and_spike_updates_are_skipped_and_counted(bad_run: Path) -> None:
     assert [step for step, _ in complete_checkpoints(bad_run)] == list(range(1, 9))
     ckpt = {step: checkpoint_contents(path) for step, path in complete_checkpoints(bad_run)}
-    assert ckpt[1]["trainer.pt"]["skipped"] == {"nonfinite": 0, "spike": 0}
-    assert ckpt[2]["trainer.pt"]["skipped"] == {"nonfinite": 1, "spike": 0}
-    assert ckpt[6]["trainer.pt"]["skipped"] == {"nonfinite": 1, "spike": 0}
-    assert ckpt[8]["trainer.pt"]["skipped"] == {"nonfinite": 1, "spike": 1}
+    assert ckpt[1]["state.json"]["meta"]["skipped"] == {"nonfinite": 0, "spike": 0}
+    assert ckpt[2]["state.json"]["meta"]["skipped"] == {"nonfinite": 1, "spike": 0}
+    assert ckpt[6]["state.json"]["meta"]["skipped"] == {"nonfinite": 1, "spike": 0}
+    assert ckpt[8]["state.json"]["meta"]["skipped"] == {"nonfinite": 1, "spike": 1}
     for before, after in [(1, 2), (6, 7)]:  # a skipped update leaves weights, moments and EMA as they were
-        assert_same(ckpt[before]["pytorch_model.bin"], ckpt[after]["pytorch_model.bin"])
-        assert_same(ckpt[before]["optimizer.bin"]["state"], ckpt[after]["optimizer.bin"]["state"])
-        assert_same(ckpt[before]["trainer.pt"]["ema"], ckpt[after]["trainer.pt"]["ema"])
+        for file in ("model.safetensors", "optimizer.safetensors", "ema.safetensors"):
+            assert_same(ckpt[before][file], ckpt[after][file])
     for before, after in [(2, 3), (7, 8)]:  # and the next one is applied normally
-        weights = ckpt[after]["pytorch_model.bin"]
+        weights = ckpt[after]["model.safetensors"]
         assert all(torch.isfinite(w).all() for w in weights.values())
-        assert any(not torch.equal(w, weights[k]) for k, w in ckpt[before]["pytorch_model.bin"].items())
+        assert any(not torch.equal(w, weights[k]) for k, w in ckpt[before]["model.safetensors"].items())
 
 
 def test_tensorboard_holds_scalars_and_samples(bad_run: Path) -> None:

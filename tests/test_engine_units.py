@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dist_vae.config import ConfigError
-from dist_vae.engine.checkpoint import COMPLETE, clean_partial, latest_complete, resolve_resume
+from dist_vae.engine.checkpoint import COMPLETE, clean_partial, resolve_resume
 from dist_vae.engine.ema import EMA
 from dist_vae.engine.schedule import lr_factor
 from dist_vae.engine.skip import SpikeDetector, UpdateGate
@@ -113,17 +113,17 @@ def make_checkpoint(root: Path, name: str, complete: bool) -> Path:
     path = root / "checkpoints" / name
     path.mkdir(parents=True)
     if complete:
-        (path / COMPLETE).write_text("step 0\nranks 1\n")
+        (path / COMPLETE).write_text('{"format": 2, "step": 0, "world_size": 1, "files": {}}')
     return path
 
 
 def test_only_complete_checkpoints_are_resumed_and_partials_are_cleaned(tmp_path: Path) -> None:
-    assert latest_complete(tmp_path) is None and resolve_resume("auto", tmp_path) is None
+    assert resolve_resume("auto", tmp_path) is None
     make_checkpoint(tmp_path, "step-00000010", complete=True)
     good = make_checkpoint(tmp_path, "step-00000020", complete=True)
     torn = make_checkpoint(tmp_path, "step-00000030", complete=False)
     tmp = make_checkpoint(tmp_path, ".tmp-step-00000040", complete=True)
-    assert latest_complete(tmp_path) == good == resolve_resume("auto", tmp_path)
+    assert good == resolve_resume("auto", tmp_path)
     assert resolve_resume("never", tmp_path) is None
     assert resolve_resume(str(good), tmp_path) == good
     with pytest.raises(ConfigError, match="step-00000030 is not a complete checkpoint"):
@@ -144,6 +144,6 @@ def test_ema_follows_weights_with_warmed_up_decay() -> None:
     torch.testing.assert_close(ema.model.weight, decay * start + (1 - decay) * model.weight.detach())
     assert not any(p.requires_grad for p in ema.model.parameters()) and not ema.model.training
     clone = EMA(model, decay=0.9)
-    clone.load_state_dict(ema.state_dict())
+    clone.load_state_dict(ema.state_dict(), ema.updates)
     assert clone.updates == 1 and torch.equal(clone.model.weight, ema.model.weight)
     assert math.isclose(decay, 2 / 11)

@@ -1,21 +1,25 @@
-"""Atomic, complete checkpoints under RUN_DIR/checkpoints/step-%08d/.
+"""Checkpoints (format 2) under RUN_DIR/checkpoints/step-%08d/: world-size independent, no pickle.
 
-Every rank writes into `.tmp-step-%08d/`: Accelerate's `save_state` (model, optimizer, loss scaler,
-and the python/numpy/torch RNG states of each rank; under DeepSpeed the engine's own sharded
-checkpoint) plus our `trainer.pt` (rank 0: step, EMA, skip statistics) and `rank-%05d.pt` (each
-rank: its data-stream position). Only when all ranks are done does rank 0 write the `COMPLETE`
-marker and rename the directory, so a kill at any moment leaves either the previous checkpoints or
-the new one; older checkpoints are pruned after the rename. Anything else under checkpoints/ is
-ignored by `latest_complete` and removed by `clean_partial`.
+    model.safetensors      the raw module's state dict, parameters as full fp32 (gathered under ZeRO)
+    ema.safetensors        the EMA weights, when the run keeps them
+    optimizer.safetensors  per-parameter-name optimizer state (`exp_avg/<name>`, ...)
+    optimizer.json         per group: parameter names, state keys, hyperparameters
+    state.json             step, world size, the caller's `meta` (resolved config, data position,
+                           skip statistics), EMA count, loss scaler, DeepSpeed's counters
+    COMPLETE               JSON: format, step, world size, every file's size and sha256
 
-`load_run` reads a run back for the tools (sampling, evaluation), which need only weights: the EMA
-copy in trainer.pt (fp32, the same under every backend) or the weights Accelerate saved.
+Every rank takes part in gathering (ZeRO); rank 0 writes into `.tmp-step-%08d/`, fsyncs each file,
+renames the directory and fsyncs its parent, so a kill at any moment leaves the previous checkpoints
+or the new one. A failed write (disk full, read-only) removes the temporary directory, keeps the older
+checkpoints and raises `CheckpointWriteError` on every rank. Random states are not saved: the trainer
+re-derives them from (seed, step, rank).
 """
 
 from __future__ import annotations
 
-import os
-import re
+import errno
+import hashlib
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,52 +27,97 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from safetensors.torch import save
 from torch import nn
 
-from dist_vae.config import Config, ConfigError, load_config
-from dist_vae.files import fsync_dir
-from dist_vae.models import build_model
+from dist_vae.config import Config, ConfigError
+from dist_vae.engine.ema import EMA
+from dist_vae.engine.full_state import (
+    engine_counters,
+    full_weights,
+    load_optimizer_state,
+    load_weights,
+    optimizer_state,
+    restore_engine_counters,
+)
+from dist_vae.files import replace_dir, write_synced
+from dist_vae.run_dir import (
+    COMPLETE,
+    EMA_FILE,
+    FORMAT,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    OPTIMIZER_META,
+    STATE_FILE,
+    check_tensors,
+    checkpoint_dir,
+    checkpoint_root,
+    complete_checkpoints,
+    config_dict,
+    is_complete_dir,
+    newest_verified,
+    read_json,
+    read_marker,
+    read_tensors,
+    refuse_format_1,
+    verify,
+)
 
-COMPLETE = "COMPLETE"
-TRAINER_FILE = "trainer.pt"
-_NAME = re.compile(r"^step-(\d{8})$")
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written; the message is one line: which path, why, bytes needed."""
 
 
-def checkpoint_root(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
-
-
-def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint, oldest first."""
-    root = checkpoint_root(run_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for path in root.iterdir():
-        match = _NAME.match(path.name)
-        if match and (path / COMPLETE).is_file():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def latest_complete(run_dir: Path) -> Path | None:
-    found = complete_checkpoints(run_dir)
-    return found[-1][1] if found else None
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    world_size: int
+    meta: dict[str, Any]
+    scaler_state: dict[str, Any] | None
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Path | None:
-    """The checkpoint to start from: `auto` -> newest complete one (or none), `never` -> none, else a path."""
+    """The checkpoint to start from: `auto` -> the newest one that verifies (or none), `never` -> none,
+    else that directory, which must verify."""
     if resume == "never":
         return None
     if resume == "auto":
-        return latest_complete(run_dir)
+        return newest_verified(run_dir)
     path = Path(resume)
     if not (path / COMPLETE).is_file():
         raise ConfigError(
             f"bad value {resume!r} for 'resume': {path} is not a complete checkpoint directory "
             f"(no {COMPLETE} marker); expected auto, never or such a directory"
         )
+    refuse_format_1(path)
+    verify(path)
     return path
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        return {prefix: value}
+    return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}.{key}").items()}
+
+
+def check_resume(path: Path, cfg: Config) -> None:
+    """Refuse (ConfigError naming the first differing key) to continue `path` with a model or
+    resolution other than the one it was trained with; run before anything is written."""
+    read_marker(path)
+    saved = read_json(path / STATE_FILE).get("meta", {}).get("config")
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path / STATE_FILE} holds no resolved configuration (meta.config)")
+    current = config_dict(cfg)
+    resolution = saved.get("data", {}).get("resolution")
+    old = _flatten(saved.get("model", {}), "model") | {"data.resolution": resolution}
+    new = _flatten(current["model"], "model") | {"data.resolution": current["data"]["resolution"]}
+    for key, value in new.items():
+        if key in old and old[key] != value:
+            raise ConfigError(
+                f"checkpoint {path} was trained with {key}={old[key]}, this config has {value}; "
+                "resume=never (or another run_dir) starts a new run"
+            )
 
 
 def clean_partial(run_dir: Path) -> None:
@@ -76,112 +125,105 @@ def clean_partial(run_dir: Path) -> None:
     root = checkpoint_root(run_dir)
     if root.is_dir():
         for path in root.iterdir():
-            if path.is_dir() and not (_NAME.match(path.name) and (path / COMPLETE).is_file()):
+            if path.is_dir() and not is_complete_dir(path):
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def _rank_file(rank: int) -> str:
-    return f"rank-{rank:05d}.pt"
+def _json(value: Any) -> bytes:
+    return json.dumps(value, indent=1).encode()
+
+
+def _any_rank(acc: Accelerator, flag: bool) -> bool:
+    """Whether `flag` holds on any rank (every rank calls this)."""
+    if acc.num_processes == 1:
+        return flag
+    votes = torch.tensor([float(flag)], device=acc.device)
+    torch.distributed.all_reduce(votes)
+    return bool(votes[0] > 0)
+
+
+def _write_error(exc: OSError, tmp: Path, needed: int) -> str:
+    where = exc.filename or tmp
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        existing = next(p for p in (tmp, *tmp.parents) if p.exists())
+        free = shutil.disk_usage(existing).free
+        return f"cannot write checkpoint {where}: no space left on device (needs {needed} bytes, {free} free)"
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write checkpoint {where}: the directory is not writable ({exc.strerror})"
+    return f"cannot write checkpoint {where}: {exc.strerror or exc}"
+
+
+def _write(tmp: Path, files: dict[str, bytes], step: int, world_size: int) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    listed = {}
+    for name, data in files.items():
+        write_synced(tmp / name, data)
+        listed[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    marker = {"format": FORMAT, "step": step, "world_size": world_size, "files": listed}
+    write_synced(tmp / COMPLETE, _json(marker))
 
 
 def save_checkpoint(
-    accelerator: Accelerator,
+    acc: Accelerator,
     run_dir: Path,
     step: int,
-    trainer_state: dict[str, Any],
-    rank_state: dict[str, Any],
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: EMA | None,
+    scaler_state: dict[str, Any] | None,
+    meta: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Collective: every rank must call it at the same step. Returns the final directory."""
-    root = checkpoint_root(run_dir)
-    final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=False)
-    torch.save(rank_state, tmp / _rank_file(accelerator.process_index))
-    if accelerator.is_main_process:
-        torch.save(trainer_state, tmp / TRAINER_FILE)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        os.sync()
-        (tmp / COMPLETE).write_text(f"step {step}\nranks {accelerator.num_processes}\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(root)
-        for _, old in complete_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    """Collective: every rank calls it at the same step. Returns the final directory; keeps the
+    newest `keep` checkpoints."""
+    weights = full_weights(acc, model)
+    optimizer_tensors, optimizer_meta = optimizer_state(acc, model, optimizer)
+    final, tmp = checkpoint_dir(run_dir, step), checkpoint_dir(run_dir, step, tmp=True)
+    error = ""
+    if acc.is_main_process:
+        state = {
+            "format": FORMAT, "step": step, "world_size": acc.num_processes, "meta": meta,
+            "ema": None if ema is None else {"decay": ema.decay, "num_updates": ema.updates},
+            "scaler": scaler_state, "engine": engine_counters(model),
+        }  # fmt: skip
+        files = {MODEL_FILE: save(weights), OPTIMIZER_FILE: save(optimizer_tensors)}
+        if ema is not None:
+            files[EMA_FILE] = save({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
+        files |= {OPTIMIZER_META: _json(optimizer_meta), STATE_FILE: _json(state)}
+        try:
+            _write(tmp, files, step, acc.num_processes)
+            replace_dir(tmp, final)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = _write_error(exc, tmp, sum(len(data) for data in files.values()))
+        else:
+            for _, old in complete_checkpoints(run_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    if _any_rank(acc, bool(error)):
+        raise CheckpointWriteError(error or f"cannot write checkpoint {tmp} (rank 0 reports why)")
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restore Accelerate's state in place; return (trainer_state, this rank's state)."""
-    ranks = (path / COMPLETE).read_text().split("ranks ")[-1].strip()
-    if ranks != str(accelerator.num_processes):
-        raise ConfigError(
-            f"checkpoint {path} was written by {ranks} processes but this run has "
-            f"{accelerator.num_processes}; resume with the same number of processes"
-        )
-    accelerator.load_state(str(path))
-    trainer_state = torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=False)
-    rank_file = path / _rank_file(accelerator.process_index)
-    rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
-    return trainer_state, rank_state
-
-
-_WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")
-
-
-@dataclass
-class LoadedRun:
-    cfg: Config
-    model: nn.Module  # in eval mode
-    step: int
-    checkpoint: Path
-    ema: bool
-
-
-def load_run(run_dir: str | Path, ema: bool | None = None, device: str | torch.device = "cpu") -> LoadedRun:
-    """The run's config.yaml and its newest complete checkpoint's weights, for the tools: the EMA
-    ones when `ema` (None: when the run kept them, as the trainer's own samples do), in eval mode
-    on `device`."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory: no config.yaml (written by dist_vae/train.py)")
-    cfg = load_config(config_path)
-    path = latest_complete(run_dir)
-    if path is None:
-        raise ConfigError(
-            f"{run_dir}/checkpoints holds no complete checkpoint (step-*/ with a COMPLETE marker)"
-        )
-    trainer_state = torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=False)
-    model = build_model(cfg.model, cfg.data.resolution)
-    if ema is None:
-        ema = trainer_state.get("ema") is not None
-    if ema:
-        if trainer_state.get("ema") is None:
-            raise ConfigError(f"{path} has no EMA weights (the run used train.ema_decay=0); drop --ema")
-        state = trainer_state["ema"]["model"]
-    else:
-        state = _trained_weights(path)
-    model.load_state_dict(state)
-    return LoadedRun(cfg, model.to(device).eval(), int(trainer_state["step"]), path, ema)
-
-
-def _trained_weights(path: Path) -> dict[str, torch.Tensor]:
-    for name in _WEIGHT_FILES:
-        if (path / name).is_file():
-            if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                return load_file(path / name)
-            return torch.load(path / name, map_location="cpu", weights_only=True)
-    raise ConfigError(
-        f"{path} holds none of {list(_WEIGHT_FILES)} (a DeepSpeed checkpoint keeps sharded weights): "
-        "use the EMA weights (--ema) or convert it with DeepSpeed's zero_to_fp32.py"
-    )
+def load_checkpoint(
+    acc: Accelerator, path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None
+) -> Checkpoint:
+    """Restore weights, optimizer, EMA and DeepSpeed's counters in place on any world size; the
+    caller restores the rest from `.meta` and `.scaler_state`."""
+    read_marker(path)
+    state = read_json(path / STATE_FILE)
+    weights = read_tensors(path / MODEL_FILE)
+    load_weights(acc, model, weights, path / MODEL_FILE)
+    optimizer_tensors = read_tensors(path / OPTIMIZER_FILE)
+    optimizer_meta = read_json(path / OPTIMIZER_META)
+    load_optimizer_state(acc, model, optimizer, optimizer_tensors, optimizer_meta, path / OPTIMIZER_FILE)
+    if ema is not None:
+        if state.get("ema") is not None:  # else the run starts keeping an EMA now, from these weights
+            weights, updates = read_tensors(path / EMA_FILE), state["ema"]["num_updates"]
+        else:
+            updates = 0
+        check_tensors(ema.state_dict(), weights, path / EMA_FILE)
+        ema.load_state_dict(weights, updates)
+    restore_engine_counters(model, state.get("engine"))
+    return Checkpoint(path, state["step"], state["world_size"], state["meta"], state.get("scaler"))

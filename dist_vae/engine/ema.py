@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 from torch import nn
@@ -36,9 +35,10 @@ class EMA:
         if buffers:
             torch._foreach_copy_(shadow_buffers, buffers)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"updates": self.updates, "model": self.model.state_dict()}
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors only; `decay` and `updates` are plain numbers the checkpoint keeps as JSON."""
+        return self.model.state_dict()
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.updates = state["updates"]
-        self.model.load_state_dict(state["model"])
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], updates: int) -> None:
+        self.updates = updates
+        self.model.load_state_dict(tensors)

@@ -1,18 +1,35 @@
-"""Keeping side work (data fetching, evaluation, sampling) from drawing on the training RNG streams.
+"""Random streams derived from (seed, step, rank), so none has to be saved in a checkpoint.
 
-Resuming is bit-exact only if the dropout/noise streams see exactly the same draws as in an
-uninterrupted run; a DataLoader seeding its workers or an evaluation pass would otherwise consume
-draws at moments that differ between the two.
+Every training step starts by re-seeding python, numpy and torch (CPU and CUDA) from a hash of the
+run's seed, the step and the rank: a resumed run, on the same or on another number of processes,
+draws exactly what an uninterrupted run with that many processes draws. Side work inside a step
+(fetching a batch, whose DataLoader may seed its workers from the global stream) runs inside
+`preserved_rng` so it takes no draws from the step's stream.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
 import torch
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """A 64-bit seed that differs for every (seed, step, rank) triple."""
+    digest = hashlib.sha256(f"{seed}/{step}/{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def seed_everything_for_step(seed: int, step: int, rank: int) -> None:
+    """Seed python, numpy and torch (every CUDA device too) for training step `step` on `rank`."""
+    derived = step_seed(seed, step, rank)
+    random.seed(derived)
+    np.random.seed(derived % 2**32)  # numpy's legacy global generator takes 32 bits
+    torch.manual_seed(derived)  # also seeds every CUDA device
 
 
 @contextmanager

@@ -31,6 +31,7 @@ from dist_vae.data.stream import ShardStream, read_manifest
 from dist_vae.engine import checkpoint
 from dist_vae.engine.distributed import make_accelerator
 from dist_vae.engine.ema import EMA
+from dist_vae.engine.full_state import restore_scaler, scaler_state
 from dist_vae.engine.logging import RunLogger
 from dist_vae.engine.preemption import (
     REQUEUE_EXIT_CODE,
@@ -38,12 +39,13 @@ from dist_vae.engine.preemption import (
     write_done_marker,
     write_requeue_marker,
 )
-from dist_vae.engine.rng import preserved_rng
+from dist_vae.engine.rng import preserved_rng, seed_everything_for_step
 from dist_vae.engine.schedule import lr_factor
 from dist_vae.engine.skip import SpikeDetector, UpdateGate
 from dist_vae.engine.update import make_update_path
 from dist_vae.files import write_text_atomic
 from dist_vae.models import build_model
+from dist_vae.run_dir import CONFIG_FILE, config_dict
 from dist_vae.sampling import grid_samples
 
 log = logging.getLogger(__name__)
@@ -127,9 +129,16 @@ class Trainer:
         self.accelerator = make_accelerator(cfg)
         acc = self.accelerator
         self.batch_size = per_rank_batch(cfg)
+        if resume_from is not None:
+            checkpoint.check_resume(resume_from, cfg)  # a refused resume leaves config.yaml as it was
         if acc.is_main_process:
             checkpoint.clean_partial(self.run_dir)
-            write_text_atomic(self.run_dir / "config.yaml", to_yaml(cfg))
+            try:
+                write_text_atomic(self.run_dir / CONFIG_FILE, to_yaml(cfg))
+            except OSError as exc:  # read-only or full file system: exit 2, like a failed checkpoint
+                raise ConfigError(
+                    f"run_dir {self.run_dir} is not writable: {exc.strerror} ({exc.filename})"
+                ) from exc
         acc.wait_for_everyone()
 
         set_seed(cfg.seed)  # identical initial weights on every rank
@@ -148,7 +157,6 @@ class Trainer:
         self.gate = UpdateGate(spikes, t.max_nonfinite_skips)
         self.data_skipped_before = {"shards": 0, "samples": 0}  # by the runs this one resumes
         self.step = 0
-        set_seed(cfg.seed, device_specific=True)  # distinct dropout/noise streams per rank
 
         self.stream = ShardStream(
             cfg.data, "train", acc.process_index, acc.num_processes, cfg.seed, batch_size=self.batch_size
@@ -158,28 +166,32 @@ class Trainer:
         if not self.validate and acc.is_main_process:
             log.warning("split 'val' of %s is empty: validation is off", cfg.data.path)
         if resume_from is not None:
-            trainer_state, rank_state = checkpoint.load_checkpoint(acc, resume_from)
-            self._load_trainer_state(trainer_state)
-            self.stream.load_state_dict(rank_state["data"])
+            loaded = checkpoint.load_checkpoint(
+                acc, resume_from, model=self.model, optimizer=self.optimizer, ema=self.ema
+            )
+            restore_scaler(acc, self.model, loaded.scaler_state)
+            self._load_trainer_state(loaded.step, loaded.meta)
         self.logger = RunLogger(self.run_dir, t.steps, self.step, enabled=acc.is_main_process)
 
     # --- state ---------------------------------------------------------------------------------
-    def _trainer_state(self) -> dict[str, Any]:
-        """Collective (it sums the data stream's counts over ranks)."""
-        state = {
-            "step": self.step,
-            "ema": self.ema.state_dict() if self.ema else None,
+    def _meta(self) -> dict[str, Any]:
+        """What the checkpoint keeps beside weights and optimizer (JSON). Collective: it sums the
+        data stream's counts over ranks."""
+        acc = self.accelerator
+        meta = {
+            "config": config_dict(self.cfg),
+            "global_batch": self.batch_size * acc.num_processes * self.cfg.train.accumulate,
+            "data": self.stream.state_dict(),
             **self.gate.state_dict(),
         }
-        state["skipped"] = {**state["skipped"], **self._data_skipped()}
-        return state
+        meta["skipped"] = {**meta["skipped"], **self._data_skipped()}
+        return meta
 
-    def _load_trainer_state(self, state: dict[str, Any]) -> None:
-        self.step = state["step"]
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.gate.load_state_dict(state)
-        self.data_skipped_before = {key: int(state["skipped"][key]) for key in self.data_skipped_before}
+    def _load_trainer_state(self, step: int, meta: dict[str, Any]) -> None:
+        self.step = step
+        self.stream.load_state_dict(meta["data"])
+        self.gate.load_state_dict(meta)
+        self.data_skipped_before = {key: int(meta["skipped"][key]) for key in self.data_skipped_before}
 
     def _data_skipped(self) -> dict[str, int]:
         """Bad shards and replaced samples met since the run began, summed over ranks (collective)."""
@@ -193,14 +205,11 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        acc, keep = self.accelerator, self.cfg.train.keep_checkpoints
         return checkpoint.save_checkpoint(
-            self.accelerator,
-            self.run_dir,
-            self.step,
-            self._trainer_state(),
-            {"data": self.stream.state_dict()},
-            self.cfg.train.keep_checkpoints,
-        )
+            acc, self.run_dir, self.step, model=self.model, optimizer=self.optimizer, ema=self.ema,
+            scaler_state=scaler_state(acc, self.model), meta=self._meta(), keep=keep,
+        )  # fmt: skip
 
     # --- one update ----------------------------------------------------------------------------
     def _set_lr(self) -> None:
@@ -243,6 +252,7 @@ class Trainer:
         return x.to(self.accelerator.device, non_blocking=True)
 
     def _train_step(self, batches: Iterator[torch.Tensor], window: Window) -> Update:
+        seed_everything_for_step(self.cfg.seed, self.step, self.accelerator.process_index)
         self._set_lr()
         accumulate = self.cfg.train.accumulate
         loss = torch.zeros((), device=self.accelerator.device)
@@ -283,7 +293,7 @@ class Trainer:
         was_training = net.training
         totals = torch.zeros(2, dtype=torch.float64, device=acc.device)
         stream = self._val_stream()
-        with preserved_rng(), acc.autocast():
+        with acc.autocast():
             torch.manual_seed(cfg.seed + self.step)
             net.eval()
             for i, x in enumerate(stream):
@@ -303,7 +313,7 @@ class Trainer:
         net = self._eval_model()
         was_training = net.training
         generator = torch.Generator(self.accelerator.device).manual_seed(self.cfg.seed + self.step)
-        with preserved_rng(), self.accelerator.autocast():
+        with self.accelerator.autocast():
             net.eval()
             samples = grid_samples(net, self.cfg.train.sample_count, generator=generator)
             net.train(was_training)

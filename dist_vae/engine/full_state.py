@@ -1,0 +1,257 @@
+"""Whole, world-size independent model and optimizer state, whatever the backend.
+
+DDP (and a single process) keeps the full state on every rank. DeepSpeed ZeRO-1/2 partitions the
+fp32 master weights and the optimizer moments over the ranks; DeepSpeed's `safe_get_full_*` and
+`safe_set_full_*` assemble and scatter them one parameter at a time (the getters are collectives:
+every rank calls them in the same order). Optimizer state is keyed by parameter name
+(`exp_avg/<name>`), so a checkpoint loads on any world size and on either backend.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.optimizer import AcceleratedOptimizer
+from torch import nn
+
+from dist_vae.config import ConfigError
+from dist_vae.run_dir import load_module_state
+
+Tensors = dict[str, torch.Tensor]
+_ENGINE_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
+_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def deepspeed_engine(model: nn.Module) -> Any | None:
+    """The DeepSpeed engine when `model` is one (deepspeed is imported only by runs that use it)."""
+    ds = sys.modules.get("deepspeed")
+    return model if ds is not None and isinstance(model, ds.DeepSpeedEngine) else None
+
+
+def raw_module(acc: Accelerator, model: nn.Module) -> nn.Module:
+    engine = deepspeed_engine(model)
+    return engine.module if engine is not None else acc.unwrap_model(model)
+
+
+def _partitioned(model: nn.Module) -> Any | None:
+    """DeepSpeed's ZeRO-1/2 (or bf16) optimizer, whose fp32 state is split over the ranks, else None."""
+    engine = deepspeed_engine(model)
+    if engine is None:
+        return None
+    if engine.zero_optimization_stage() > 2:
+        raise ConfigError("checkpoints support DeepSpeed ZeRO stages 0-2, not stage 3")
+    optimizer = engine.optimizer
+    return optimizer if hasattr(optimizer, "bit16_groups") or hasattr(optimizer, "bf16_groups") else None
+
+
+def _torch_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer holding the state (under ZeRO: over the flat fp32 partitions)."""
+    engine = deepspeed_engine(model)
+    inner = engine.optimizer if engine is not None else optimizer
+    while isinstance(inner, AcceleratedOptimizer) or not isinstance(inner, torch.optim.Optimizer):
+        inner = inner.optimizer
+    return inner
+
+
+def _groups(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[nn.Parameter]]:
+    """The model parameters of each optimizer group, in the optimizer's order."""
+    zero = _partitioned(model)
+    if zero is not None:
+        return [list(group) for group in getattr(zero, "bit16_groups", None) or zero.bf16_groups]
+    return [list(group["params"]) for group in _torch_optimizer(model, optimizer).param_groups]
+
+
+def _cpu(tensors: Tensors) -> Tensors:
+    return {name: value.detach().cpu().contiguous().clone() for name, value in tensors.items()}
+
+
+def full_weights(acc: Accelerator, model: nn.Module) -> Tensors:
+    """The raw module's state dict, parameters as their fp32 master copy (a collective under ZeRO)."""
+    module = raw_module(acc, model)
+    state = dict(module.state_dict())
+    if _partitioned(model) is not None:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        for name, param in module.named_parameters():
+            full = safe_get_full_fp32_param(param)
+            if full is not None:
+                state[name] = full
+    return _cpu(state)
+
+
+def load_weights(acc: Accelerator, model: nn.Module, tensors: Tensors, source: Path) -> None:
+    module = raw_module(acc, model)
+    load_module_state(module, tensors, source)
+    if _partitioned(model) is not None:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        for name, param in module.named_parameters():
+            safe_set_full_fp32_param(param, tensors[name].to(param.device))
+
+
+def _hyperparameters(group: dict[str, Any], index: int) -> dict[str, Any]:
+    hyper = {}
+    for key, value in group.items():
+        value = list(value) if isinstance(value, tuple) else value
+        if key != "params" and not isinstance(value, (int, float, bool, str, list, type(None))):
+            raise TypeError(f"optimizer group {index}: hyperparameter {key!r} is a {type(value).__name__}")
+        if key != "params":
+            hyper[key] = value
+    return hyper
+
+
+def optimizer_state(
+    acc: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[Tensors, dict[str, Any]]:
+    """Tensors named `key/parameter`, and JSON: per group its parameter names, state keys and
+    hyperparameters. A collective under ZeRO."""
+    names = {id(p): n for n, p in raw_module(acc, model).named_parameters()}
+    inner, zero = _torch_optimizer(model, optimizer), _partitioned(model)
+    tensors: Tensors = {}
+    groups = []
+    for index, (group, params) in enumerate(zip(inner.param_groups, _groups(model, optimizer), strict=True)):
+        keys: list[str] = []
+        if zero is not None:
+            from deepspeed.utils import lazy_init_hp_params_optimizer_state, safe_get_full_optimizer_state
+
+            flat = group["params"][0]
+            local = inner.state.get(flat, {})
+            keys = sorted(k for k, v in local.items() if torch.is_tensor(v) and v.shape == flat.shape)
+            # DeepSpeed links parameters to their state views once, right after the first group's
+            # first step, so later groups would have none: link this group's again (idempotent).
+            lazy_init_hp_params_optimizer_state(params, flat, inner.state)
+            for param in params:
+                for key in keys:
+                    tensors[f"{key}/{names[id(param)]}"] = safe_get_full_optimizer_state(param, key)
+                if "step" in local:  # one count per flat group: Adam's bias correction continues from it
+                    tensors[f"step/{names[id(param)]}"] = torch.as_tensor(local["step"])
+            keys += ["step"] if "step" in local else []
+        else:
+            for param in params:
+                for key, value in inner.state.get(param, {}).items():
+                    if not torch.is_tensor(value):
+                        raise TypeError(f"optimizer state {key!r} of {names[id(param)]} is not a tensor")
+                    tensors[f"{key}/{names[id(param)]}"] = value
+                    keys += [] if key in keys else [key]
+        hyper = _hyperparameters(group, index)
+        groups.append({"params": [names[id(p)] for p in params], "state": keys, **hyper})
+    return _cpu(tensors), {"groups": groups}
+
+
+def _saved(tensors: Tensors, keys: list[str], name: str) -> Tensors:
+    """The saved state of parameter `name` (empty when it had none, e.g. it never had a gradient)."""
+    return {key: tensors[f"{key}/{name}"] for key in keys if f"{key}/{name}" in tensors}
+
+
+def load_optimizer_state(
+    acc: Accelerator,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tensors: Tensors,
+    meta: dict[str, Any],
+    source: Path,
+) -> None:
+    """Restore what `optimizer_state` saved, on this run's world size and backend."""
+    names = {id(p): n for n, p in raw_module(acc, model).named_parameters()}
+    inner, zero, groups = _torch_optimizer(model, optimizer), _partitioned(model), _groups(model, optimizer)
+    saved = meta["groups"]
+    for index in range(max(len(groups), len(saved))):
+        have = {names[id(p)] for p in groups[index]} if index < len(groups) else set()
+        want = set(saved[index]["params"]) if index < len(saved) else set()
+        if have != want:
+            raise ConfigError(
+                f"{source}: optimizer group {index} held parameters {sorted(want ^ have)[:3]} differently "
+                "from this model (was the model configuration changed?)"
+            )
+    for group, entry in zip(inner.param_groups, saved, strict=True):
+        for key, value in entry.items():
+            if key not in ("params", "state"):
+                group[key] = tuple(value) if isinstance(group.get(key), tuple) else value
+    if zero is not None:
+        for group, params, entry in zip(inner.param_groups, groups, saved, strict=True):
+            per_param = [_saved(tensors, entry["state"], names[id(p)]) for p in params]
+            if entry["state"]:
+                _load_partition(inner, group["params"][0], params, per_param, source)
+        return
+    per_param = [
+        _saved(tensors, entry["state"], names[id(p)])
+        for params, entry in zip(groups, saved, strict=True)
+        for p in params
+    ]
+    state = inner.state_dict()  # the torch layout: parameters numbered in group order
+    state["state"] = {index: found for index, found in enumerate(per_param) if found}
+    inner.load_state_dict(state)
+
+
+def _load_partition(
+    inner: torch.optim.Optimizer,
+    flat: torch.Tensor,
+    params: list[nn.Parameter],
+    per_param: list[Tensors],
+    source: Path,
+) -> None:
+    """Fill one ZeRO group's flat state (created here when this engine has not stepped yet) through
+    DeepSpeed's per-parameter setters."""
+    from deepspeed.utils import lazy_init_hp_params_optimizer_state, safe_set_full_optimizer_state
+
+    steps = {float(saved["step"]) for saved in per_param if "step" in saved}
+    if len(steps) > 1:
+        raise ConfigError(f"{source}: one optimizer group's parameters have step counts {sorted(steps)}; "
+                          "ZeRO keeps one count per group")  # fmt: skip
+    state = inner.state[flat]
+    for saved in per_param:
+        for key, value in saved.items():
+            if key == "step":
+                state["step"] = value.clone()
+            elif key not in state:
+                state[key] = torch.zeros_like(flat)
+    lazy_init_hp_params_optimizer_state(params, flat, inner.state)
+    for param, saved in zip(params, per_param, strict=True):
+        for key, value in saved.items():
+            if key != "step":
+                safe_set_full_optimizer_state(param, value.to(flat.device), key)
+
+
+def engine_counters(model: nn.Module) -> dict[str, int] | None:
+    """DeepSpeed's own step/sample counters (its LR schedule and logs read them)."""
+    engine = deepspeed_engine(model)
+    return None if engine is None else {name: int(getattr(engine, name)) for name in _ENGINE_COUNTERS}
+
+
+def restore_engine_counters(model: nn.Module, counters: dict[str, int] | None) -> None:
+    engine = deepspeed_engine(model)
+    if engine is not None and counters:
+        for name in _ENGINE_COUNTERS:
+            setattr(engine, name, counters[name])
+
+
+def scaler_state(acc: Accelerator, model: nn.Module) -> dict[str, Any] | None:
+    """The fp16 loss scale and its growth tracking: Accelerate's GradScaler or DeepSpeed's loss scaler."""
+    engine = deepspeed_engine(model)
+    if engine is not None:
+        scaler = getattr(engine.optimizer, "loss_scaler", None)
+        if scaler is None:
+            return None
+        return {key: float(getattr(scaler, key)) for key in _SCALER_FIELDS if hasattr(scaler, key)}
+    return (acc.scaler.state_dict() or None) if acc.scaler is not None else None
+
+
+def restore_scaler(acc: Accelerator, model: nn.Module, state: dict[str, Any] | None) -> None:
+    if state is None:
+        return
+    engine = deepspeed_engine(model)
+    if engine is None:
+        if acc.scaler is not None:
+            acc.scaler.load_state_dict(state)
+        return
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    for key, value in state.items():
+        current = getattr(scaler, key, None)
+        if torch.is_tensor(current):
+            current.fill_(value)
+        elif current is not None:
+            setattr(scaler, key, type(current)(value))
