@@ -45,7 +45,7 @@ from dist_vae.engine.skip import SpikeDetector, UpdateGate
 from dist_vae.engine.update import make_update_path
 from dist_vae.files import write_text_atomic
 from dist_vae.models import build_model
-from dist_vae.run_dir import CONFIG_FILE, config_dict
+from dist_vae.run_dir import CONFIG_FILE, config_dict, newest_verified
 from dist_vae.sampling import grid_samples
 
 log = logging.getLogger(__name__)
@@ -363,7 +363,7 @@ class Trainer:
                 else:
                     self.logger.progress(self.step, None)
                 if diverged:  # every rank decided the same: all stop here, saving nothing
-                    last = checkpoint.latest_complete(self.run_dir)
+                    last = newest_verified(self.run_dir)
                     raise self.gate.divergence(str(last) if last else "none (no checkpoint was written)")
                 paused = time.perf_counter()
                 if self.validate and self.step % t.eval_every == 0:
