@@ -137,7 +137,7 @@ def test_it_trains_samples_and_evaluates_through_the_trainer_and_the_tools(
     run_dir = tmp_path / "run"
     code = train.main([
         "--config", "configs/debug.yaml", f"run_dir={run_dir}", f"data.path={shards}", "data.resolution=8",
-        "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=10", "model.kind=tiny_linear",
+        "data.batch_size=4", "data.num_workers=0", "data.shuffle_group=2", "model.kind=tiny_linear",
         "train.steps=4", "train.checkpoint_every=2", "train.eval_every=4", "train.sample_every=4",
         "train.sample_count=4", "train.warmup=1",
     ])  # fmt: skip
