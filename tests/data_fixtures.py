@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -12,6 +15,18 @@ import numpy as np
 from PIL import Image
 
 PIL_FORMATS = {"webp": "WEBP", "jpeg": "JPEG", "png": "PNG"}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_demo_shards(out: Path, images: int, resolution: int, val_fraction: float, *extra: str) -> Path:
+    """`out` filled with shards of the embedded demo set, built through the real CLI."""
+    cmd = [sys.executable, str(ROOT / "tools" / "make_shards.py"), "--source", f"demo:{images}",
+           "--out", str(out), "--resolution", str(resolution), "--val-fraction", str(val_fraction),
+           "--workers", "1", "--no-progress", *extra]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"make_shards failed:\n{proc.stderr[-3000:]}"
+    return out
 
 
 def lsun_key(i: int) -> str:

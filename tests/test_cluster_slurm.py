@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.data_fixtures import make_demo_shards
 from tests.slurm_local import SLURM_PACKAGES, LocalSlurm, ensure_commands
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,14 +43,7 @@ def slurm():
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("shards") / "demo32"
-    cmd = [sys.executable, "tools/make_shards.py", "--source", "demo:64", "--out", str(out),
-           "--resolution", "32", "--val-fraction", "0.5", "--no-progress"]  # fmt: skip
-    done = subprocess.run(
-        cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True
-    )
-    assert done.returncode == 0, f"make_shards failed:\n{done.stderr[-3000:]}"
-    return out
+    return make_demo_shards(tmp_path_factory.mktemp("shards") / "demo32", 64, 32, 0.5)
 
 
 def job_env(base: dict[str, str], shards: Path, run_dir: Path, extra: str, **more: str) -> dict[str, str]:

@@ -1,7 +1,4 @@
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +19,7 @@ from dist_vae.models import build_model
 from dist_vae.models.iterative_vae import IterativeVAE, IterativeVAEConfig
 from dist_vae.models.pixel_vae import PixelVAE, PixelVAEConfig
 from dist_vae.models.regularizers import gaussian_kl
+from tests.data_fixtures import make_demo_shards
 
 
 def gaussian_encoder(n: int, dim: int, s: float, a: float, v: float, seed: int = 0):
@@ -129,14 +127,7 @@ def test_sample_spread_is_zero_for_identical_draws_and_grows_with_noise() -> Non
 
 @pytest.fixture(scope="module")
 def tiny_val_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("shards")
-    args = ["--source", "demo:23", "--out", str(out), "--resolution", "8", "--val-fraction", "0.5"]
-    subprocess.run(
-        [sys.executable, "tools/make_shards.py", *args, "--no-progress", "--workers", "1"],
-        check=True,
-        env={**os.environ, "PYTHONPATH": "."},
-    )
-    return out
+    return make_demo_shards(tmp_path_factory.mktemp("shards"), 23, 8, 0.5)
 
 
 @pytest.mark.parametrize("kind", ["pixel_vae", "iterative_vae"])

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from dist_vae.config import ConfigError, load_config
 from dist_vae.models import GenerativeModel, LossOutput, Posterior, build_model, register_model
 from dist_vae.models.regularizers import diag_normal_log_density, gaussian_kl
 from dist_vae.schema import at_least
+from tests.data_fixtures import make_demo_shards
 from tools import evaluate, sample
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,13 +94,7 @@ register_model("tiny_linear", TinyConfig, TinyLinearVAE)
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("shards8")
-    args = ["--source", "demo:24", "--out", str(out), "--resolution", "8", "--val-fraction", "0.3"]
-    subprocess.run(
-        [sys.executable, "tools/make_shards.py", *args, "--workers", "1", "--no-progress"],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True,
-    )  # fmt: skip
-    return out
+    return make_demo_shards(tmp_path_factory.mktemp("shards8"), 24, 8, 0.3)
 
 
 def test_the_config_loader_and_registry_serve_the_new_kind() -> None:
@@ -137,7 +129,7 @@ def test_it_trains_samples_and_evaluates_through_the_trainer_and_the_tools(
     run_dir = tmp_path / "run"
     code = train.main([
         "--config", "configs/debug.yaml", f"run_dir={run_dir}", f"data.path={shards}", "data.resolution=8",
-        "data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=10", "model.kind=tiny_linear",
+        "data.batch_size=4", "data.num_workers=0", "data.shuffle_group=2", "model.kind=tiny_linear",
         "train.steps=4", "train.checkpoint_every=2", "train.eval_every=4", "train.sample_every=4",
         "train.sample_count=4", "train.warmup=1",
     ])  # fmt: skip

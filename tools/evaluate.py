@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             args.split,
             rank=state.process_index,
             world_size=state.num_processes,
-            batch_size=args.batch_size,
+            batch_size=args.batch_size or run.cfg.data.batch_size,
             training=False,
         )
         torch.manual_seed(args.seed + state.process_index)  # the ELBO's own posterior sample
