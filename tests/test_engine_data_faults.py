@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.engine_util import check, python_cmd, run
@@ -20,6 +21,7 @@ def logged(run_dir: Path, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
+@pytest.mark.slow
 def test_bad_samples_are_logged_and_carried_across_a_resume(demo_shards: Path, tmp_path: Path) -> None:
     shards = tmp_path / "shards"
     shutil.copytree(demo_shards, shards)
