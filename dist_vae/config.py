@@ -31,7 +31,7 @@ from dist_vae.schema import ConfigError, at_least, between, check_fields, choice
 class DataConfig:
     path: str = "data/demo/shards"  # directory holding train-*.tar, val-*.tar and manifest.json
     resolution: int = at_least(32, 8)  # <= the shards' resolution; smaller is resized on the fly
-    batch_size: int = at_least(16, 1)  # per rank
+    batch_size: int = at_least(16, 1)  # per-rank micro-batch; x world size x train.accumulate per update
     num_workers: int = at_least(2, 0)  # DataLoader workers per rank; a resumed run may change it
     shuffle_group: int = at_least(8, 1)  # shards whose samples are mixed together in an epoch
     random_flip: bool = True
@@ -40,7 +40,6 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = at_least(1000, 1)
-    batch_size: int | None = None  # per rank; None takes data.batch_size
     precision: str = choice("fp32", "fp32", "bf16", "fp16")
     lr: float = at_least(2.0e-4, 0.0)
     critic_lr: float = at_least(2.0e-4, 0.0)
@@ -64,6 +63,10 @@ class TrainConfig:
     spike_k: float = at_least(10.0, 0.0)
     spike_warmup: int = at_least(20, 1)  # norms needed before the threshold applies
     max_consecutive_skips: int = at_least(5, 0)  # after this many, the next update is applied anyway
+    # This many non-finite updates in a row end the run: exit code 4, nothing new saved.
+    max_nonfinite_skips: int = at_least(10, 1)
+    compile: bool = False  # torch.compile the model (in place, before DDP/DeepSpeed wrap it)
+    peak_flops: float | None = at_least(None, 0.0)  # FLOP/s of one device for perf/mfu; None: by name
     sample_count: int = at_least(16, 1)  # images in each sample grid
 
 
@@ -75,6 +78,21 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: Any = field(default_factory=PixelVAEConfig)  # the config dataclass of model.kind
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# Keys that once existed: a config still using one gets told what replaced it.
+_REMOVED = {
+    "train.batch_size": "use data.batch_size, the per-rank micro-batch (one key per meaning)",
+    "data.shuffle_buffer": "use data.shuffle_group, the number of shards whose samples are mixed",
+}
+
+
+def _check_removed(layer: Any, origin: str) -> None:
+    for key, instead in _REMOVED.items():
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(layer, parent) if parent else layer
+        if isinstance(node, DictConfig) and leaf in node:
+            raise ConfigError(f"{origin}: key '{key}' was removed; {instead}")
 
 
 def _error_from_omegaconf(exc: OmegaConfBaseException, origin: str, merged: DictConfig) -> ConfigError:
@@ -135,6 +153,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"override {item!r} is not of the form key=value (for example train.lr=1e-4)")
         layers.append((f"override {item!r}", OmegaConf.from_dotlist([item]), False))
     for origin, layer, is_file in layers:
+        _check_removed(layer, origin)
         kind = _layer_kind(layer, origin)
         if kind is not None and kind != merged.model.kind:
             merged.model = OmegaConf.structured(model_config_class(kind))

@@ -3,19 +3,23 @@
 Run with plain `python` it is the single-process debug mode (CPU or one GPU). The backend (DDP,
 DeepSpeed ZeRO-1/2, CPU gloo) is chosen by the accelerate config file alone.
 
-Exit codes: 0 when train.steps is reached (RUN_DIR/done is written), 3 (`REQUEUE_EXIT_CODE`) after a
-SIGUSR1/SIGTERM checkpoint (RUN_DIR/requeue is written, since multi-process launchers may report
-their own code instead), 2 for a bad configuration, unusable data or a checkpoint that cannot be
-written (disk full, read-only run dir; the previous checkpoints are kept).
+Exit codes:
+  0  train.steps reached; RUN_DIR/done is written.
+  2  bad configuration, unusable data, a checkpoint that cannot be written (disk full, read-only run
+     dir; the previous checkpoints are kept): one line `error: ...` naming the key or file.
+  3  (`REQUEUE_EXIT_CODE`) stopped by SIGUSR1/SIGTERM after a checkpoint; RUN_DIR/requeue is written,
+     since multi-process launchers may report their own code instead.
+  4  diverged: train.max_nonfinite_skips non-finite updates in a row. Nothing new is saved; one line
+     `error: training diverged: N consecutive non-finite updates since step S; last good checkpoint: PATH`.
 
-Signals under launchers (checked by tests/test_engine_signals.py): SIGUSR1 may go to the whole
-process group (`kill -USR1 -- -PGID`, DataLoader workers included: they inherit the handler).
-SIGTERM must go to the training processes or to a multi-process `accelerate launch` (torchrun
-forwards it to its workers, then SIGKILLs them 30 s later), never to the whole group: PyTorch's
-DataLoader workers die on a SIGTERM not sent by their parent, which aborts the trainer before it
-saves. torchrun does not forward SIGUSR1 (and SIGKILLs its workers 30 s after forwarding a TERM), so
-cluster/launch.sh sends USR1 to every process of the job's steps (`scancel --signal=USR1 JOBID`) while
-the launchers ignore it. A single-process `accelerate launch` forwards nothing: signal the python process.
+Signals (checked by tests/test_engine_signals.py): SIGUSR1 and SIGTERM only set a flag, installed
+before anything else starts (a signal while the process group forms or a checkpoint loads still
+exits 3 at the first step boundary). Both may go to the whole process group (`kill -USR1 -- -PGID`,
+Slurm's `scancel --signal`): DataLoader workers ignore them and die with their parent, so the main
+process alone decides and saves. Under a multi-process `accelerate launch`, torchrun forwards SIGTERM
+(not SIGUSR1) to its workers and SIGKILLs them 30 s later, so cluster/launch.sh sends USR1 to every
+process of the job's steps while the launchers ignore it. A single-process `accelerate launch`
+forwards nothing: signal the python process (or its group).
 """
 
 from __future__ import annotations
@@ -27,21 +31,34 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dist_vae.config import ConfigError, load_config
-from dist_vae.data.stream import DataError
-from dist_vae.engine.checkpoint import CheckpointWriteError
+from dist_vae.engine.preemption import PreemptionFlag  # stdlib only: installed before torch loads
+
+DIVERGED_EXIT_CODE = 4
 
 
 def main(argv: list[str] | None = None) -> int:
+    preemption = PreemptionFlag().install()
+    try:
+        return _run(argv, preemption)
+    finally:
+        preemption.restore()
+
+
+def _run(argv: list[str] | None, preemption: PreemptionFlag) -> int:
+    from dist_vae.config import ConfigError, load_config
+    from dist_vae.data.stream import DataError
+    from dist_vae.engine.checkpoint import CheckpointWriteError
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, help="run configuration YAML (configs/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        from dist_vae.engine.skip import TrainingDiverged
         from dist_vae.engine.trainer import Trainer
 
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, preemption)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -50,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointWriteError as exc:  # disk full or run dir not writable; older checkpoints are kept
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingDiverged as exc:
+        if trainer.accelerator.is_main_process:
+            print(f"error: {exc}", file=sys.stderr)
+        return DIVERGED_EXIT_CODE
     if trainer.accelerator.is_main_process:
         print(f"samples:     {trainer.logger.samples_dir}")
         print(f"tensorboard: tensorboard --logdir {trainer.logger.tensorboard_dir}")

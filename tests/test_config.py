@@ -31,6 +31,11 @@ def test_resolved_yaml_round_trips(tmp_path: Path) -> None:
         (["model.reg=kl"], ["model.reg", "kl", "mmd", "stein"]),
         (["train.precision=fp8"], ["train.precision", "fp8", "bf16"]),
         (["data.batch_size=0"], ["data.batch_size", ">= 1"]),
+        (["data.batch_size=-5"], ["data.batch_size", "-5", ">= 1"]),
+        (["train.batch_size=0"], ["'train.batch_size' was removed", "data.batch_size", "per-rank"]),
+        (["train.max_nonfinite_skips=0"], ["train.max_nonfinite_skips", ">= 1"]),
+        (["train.peak_flops=-1"], ["train.peak_flops", ">= 0"]),
+        (["train.compile=maybe"], ["train.compile", "maybe"]),
         (["train.lr"], ["train.lr", "key=value"]),
     ],
 )
@@ -52,6 +57,19 @@ def test_bad_files_are_named(tmp_path: Path) -> None:
     typo.write_text("trian:\n  steps: 3\n")
     with pytest.raises(ConfigError, match=r"typo.yaml: unknown key 'trian'"):
         load_config(typo)
+
+
+def test_an_old_config_with_train_batch_size_is_told_what_replaced_it(tmp_path: Path) -> None:
+    old = tmp_path / "old.yaml"
+    old.write_text("data:\n  batch_size: 8\ntrain:\n  steps: 3\n  batch_size: 4\n")
+    removed = r"old\.yaml: key 'train\.batch_size' was removed; use data\.batch_size"
+    with pytest.raises(ConfigError, match=removed):
+        load_config(old)
+    cfg = load_config(None, ["train.compile=true", "train.peak_flops=1e12"])
+    assert (cfg.train.compile, cfg.train.peak_flops, cfg.train.max_nonfinite_skips) == (True, 1e12, 10)
+    assert load_config(None).train.peak_flops is None
+    with pytest.raises(ConfigError, match=r"'data\.shuffle_buffer' was removed; use data\.shuffle_group"):
+        load_config(None, ["data.shuffle_buffer=100"])
 
 
 def test_model_keys_of_another_kind_are_refused_naming_the_kind_and_its_keys() -> None:

@@ -1,7 +1,10 @@
-"""One short run with injected NaN and spike losses: both updates skipped and counted; logs and samples."""
+"""One short run with injected NaN and spike losses: both updates skipped and counted; logs and samples.
+A run whose updates are all non-finite stops with exit code 4; bad configurations exit 2."""
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -13,9 +16,11 @@ from dist_vae.engine.checkpoint import complete_checkpoints
 from dist_vae.train import main
 from tests.engine_util import assert_same, check, checkpoint_contents, python_cmd, run, train_args
 
+NO_DATA_SKIPS = {"shards": 0, "samples": 0}
 SCALARS = [
     "train/loss", "train/bpd", "train/kl", "train/rec", "train/grad_norm", "lr/main", "perf/img_per_s",
-    "perf/data_wait_fraction", "skipped/nonfinite", "skipped/spike", "val/bpd",
+    "perf/data_wait_fraction", "perf/img_per_s_per_rank", "skipped/nonfinite", "skipped/spike", "val/bpd",
+    "data/skipped_shards", "data/skipped_samples",
 ]  # fmt: skip
 
 
@@ -33,10 +38,10 @@ def bad_run(demo_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 def test_nan_and_spike_updates_are_skipped_and_counted(bad_run: Path) -> None:
     assert [step for step, _ in complete_checkpoints(bad_run)] == list(range(1, 9))
     ckpt = {step: checkpoint_contents(path) for step, path in complete_checkpoints(bad_run)}
-    assert ckpt[1]["state.json"]["meta"]["skipped"] == {"nonfinite": 0, "spike": 0}
-    assert ckpt[2]["state.json"]["meta"]["skipped"] == {"nonfinite": 1, "spike": 0}
-    assert ckpt[6]["state.json"]["meta"]["skipped"] == {"nonfinite": 1, "spike": 0}
-    assert ckpt[8]["state.json"]["meta"]["skipped"] == {"nonfinite": 1, "spike": 1}
+    assert ckpt[1]["state.json"]["meta"]["skipped"] == {**NO_DATA_SKIPS, "nonfinite": 0, "spike": 0}
+    assert ckpt[2]["state.json"]["meta"]["skipped"] == {**NO_DATA_SKIPS, "nonfinite": 1, "spike": 0}
+    assert ckpt[6]["state.json"]["meta"]["skipped"] == {**NO_DATA_SKIPS, "nonfinite": 1, "spike": 0}
+    assert ckpt[8]["state.json"]["meta"]["skipped"] == {**NO_DATA_SKIPS, "nonfinite": 1, "spike": 1}
     for before, after in [(1, 2), (6, 7)]:  # a skipped update leaves weights, moments and EMA as they were
         for file in ("model.safetensors", "optimizer.safetensors", "ema.safetensors"):
             assert_same(ckpt[before][file], ckpt[after][file])
@@ -64,6 +69,33 @@ def test_tensorboard_holds_scalars_and_samples(bad_run: Path) -> None:
     assert (bad_run / "done").read_text().startswith("step 8")
 
 
+def test_a_diverged_run_stops_with_exit_4_and_names_the_last_checkpoint(
+    demo_shards: Path, tmp_path: Path
+) -> None:
+    overrides = ["train.lr=1e6", "train.steps=40", "train.max_nonfinite_skips=5", "train.checkpoint_every=1",
+                 "train.log_every=1", "train.sample_every=1000"]  # fmt: skip
+    proc = run(python_cmd(tmp_path, demo_shards, *overrides))
+    check(proc, 4)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    match = re.fullmatch(
+        r"error: training diverged: 5 consecutive non-finite updates since step (\d+); "
+        r"last good checkpoint: (.+)",
+        errors[0],
+    )
+    assert match, errors[0]
+    stopped = int(match.group(1)) + 4
+    # Nothing is saved at the step that ended the run: the newest checkpoint is the one before it.
+    assert complete_checkpoints(tmp_path)[-1] == (stopped - 1, Path(match.group(2)))
+    assert not (tmp_path / "done").exists() and not (tmp_path / "requeue").exists()
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    norms = {e.step: e.value for e in events.Scalars("train/grad_norm")}
+    assert max(norms) == stopped
+    assert not any(math.isfinite(norms[step]) for step in range(stopped - 4, stopped + 1))
+    assert [e.value for e in events.Scalars("skipped/nonfinite")][-1] >= 5
+
+
 @pytest.mark.parametrize(
     ("override", "fragments"),
     [
@@ -71,6 +103,7 @@ def test_tensorboard_holds_scalars_and_samples(bad_run: Path) -> None:
         ("train.precision=fp8", ["train.precision", "fp8", "bf16"]),
         ("resume=/nonexistent/ckpt", ["resume", "/nonexistent/ckpt", "COMPLETE"]),
         ("data.path=/nonexistent/shards", ["/nonexistent/shards"]),
+        ("train.batch_size=8", ["'train.batch_size' was removed", "data.batch_size"]),
     ],
 )
 def test_bad_configuration_fails_clearly(

@@ -1,4 +1,5 @@
-"""Preemption contract: SIGUSR1/SIGTERM -> checkpoint at the next step boundary, exit 3, RUN_DIR/requeue."""
+"""Preemption contract: SIGUSR1/SIGTERM -> checkpoint at the next step boundary, exit 3, RUN_DIR/requeue;
+during start-up (imports, process group, checkpoint load) -> exit 3 and the marker before any step."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 
 from dist_vae.engine.checkpoint import COMPLETE, complete_checkpoints
 from dist_vae.engine.preemption import REQUEUE_EXIT_CODE
-from tests.engine_util import accelerate_cmd, check, env, python_cmd, run
+from tests.engine_util import ROOT, accelerate_cmd, check, env, python_cmd, run, train_args
 
 LONG = ["train.steps=400", "train.checkpoint_every=1", "train.eval_every=1000", "train.sample_every=1000"]
 
@@ -45,8 +47,11 @@ def requeued_step(run_dir: Path) -> int:
     return step
 
 
-def test_sigusr1_checkpoints_and_exits_with_requeue_code(demo_shards: Path, tmp_path: Path) -> None:
-    sig = signal.SIGUSR1
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=lambda s: s.name)
+def test_a_signal_to_the_whole_group_checkpoints_and_exits_with_requeue_code(
+    demo_shards: Path, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """As Slurm does: the signal reaches the DataLoader worker too, which leaves it to the trainer."""
     cmd = python_cmd(tmp_path, demo_shards, *LONG, "data.num_workers=1")
     proc = start_and_signal(cmd, tmp_path, sig, group=True)
     _, err = proc.communicate(timeout=120)
@@ -70,3 +75,28 @@ def test_sigterm_to_multiprocess_launcher_checkpoints_every_rank(demo_shards: Pa
     requeued_step(tmp_path)
     saved = complete_checkpoints(tmp_path)[-1][1]
     assert json.loads((saved / COMPLETE).read_text())["world_size"] == 2, err[-3000:]
+
+
+def catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process `pid` has a handler installed for `sig` (the kernel's SigCgt mask)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(mask >> (sig - 1) & 1)
+
+
+def test_a_signal_during_start_up_exits_3_before_the_first_step(demo_shards: Path, tmp_path: Path) -> None:
+    args = train_args(tmp_path, demo_shards, *LONG[1:], "train.steps=2")
+    check(run(python_cmd(tmp_path, demo_shards, *LONG[1:], "train.steps=2")))
+    # Resume it for 400 steps and signal it ~1 s after start: while torch is imported, the process
+    # group forms or the checkpoint loads. The handlers were installed before all that.
+    cmd = [sys.executable, str(ROOT / "dist_vae" / "train.py"), *args, "train.steps=400"]
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    started = time.monotonic()
+    while not catches(proc.pid, signal.SIGUSR1) and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == REQUEUE_EXIT_CODE, err[-3000:]
+    assert requeued_step(tmp_path) == 2  # no step was taken, nothing new saved
+    assert "reason SIGUSR1" in (tmp_path / "requeue").read_text()

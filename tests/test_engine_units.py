@@ -13,7 +13,7 @@ from dist_vae.config import ConfigError
 from dist_vae.engine.checkpoint import COMPLETE, clean_partial, resolve_resume
 from dist_vae.engine.ema import EMA
 from dist_vae.engine.schedule import lr_factor
-from dist_vae.engine.skip import SpikeDetector
+from dist_vae.engine.skip import SpikeDetector, UpdateGate
 from dist_vae.engine.trainer import sample_rows
 from dist_vae.files import image_grid
 
@@ -64,6 +64,28 @@ def test_spike_detector_state_round_trips_and_can_be_disabled() -> None:
     assert copy.threshold() == detector.threshold() and copy.consecutive == detector.consecutive == 1
     off = SpikeDetector(window=0, k=3.0, warmup=1, max_consecutive=4)
     assert not any(off.is_spike(x) for x in [1.0, 1.0, 1e9])
+
+
+def test_update_gate_counts_skips_and_notices_divergence() -> None:
+    gate = UpdateGate(SpikeDetector(window=20, k=6.0, warmup=3, max_consecutive=2), max_nonfinite=3)
+    nan = math.nan
+    decisions = [gate.decide(step, norm, not math.isfinite(norm)) for step, norm in
+                 enumerate([1.0, nan, 1.1, 0.9, 50.0, nan, nan, 1.0], 1)]  # fmt: skip
+    assert decisions == ["", "nonfinite", "", "", "spike", "nonfinite", "nonfinite", ""]
+    assert gate.skipped == {"nonfinite": 3, "spike": 1} and not gate.diverged  # a finite update reset it
+    # fp16 loss-scale overflow (finite loss) is skipped and counted but is no sign of divergence.
+    for step in range(9, 14):
+        assert gate.decide(step, math.inf, nonfinite=True, diverging=False) == "nonfinite"
+    assert not gate.diverged and gate.skipped["nonfinite"] == 8
+    for step in range(14, 17):
+        gate.decide(step, nan, nonfinite=True)
+    assert gate.diverged
+    message = str(gate.divergence("/runs/x/checkpoints/step-00000008"))
+    assert message == ("training diverged: 3 consecutive non-finite updates since step 14; "
+                       "last good checkpoint: /runs/x/checkpoints/step-00000008")  # fmt: skip
+    copy = UpdateGate(SpikeDetector(window=20, k=6.0, warmup=3, max_consecutive=2), max_nonfinite=3)
+    copy.load_state_dict(gate.state_dict())
+    assert copy.state_dict() == gate.state_dict() and copy.diverged
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero() -> None:
@@ -117,7 +139,7 @@ def test_ema_follows_weights_with_warmed_up_decay() -> None:
     start = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(1.0)
-    ema.update(model)
+    ema.update()
     decay = min(0.9, 2 / 11)
     torch.testing.assert_close(ema.model.weight, decay * start + (1 - decay) * model.weight.detach())
     assert not any(p.requires_grad for p in ema.model.parameters()) and not ema.model.training

@@ -9,28 +9,31 @@ from torch import nn
 
 
 class EMA:
-    """A frozen fp32 copy of the model whose weights trail the trained ones.
+    """A frozen fp32 copy of `model` whose weights trail the trained ones.
 
     The effective decay is min(decay, (1 + n) / (10 + n)) after n updates, so early in training the
-    average is not dominated by the random initialisation.
+    average is not dominated by the random initialisation. Built before the model is compiled or
+    wrapped (the copy must not share a compiled forward), it follows the same parameter objects, which
+    DDP and DeepSpeed ZeRO-1/2 keep (they move or re-view the data, not the parameters), with a
+    few foreach kernels per update.
     """
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    def __init__(self, model: nn.Module, decay: float, device: torch.device | str = "cpu") -> None:
         self.decay = decay
         self.updates = 0
-        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
+        self.model = copy.deepcopy(model).float().eval().requires_grad_(False).to(device)
+        self._source = (list(model.parameters()), list(model.buffers()))
+        self._shadow = (list(self.model.parameters()), list(self.model.buffers()))
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self) -> None:
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        shadow = list(self.model.parameters())
-        current = [p.detach().float() for p in model.parameters()]
-        if len(shadow) != len(current):
-            raise ValueError(f"EMA holds {len(shadow)} parameters but the model has {len(current)}")
+        (params, buffers), (shadow, shadow_buffers) = self._source, self._shadow
+        current = [p.detach() if p.dtype == torch.float32 else p.detach().float() for p in params]
         torch._foreach_lerp_(shadow, current, 1.0 - decay)
-        for ema_buf, buf in zip(self.model.buffers(), model.buffers(), strict=True):
-            ema_buf.copy_(buf)
+        if buffers:
+            torch._foreach_copy_(shadow_buffers, buffers)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors only; `decay` and `updates` are plain numbers the checkpoint keeps as JSON."""

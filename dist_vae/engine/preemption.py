@@ -4,6 +4,9 @@ SIGUSR1 and SIGTERM only set a flag; the trainer reads it at the next step bound
 across ranks (one all-reduce, so no rank leaves a collective behind), checkpoints and exits with
 `REQUEUE_EXIT_CODE`. Because `accelerate launch`/torchrun may replace a worker's exit code by its
 own, the trainer also writes `RUN_DIR/requeue`, which the cluster script can test instead.
+
+This module imports only the standard library at load time, so train.py installs the handlers before
+torch is imported (seconds, during which a signal would otherwise kill the process).
 """
 
 from __future__ import annotations
@@ -12,8 +15,6 @@ import signal
 import time
 from pathlib import Path
 from types import FrameType
-
-from dist_vae.files import write_text_atomic
 
 REQUEUE_EXIT_CODE = 3
 REQUEUE_FILE = "requeue"
@@ -47,11 +48,17 @@ class PreemptionFlag:
 
 
 def write_requeue_marker(run_dir: Path, step: int, reason: str) -> None:
-    """Tell the cluster script that the run stopped early and wants to be requeued."""
+    """Tell the cluster script that the run stopped early and wants to be requeued (a `done` left by
+    an earlier, shorter train.steps would tell it otherwise)."""
+    from dist_vae.files import write_text_atomic  # imports torch: see the module docstring
+
+    (run_dir / DONE_FILE).unlink(missing_ok=True)
     write_text_atomic(run_dir / REQUEUE_FILE, f"step {step}\nreason {reason}\ntime {time.time():.0f}\n")
 
 
 def write_done_marker(run_dir: Path, step: int) -> None:
     """Tell the cluster script (and a later `resume=auto`) that the run reached train.steps."""
+    from dist_vae.files import write_text_atomic
+
     (run_dir / REQUEUE_FILE).unlink(missing_ok=True)
     write_text_atomic(run_dir / DONE_FILE, f"step {step}\ntime {time.time():.0f}\n")

@@ -1,21 +1,27 @@
-"""Adaptive loss-spike detection on gradient norms.
+"""Which updates to skip: non-finite ones, and loss spikes seen as outliers of the gradient norm.
 
-A fixed threshold can reject every update once the norm drifts past it (openai/vdvae#25). Here the
-threshold follows the run: median + k * MAD of the recent norms. Every finite norm enters the window,
-skipped ones too: median and MAD ignore isolated outliers, while a lasting change of level (the norms
-of a young run grow several-fold during warm-up) moves them within half a window instead of being
-rejected as a string of spikes. The MAD is floored at half the median, so with the default k = 10 only
-a norm above 6x the recent median is a spike, and after `max_consecutive` rejections the next update
-is taken whatever its norm, so training cannot stall.
+A fixed spike threshold can reject every update once the norm drifts past it (openai/vdvae#25). Here
+the threshold follows the run: median + k * MAD of the recent norms. Every finite norm enters the
+window, skipped ones too: median and MAD ignore isolated outliers, while a lasting change of level
+(the norms of a young run grow several-fold during warm-up) moves them within half a window instead of
+being rejected as a string of spikes. The MAD is floored at half the median, so with the default
+k = 10 only a norm above 6x the recent median is a spike, and after `max_consecutive` rejections the
+next update is taken whatever its norm, so training cannot stall.
+
+Non-finite updates are always skipped, but a run that produces nothing else has diverged: after
+`max_nonfinite` in a row the trainer stops (`TrainingDiverged`, exit code 4) instead of skipping
+forever. Every rank sees the same norms, so every rank takes the same decisions.
 """
 
 from __future__ import annotations
 
-import math
 from collections import deque
+from statistics import median_low
 from typing import Any
 
-import torch
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite updates; the message names the last good checkpoint."""
 
 
 class SpikeDetector:
@@ -27,11 +33,10 @@ class SpikeDetector:
     def threshold(self) -> float:
         """Norms above this are spikes; infinite until `warmup` norms have been seen."""
         if self.window == 0 or len(self.history) < self.warmup:
-            return math.inf
-        values = torch.tensor(list(self.history), dtype=torch.float64)
-        median = values.median()
-        mad = torch.maximum((values - median).abs().median(), 0.5 * median)
-        return float(median + self.k * mad)
+            return float("inf")
+        median = median_low(self.history)  # the lower middle value, like torch.median
+        mad = max(median_low(abs(v - median) for v in self.history), 0.5 * median)
+        return median + self.k * mad
 
     def is_spike(self, norm: float) -> bool:
         """Whether to skip an update of finite gradient norm `norm`; records the decision."""
@@ -47,3 +52,57 @@ class SpikeDetector:
         self.history.clear()
         self.history.extend(state["history"])
         self.consecutive = state["consecutive"]
+
+
+class UpdateGate:
+    """Decides every update, counts the skips, and notices divergence."""
+
+    def __init__(self, spikes: SpikeDetector, max_nonfinite: int) -> None:
+        self.spikes = spikes
+        self.max_nonfinite = max_nonfinite
+        self.skipped = {"nonfinite": 0, "spike": 0}
+        self.nonfinite_run = 0  # consecutive non-finite updates so far
+        self.nonfinite_since = 0  # the step of the first of them
+
+    def decide(self, step: int, norm: float, nonfinite: bool, diverging: bool = True) -> str:
+        """'' to apply the update that makes `step`, else why not ('nonfinite' or 'spike').
+
+        `diverging=False` marks a non-finite update that is no sign of divergence (fp16 loss-scale
+        overflow with a finite loss): skipped and counted, but it ends a run of non-finite updates.
+        """
+        if nonfinite:
+            self.skipped["nonfinite"] += 1
+            if not diverging:
+                self.nonfinite_run = 0
+            elif self.nonfinite_run == 0:
+                self.nonfinite_run, self.nonfinite_since = 1, step
+            else:
+                self.nonfinite_run += 1
+            return "nonfinite"
+        self.nonfinite_run = 0
+        if self.spikes.is_spike(norm):
+            self.skipped["spike"] += 1
+            return "spike"
+        return ""
+
+    @property
+    def diverged(self) -> bool:
+        return self.nonfinite_run >= self.max_nonfinite
+
+    def divergence(self, last_checkpoint: str) -> TrainingDiverged:
+        return TrainingDiverged(
+            f"training diverged: {self.nonfinite_run} consecutive non-finite updates since step "
+            f"{self.nonfinite_since}; last good checkpoint: {last_checkpoint}"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "spikes": self.spikes.state_dict(),
+            "skipped": dict(self.skipped),
+            "nonfinite_run": [self.nonfinite_run, self.nonfinite_since],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.spikes.load_state_dict(state["spikes"])
+        self.skipped = {key: int(state["skipped"][key]) for key in self.skipped}
+        self.nonfinite_run, self.nonfinite_since = state["nonfinite_run"]

@@ -4,13 +4,17 @@ One optimizer holds one parameter group per name in `model.param_groups()` ('mai
 for the adversarial PixelVAE), so the loss is backpropagated once through one wrapped model, which
 is all DeepSpeed allows. The step counter counts update attempts: skipped updates still consume
 their batches, so data position, LR schedule and step agree after a resume.
+
+How an update is made is the backend's (engine/update.py, chosen once); whether it is applied is
+decided here for every backend alike (engine/skip.py). A step reads the device once: the gradient
+norm, the skip votes and the preemption flag, all-reduced together (as torch's GradScaler reads its
+inf check every step). Everything logged stays on the device until a log point.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,14 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
+from accelerate.utils import set_seed
+from torch import distributed as dist
 from torch import nn
 
 from dist_vae.config import Config, ConfigError, to_yaml
 from dist_vae.data.stream import ShardStream, read_manifest
 from dist_vae.engine import checkpoint
-from dist_vae.engine.distributed import needs_gloo
+from dist_vae.engine.distributed import make_accelerator
 from dist_vae.engine.ema import EMA
 from dist_vae.engine.full_state import restore_scaler, scaler_state
 from dist_vae.engine.logging import RunLogger
@@ -37,33 +41,34 @@ from dist_vae.engine.preemption import (
 )
 from dist_vae.engine.rng import preserved_rng, seed_everything_for_step
 from dist_vae.engine.schedule import lr_factor
-from dist_vae.engine.skip import SpikeDetector
+from dist_vae.engine.skip import SpikeDetector, UpdateGate
+from dist_vae.engine.update import make_update_path
 from dist_vae.files import write_text_atomic
 from dist_vae.models import build_model
-from dist_vae.run_dir import CONFIG_FILE, config_dict
+from dist_vae.run_dir import CONFIG_FILE, config_dict, newest_verified
 from dist_vae.sampling import grid_samples
 
 log = logging.getLogger(__name__)
-_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
 @dataclass
 class Update:
     """Outcome of one optimizer step attempt."""
 
-    grad_norm: float
+    grad_norm: float  # the real value: NaN or inf for a non-finite update
     applied: bool
     reason: str = ""  # 'nonfinite' or 'spike' when not applied
+    preempted: bool = False  # some rank had been signalled (every rank agrees)
 
 
 @dataclass
 class Window:
-    """Running sums between two log points (tensors, so logging costs no per-step sync)."""
+    """Running sums between two log points (device tensors, read once at the log point)."""
 
     scalars: dict[str, torch.Tensor] = field(default_factory=dict)
     micro_batches: int = 0
     steps: int = 0
-    grad_norm: float = 0.0
+    grad_norm: float = 0.0  # sum of the norms the skip decision read anyway; NaN/inf propagate
     data_wait: float = 0.0
     paused: float = 0.0  # evaluation, sampling, checkpoints: not part of the training rate
     started: float = field(default_factory=time.perf_counter)
@@ -73,32 +78,9 @@ class Window:
         self.scalars[name] = self.scalars[name] + value if name in self.scalars else value
 
 
-def make_accelerator(cfg: Config) -> Accelerator:
-    # Without a GPU, Accelerate needs cpu=True to treat torchrun's processes as MULTI_CPU (else it
-    # reports DistributedType.NO and nothing is wrapped in DDP), but cpu=True also turns DeepSpeed
-    # off, which handles CPU by itself. Either way the backend must be gloo, not MPI.
-    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
-        # Accelerate would silently run fp32 (no loss scaler) on CPU.
-        raise ConfigError("bad value 'fp16' for 'train.precision': fp16 needs a GPU; use bf16 or fp32 on CPU")
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    cpu = not torch.cuda.is_available() and not deepspeed
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if needs_gloo() else []
-    accelerator = Accelerator(
-        cpu=cpu, mixed_precision=_PRECISION[cfg.train.precision], kwargs_handlers=handlers
-    )
-    # The launcher's environment may carry its own accumulation count; the run config decides.
-    accelerator.gradient_accumulation_steps = cfg.train.accumulate
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        ds = accelerator.state.deepspeed_plugin.deepspeed_config
-        ds["train_micro_batch_size_per_gpu"] = per_rank_batch(cfg)
-        ds["gradient_accumulation_steps"] = cfg.train.accumulate
-        ds["gradient_clipping"] = cfg.train.grad_clip
-        ds["steps_per_print"] = 2**31 - 1  # the progress bar and TensorBoard are the only per-step output
-    return accelerator
-
-
 def per_rank_batch(cfg: Config) -> int:
-    return cfg.train.batch_size if cfg.train.batch_size is not None else cfg.data.batch_size
+    """The per-rank micro-batch (one key, data.batch_size; kept as a function for the tools)."""
+    return cfg.data.batch_size
 
 
 def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -129,7 +111,17 @@ def sample_rows(samples: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor
 
 
 class Trainer:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, preemption: PreemptionFlag | None = None) -> None:
+        """`preemption`: a flag the caller installed even earlier (train.py, before its imports);
+        otherwise the handlers go in first thing here, so a signal during start-up is not lost."""
+        self.preemption = preemption or PreemptionFlag().install()
+        try:
+            self._setup(cfg)
+        except BaseException:
+            self.preemption.restore()
+            raise
+
+    def _setup(self, cfg: Config) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         resume_from = checkpoint.resolve_resume(cfg.resume, self.run_dir)
@@ -154,12 +146,16 @@ class Trainer:
         self.group_names = list(model.param_groups())
         optimizer = make_optimizer(model, cfg)
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        t = cfg.train
+        self.ema = EMA(model, t.ema_decay, acc.device) if t.ema_decay > 0 else None
+        if t.compile:
+            model.compile()  # in place: parameter names, checkpoints and param_groups() stay as they are
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.raw_model = acc.unwrap_model(self.model)
-        self.ema = EMA(self.raw_model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-        t = cfg.train
-        self.spikes = SpikeDetector(t.spike_window, t.spike_k, t.spike_warmup, t.max_consecutive_skips)
-        self.skipped = {"nonfinite": 0, "spike": 0}
+        self.update_path = make_update_path(acc, self.model, optimizer, t.grad_clip)
+        spikes = SpikeDetector(t.spike_window, t.spike_k, t.spike_warmup, t.max_consecutive_skips)
+        self.gate = UpdateGate(spikes, t.max_nonfinite_skips)
+        self.data_skipped_before = {"shards": 0, "samples": 0}  # by the runs this one resumes
         self.step = 0
 
         self.stream = ShardStream(
@@ -175,26 +171,38 @@ class Trainer:
             )
             restore_scaler(acc, self.model, loaded.scaler_state)
             self._load_trainer_state(loaded.step, loaded.meta)
-        self.preemption = PreemptionFlag()
         self.logger = RunLogger(self.run_dir, t.steps, self.step, enabled=acc.is_main_process)
 
     # --- state ---------------------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:
-        """What the checkpoint keeps beside weights and optimizer (JSON)."""
+        """What the checkpoint keeps beside weights and optimizer (JSON). Collective: it sums the
+        data stream's counts over ranks."""
         acc = self.accelerator
-        return {
+        meta = {
             "config": config_dict(self.cfg),
             "global_batch": self.batch_size * acc.num_processes * self.cfg.train.accumulate,
             "data": self.stream.state_dict(),
-            "spikes": self.spikes.state_dict(),
-            "skipped": dict(self.skipped),
+            **self.gate.state_dict(),
         }
+        meta["skipped"] = {**meta["skipped"], **self._data_skipped()}
+        return meta
 
     def _load_trainer_state(self, step: int, meta: dict[str, Any]) -> None:
         self.step = step
         self.stream.load_state_dict(meta["data"])
-        self.spikes.load_state_dict(meta["spikes"])
-        self.skipped = dict(meta["skipped"])
+        self.gate.load_state_dict(meta)
+        self.data_skipped_before = {key: int(meta["skipped"][key]) for key in self.data_skipped_before}
+
+    def _data_skipped(self) -> dict[str, int]:
+        """Bad shards and replaced samples met since the run began, summed over ranks (collective)."""
+        acc, mine = self.accelerator, self.stream.skipped
+        counts = torch.tensor([mine[key] for key in self.data_skipped_before], device=acc.device)
+        if acc.num_processes > 1:
+            dist.all_reduce(counts)
+        return {
+            key: self.data_skipped_before[key] + n
+            for key, n in zip(self.data_skipped_before, counts.tolist(), strict=True)
+        }
 
     def save(self) -> Path:
         acc, keep = self.accelerator, self.cfg.train.keep_checkpoints
@@ -210,35 +218,31 @@ class Trainer:
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = base * factor
 
-    def _apply_update(self) -> Update:
-        """Clip, decide (identically on all ranks) whether to skip, and step. DDP/single process."""
-        acc = self.accelerator
-        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
-        norm = float(acc.clip_grad_norm_(self.model.parameters(), max_norm))
-        nonfinite = not math.isfinite(norm)
-        spike = not nonfinite and self.spikes.is_spike(norm)
-        votes = acc.reduce(torch.tensor([float(nonfinite), float(spike)], device=acc.device), "sum")
-        nonfinite, spike = bool(votes[0] > 0), bool(votes[1] > 0)
-        fp16 = acc.scaler is not None
-        if nonfinite and fp16:
-            self.optimizer.step()  # the scaler skips it and lowers the scale
-        elif spike and fp16:
-            acc.scaler.update()  # closes this unscale_ so the next step can unscale again
-        elif not (nonfinite or spike):
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if nonfinite or spike:
-            return Update(norm, False, "nonfinite" if nonfinite else "spike")
-        return Update(norm, not self.optimizer.step_was_skipped)
+    def _agree(self, values: list[torch.Tensor]) -> list[float]:
+        """Every rank's maximum of each value, read on the host: the step's one device read."""
+        votes = torch.stack([v.float().reshape(()) for v in values])
+        if self.accelerator.num_processes > 1:
+            dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+        return votes.tolist()
 
-    def _deepspeed_update(self) -> Update:
-        """DeepSpeed steps inside `backward`; ZeRO itself skips a non-finite update, so only report it."""
-        engine = self.accelerator.deepspeed_engine_wrapped.engine
-        norm = engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else math.nan
-        if engine.was_step_applied():
-            return Update(norm, True)
-        return Update(norm, False, "nonfinite")
+    def _update(self, loss: torch.Tensor) -> Update:
+        """Decide on the accumulated gradients (identically on every rank) and apply or discard them."""
+        norm = self.update_path.grad_norm()
+        finite = torch.isfinite(norm)
+        requested = torch.tensor(float(self.preemption.requested), device=norm.device)
+        nonfinite, agreed_norm, bad_loss, preempted, value = self._agree(
+            [~finite, torch.where(finite, norm, 0.0), ~torch.isfinite(loss), requested, norm]
+        )
+        # Under fp16 a non-finite gradient with a finite loss is loss-scale overflow, not divergence.
+        diverging = bool(bad_loss) or self.cfg.train.precision != "fp16"
+        reason = self.gate.decide(self.step + 1, agreed_norm, bool(nonfinite), diverging)
+        if reason:
+            self.update_path.discard(reason == "nonfinite")
+        else:
+            self.update_path.apply()
+            if self.ema is not None:
+                self.ema.update()
+        return Update(value, not reason, reason, bool(preempted))
 
     def _fetch(self, batches: Iterator[torch.Tensor], window: Window) -> torch.Tensor:
         started = time.perf_counter()
@@ -248,34 +252,26 @@ class Trainer:
         return x.to(self.accelerator.device, non_blocking=True)
 
     def _train_step(self, batches: Iterator[torch.Tensor], window: Window) -> Update:
-        acc = self.accelerator
-        seed_everything_for_step(self.cfg.seed, self.step, acc.process_index)
+        seed_everything_for_step(self.cfg.seed, self.step, self.accelerator.process_index)
         self._set_lr()
-        update = None
-        for _ in range(self.cfg.train.accumulate):
+        accumulate = self.cfg.train.accumulate
+        loss = torch.zeros((), device=self.accelerator.device)
+        for i in range(accumulate):
             x = self._fetch(batches, window)
-            with acc.accumulate(self.model):
+            with self.update_path.accumulating(sync=i == accumulate - 1):
                 out = self.model(x, step=self.step)
-                acc.backward(out.total())
-                window.add("loss", out.loss)
-                for name, value in out.scalars.items():
-                    window.add(name, value)
-                for name, value in out.aux_losses.items():
-                    window.add(f"aux/{name}", value)
-                window.micro_batches += 1
-                if acc.sync_gradients:
-                    if acc.distributed_type == DistributedType.DEEPSPEED:
-                        update = self._deepspeed_update()
-                    else:
-                        update = self._apply_update()
-        assert update is not None, "the accumulation window ended without a gradient sync"
-        if update.applied and self.ema is not None:
-            self.ema.update(self.raw_model)
-        if not update.applied:
-            self.skipped[update.reason] += 1
+                total = out.total()
+                self.update_path.backward(total)
+            loss = loss + total.detach()
+            window.add("loss", out.loss)
+            for name, value in out.scalars.items():
+                window.add(name, value)
+            for name, value in out.aux_losses.items():
+                window.add(f"aux/{name}", value)
+            window.micro_batches += 1
+        update = self._update(loss)
         window.steps += 1
-        if math.isfinite(update.grad_norm):
-            window.grad_norm += update.grad_norm
+        window.grad_norm += update.grad_norm
         return update
 
     # --- evaluation, samples, logs -------------------------------------------------------------
@@ -329,15 +325,18 @@ class Trainer:
         means = torch.stack([window.scalars[n] / window.micro_batches for n in names]).to(acc.device)
         means = acc.reduce(means, "mean")
         elapsed = time.perf_counter() - window.started - window.paused
-        images = window.micro_batches * self.batch_size * acc.num_processes
-        values = {f"train/{n}": float(v) for n, v in zip(names, means, strict=True)}
+        rank_images = window.micro_batches * self.batch_size
+        values = {f"train/{n}": v for n, v in zip(names, means.tolist(), strict=True)}
         values["train/grad_norm"] = window.grad_norm / window.steps
         for name, group in zip(self.group_names, self.optimizer.param_groups, strict=True):
             values[f"lr/{name}"] = group["lr"]
-        values["perf/img_per_s"] = images / elapsed
+        values["perf/img_per_s"] = rank_images * acc.num_processes / elapsed
+        values["perf/img_per_s_per_rank"] = rank_images / elapsed
         values["perf/data_wait_fraction"] = window.data_wait / elapsed
-        values["skipped/nonfinite"] = self.skipped["nonfinite"]
-        values["skipped/spike"] = self.skipped["spike"]
+        for reason, count in self.gate.skipped.items():
+            values[f"skipped/{reason}"] = count
+        for kind, count in self._data_skipped().items():
+            values[f"data/skipped_{kind}"] = count
         if acc.scaler is not None:
             values["train/loss_scale"] = acc.scaler.get_scale()
         self.logger.scalars(values, self.step)
@@ -345,36 +344,37 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------
     def fit(self) -> int:
-        """Train to train.steps (exit code 0) or until preempted (REQUEUE_EXIT_CODE)."""
+        """Train to train.steps (exit code 0) or until preempted (REQUEUE_EXIT_CODE); raises
+        TrainingDiverged after train.max_nonfinite_skips non-finite updates in a row."""
         acc, t = self.accelerator, self.cfg.train
-        self.preemption.install()
         try:
+            requested = torch.tensor(float(self.preemption.requested), device=acc.device)
+            if self._agree([requested])[0]:
+                return self._requeue()  # signalled during start-up: nothing new to save
             batches = iter(self.stream)
             window = Window()
             while self.step < t.steps:
-                self._train_step(batches, window)
+                update = self._train_step(batches, window)
                 self.step += 1
-                if self.step % t.log_every == 0 or self.step == t.steps:
+                diverged = self.gate.diverged
+                if diverged or self.step % t.log_every == 0 or self.step == t.steps:
                     self.logger.progress(self.step, self._log(window))
                     window = Window()
                 else:
                     self.logger.progress(self.step, None)
+                if diverged:  # every rank decided the same: all stop here, saving nothing
+                    last = newest_verified(self.run_dir)
+                    raise self.gate.divergence(str(last) if last else "none (no checkpoint was written)")
                 paused = time.perf_counter()
                 if self.validate and self.step % t.eval_every == 0:
                     self.logger.scalars({"val/bpd": self.evaluate()}, self.step)
                 if self.step % t.sample_every == 0:
                     self.sample()
-                preempted = self._preemption_agreed()
-                if preempted or self.step % t.checkpoint_every == 0 or self.step == t.steps:
+                if update.preempted or self.step % t.checkpoint_every == 0 or self.step == t.steps:
                     self.save()
                 window.paused += time.perf_counter() - paused
-                if preempted:
-                    if acc.is_main_process:
-                        write_requeue_marker(self.run_dir, self.step, self.preemption.signal_name or "peer")
-                    # No rank exits before the marker exists: a launcher that exits early can make the
-                    # cluster kill the other nodes (srun --kill-on-bad-exit) before rank 0 writes it.
-                    acc.wait_for_everyone()
-                    return REQUEUE_EXIT_CODE
+                if update.preempted:
+                    return self._requeue()
             if acc.is_main_process:
                 write_done_marker(self.run_dir, self.step)
             acc.wait_for_everyone()
@@ -384,14 +384,11 @@ class Trainer:
             self.logger.close()
             acc.end_training()
 
-    def _preemption_agreed(self) -> bool:
-        """Any rank signalled -> every rank stops at this same boundary."""
+    def _requeue(self) -> int:
         acc = self.accelerator
-        if acc.num_processes == 1:
-            return self.preemption.requested
-        flag = torch.tensor([float(self.preemption.requested)], device=acc.device)
-        return bool(acc.reduce(flag, "sum")[0] > 0)
-
-
-def train(cfg: Config) -> int:
-    return Trainer(cfg).fit()
+        if acc.is_main_process:
+            write_requeue_marker(self.run_dir, self.step, self.preemption.signal_name or "peer")
+        # No rank exits before the marker exists: a launcher that exits early can make the cluster
+        # kill the other nodes (srun --kill-on-bad-exit) before rank 0 writes it.
+        acc.wait_for_everyone()
+        return REQUEUE_EXIT_CODE

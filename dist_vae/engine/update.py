@@ -1,0 +1,153 @@
+"""How one optimizer update is made on each backend, chosen once when the trainer is built.
+
+The trainer's loop is the same everywhere: backpropagate the accumulated micro-batches, ask for the
+global gradient norm, decide (engine/skip.py) whether to apply the update, then `apply()` or
+`discard()`. The backends differ only in how those four things are done:
+
+- `TorchUpdate` (single process and DDP): Accelerate's `no_sync` and loss scaling, torch's norm and
+  clipping, the raw optimizer's step. Calling the raw optimizer (not Accelerate's wrapper) keeps
+  per-step Python work out of the loop.
+- `DeepSpeedUpdate` (ZeRO-1/2): the engine's backward with the accumulation boundary set by us, so
+  the engine never steps on its own; the ZeRO optimizer's global norm of the reduced gradient
+  partitions before stepping, then either the engine's own step (which clips and steps) or the same
+  gradient release ZeRO does when it drops an overflowing step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch import nn
+
+from dist_vae.config import ConfigError
+
+
+class UpdatePath(Protocol):
+    def accumulating(self, sync: bool) -> contextlib.AbstractContextManager[None]:
+        """Context for one micro-batch's forward and backward; `sync` marks the window's last one."""
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of the window's gradients (unscaled, identical on every rank), on device."""
+
+    def apply(self) -> None:
+        """Clip to train.grad_clip, step, clear the gradients."""
+
+    def discard(self, nonfinite: bool) -> None:
+        """Drop the gradients without touching weights or optimizer moments (a loss scaler still
+        learns from a non-finite window)."""
+
+
+class TorchUpdate:
+    """Single process and DDP."""
+
+    def __init__(
+        self, acc: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, clip: float
+    ) -> None:
+        self.acc, self.model, self.optimizer, self.clip = acc, model, optimizer, clip
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.scaler = acc.scaler
+        self._grads: list[torch.Tensor] = []
+        self._norm = torch.zeros(())
+
+    def accumulating(self, sync: bool) -> contextlib.AbstractContextManager[None]:
+        # DDP decides in forward whether the backward all-reduces, so the context spans both.
+        return contextlib.nullcontext() if sync else self.acc.no_sync(self.model)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.acc.backward(loss)  # divides by train.accumulate; scales for fp16
+
+    def grad_norm(self) -> torch.Tensor:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        self._grads = [p.grad for p in self.params if p.grad is not None]
+        self._norm = torch.nn.utils.get_total_norm(self._grads)
+        return self._norm.float()
+
+    def apply(self) -> None:
+        if self.clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(self._grads, self.clip, self._norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self._grads = []
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def discard(self, nonfinite: bool) -> None:
+        self._grads = []
+        if self.scaler is not None:
+            if nonfinite:
+                self.scaler.step(self.optimizer)  # sees the inf from unscale_, skips, and...
+            self.scaler.update()  # ...lowers the scale (or, after a spike, just closes this unscale_)
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class DeepSpeedUpdate:
+    """DeepSpeed ZeRO stage 1 or 2."""
+
+    def __init__(self, acc: Accelerator) -> None:
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+        self.engine = acc.deepspeed_engine_wrapped.engine
+        stage = self.engine.zero_optimization_stage()
+        self.zero = self.engine.optimizer
+        if stage not in (1, 2) or not isinstance(self.zero, DeepSpeedZeroOptimizer):
+            raise ConfigError(
+                f"DeepSpeed ZeRO stage {stage} with {type(self.zero).__name__} is not supported: use "
+                "zero_stage 1 or 2 (configs/accelerate/deepspeed_zero1.yaml, deepspeed_zero2.yaml); "
+                "bf16 with ZeRO-1 needs data_types.grad_accum_dtype=bf16 in the DeepSpeed config"
+            )
+        self.fp16 = self.engine.fp16_enabled()
+
+    @contextlib.contextmanager
+    def accumulating(self, sync: bool) -> Iterator[None]:
+        self.engine.set_gradient_accumulation_boundary(sync)  # reduce (and allow a step) only on sync
+        yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # divides by gradient_accumulation_steps; scales for fp16
+
+    def grad_norm(self) -> torch.Tensor:
+        # What ZeRO's own step() computes first: the all-reduced norm of every rank's partition of the
+        # averaged gradients. ZeRO reports a non-finite norm as -1.
+        norm = self.zero.scaled_global_norm() / self.zero.loss_scale
+        return torch.where(norm < 0, math.inf, norm).float()
+
+    def apply(self) -> None:
+        self.engine.step()
+
+    def discard(self, nonfinite: bool) -> None:
+        if nonfinite and self.fp16:
+            self.engine.step()  # ZeRO's overflow branch: drops the gradients and lowers the loss scale
+            return
+        # The gradient release of that same branch (stage_1_and_2.py, DeepSpeedZeroOptimizer.step).
+        from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+
+        zero = self.zero
+        zero.micro_step_id = INITIAL_MICRO_STEP_ID
+        zero.zero_grad(set_to_none=True)
+        zero._release_preflattened_grad_buffers()
+        if zero.cpu_offload:
+            zero.reset_cpu_buffers()
+        else:
+            for group in zero.averaged_gradients:
+                zero.averaged_gradients[group] = None
+                zero.all_grad_tensors[group] = None
+
+
+def make_update_path(
+    acc: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, clip: float
+) -> UpdatePath:
+    """`model` as prepared by Accelerate, `optimizer` the raw torch one it wraps."""
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        return DeepSpeedUpdate(acc)
+    return TorchUpdate(acc, model, optimizer, clip)
