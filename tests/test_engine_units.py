@@ -14,7 +14,6 @@ from dist_vae.engine.checkpoint import COMPLETE, clean_partial, resolve_resume
 from dist_vae.engine.ema import EMA
 from dist_vae.engine.schedule import lr_factor
 from dist_vae.engine.skip import SpikeDetector, UpdateGate
-from dist_vae.engine.trainer import sample_rows
 from dist_vae.files import image_grid
 
 
@@ -105,8 +104,6 @@ def test_image_grid_rows_and_pixel_values() -> None:
     assert grid[0, 0, 0] == 255  # padding
     with pytest.raises(ValueError, match="row 1"):
         image_grid([torch.zeros(2, 3, 4, 4), torch.zeros(3, 3, 4, 4)])
-    assert [r.shape[0] for r in sample_rows(torch.zeros(16, 3, 4, 4))] == [4, 4, 4, 4]
-    assert len(sample_rows(canvases)) == 4
 
 
 def make_checkpoint(root: Path, name: str, complete: bool) -> Path:

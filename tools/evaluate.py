@@ -31,9 +31,9 @@ from tqdm import tqdm
 
 from dist_vae.config import ConfigError
 from dist_vae.data.stream import DataError, ShardStream
-from dist_vae.engine.distributed import tool_state
 from dist_vae.metrics import accumulate, laplacian_variance, sample_spread, summarize
 from dist_vae.models.protocol import GenerativeModel, evaluating
+from dist_vae.processes import tool_state
 from dist_vae.run_dir import load_run
 from dist_vae.sampling import markov_chain, prior_samples, reconstructions
 

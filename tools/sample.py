@@ -26,8 +26,8 @@ from accelerate.utils import gather_object
 
 from dist_vae.config import ConfigError
 from dist_vae.data.stream import DataError, ShardStream
-from dist_vae.engine.distributed import share, tool_state
 from dist_vae.files import image_grid, save_png_atomic
+from dist_vae.processes import share, tool_state
 from dist_vae.run_dir import LoadedRun, load_run
 from dist_vae.sampling import markov_chain, prior_samples
 

@@ -14,7 +14,6 @@ inf check every step). Everything logged stays on the device until a log point.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ from dist_vae.engine.schedule import lr_factor
 from dist_vae.engine.skip import SpikeDetector, UpdateGate
 from dist_vae.engine.update import make_update_path
 from dist_vae.files import write_text_atomic
-from dist_vae.models import build_model
+from dist_vae.models import build_model, evaluating
 from dist_vae.run_dir import CONFIG_FILE, config_dict, newest_verified
 from dist_vae.sampling import grid_samples
 
@@ -97,17 +96,6 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
         [{"params": params, "lr": lrs[name]} for name, params in groups.items()],
         weight_decay=cfg.train.weight_decay,
     )
-
-
-def sample_rows(samples: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
-    """Grid rows: one per refinement step for a list of canvases, else a near-square tiling."""
-    if isinstance(samples, list):
-        return samples
-    per_row = math.ceil(math.sqrt(samples.shape[0]))
-    rows = list(samples.split(per_row))
-    if rows[-1].shape[0] != per_row:
-        rows = rows[:-1] or [rows[-1]]
-    return rows
 
 
 class Trainer:
@@ -289,20 +277,16 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean bits/dim over (at most train.eval_batches batches per rank of) the val split."""
         acc, cfg = self.accelerator, self.cfg
-        net = self._eval_model()
-        was_training = net.training
         totals = torch.zeros(2, dtype=torch.float64, device=acc.device)
         stream = self._val_stream()
-        with acc.autocast():
+        with evaluating(self._eval_model()) as net, acc.autocast():
             torch.manual_seed(cfg.seed + self.step)
-            net.eval()
             for i, x in enumerate(stream):
                 if i == cfg.train.eval_batches:
                     break
                 out = net(x.to(acc.device), step=self.step)
                 totals[0] += out.scalars["bpd"].double() * x.shape[0]
                 totals[1] += x.shape[0]
-            net.train(was_training)
         totals = acc.reduce(totals, "sum")
         return float(totals[0] / totals[1])
 
@@ -310,14 +294,10 @@ class Trainer:
     def sample(self) -> None:
         if not self.accelerator.is_main_process:
             return
-        net = self._eval_model()
-        was_training = net.training
         generator = torch.Generator(self.accelerator.device).manual_seed(self.cfg.seed + self.step)
-        with self.accelerator.autocast():
-            net.eval()
-            samples = grid_samples(net, self.cfg.train.sample_count, generator=generator)
-            net.train(was_training)
-        self.logger.samples(sample_rows(samples), self.step)
+        with evaluating(self._eval_model()) as net, self.accelerator.autocast():
+            rows = grid_samples(net, self.cfg.train.sample_count, generator=generator)
+        self.logger.samples(rows, self.step)
 
     def _log(self, window: Window) -> float:
         acc = self.accelerator
