@@ -22,6 +22,7 @@ set -euo pipefail
 # The trainer's protocol with this script; dist_vae/engine/preemption.py writes these files.
 REQUEUE_MARKER="requeue"
 DONE_MARKER="done"
+DIVERGED_MARKER="diverged"
 
 log() { printf '[cluster %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 die() {
@@ -110,6 +111,10 @@ decide() {
 	if fresh "$DONE_MARKER"; then
 		log "training finished ($RUN_DIR/$DONE_MARKER written): not requeueing"
 		exit 0
+	fi
+	if fresh "$DIVERGED_MARKER"; then
+		log "training diverged ($RUN_DIR/$DIVERGED_MARKER: $(tr '\n' ' ' <"$RUN_DIR/$DIVERGED_MARKER")): not requeueing"
+		exit 4
 	fi
 	# After a warning, a SIGTERM is the time limit that came before the checkpoint did: still requeue.
 	if ((WARNED)); then

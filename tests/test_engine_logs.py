@@ -88,6 +88,8 @@ def test_a_diverged_run_stops_with_exit_4_and_names_the_last_checkpoint(
     # Nothing is saved at the step that ended the run: the newest checkpoint is the one before it.
     assert complete_checkpoints(tmp_path)[-1] == (stopped - 1, Path(match.group(2)))
     assert not (tmp_path / "done").exists() and not (tmp_path / "requeue").exists()
+    # The cluster script reads this marker and does not requeue a run that would only diverge again.
+    assert (tmp_path / "diverged").read_text().startswith(f"step {stopped}\nreason training diverged")
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
     norms = {e.step: e.value for e in events.Scalars("train/grad_norm")}

@@ -19,6 +19,7 @@ from types import FrameType
 REQUEUE_EXIT_CODE = 3
 REQUEUE_FILE = "requeue"
 DONE_FILE = "done"
+DIVERGED_FILE = "diverged"
 HANDLED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
@@ -52,7 +53,8 @@ def write_requeue_marker(run_dir: Path, step: int, reason: str) -> None:
     an earlier, shorter train.steps would tell it otherwise)."""
     from dist_vae.files import write_text_atomic  # imports torch: see the module docstring
 
-    (run_dir / DONE_FILE).unlink(missing_ok=True)
+    for stale in (DONE_FILE, DIVERGED_FILE):
+        (run_dir / stale).unlink(missing_ok=True)
     write_text_atomic(run_dir / REQUEUE_FILE, f"step {step}\nreason {reason}\ntime {time.time():.0f}\n")
 
 
@@ -60,5 +62,14 @@ def write_done_marker(run_dir: Path, step: int) -> None:
     """Tell the cluster script (and a later `resume=auto`) that the run reached train.steps."""
     from dist_vae.files import write_text_atomic
 
-    (run_dir / REQUEUE_FILE).unlink(missing_ok=True)
+    for stale in (REQUEUE_FILE, DIVERGED_FILE):
+        (run_dir / stale).unlink(missing_ok=True)
     write_text_atomic(run_dir / DONE_FILE, f"step {step}\ntime {time.time():.0f}\n")
+
+
+def write_diverged_marker(run_dir: Path, step: int, why: str) -> None:
+    """Tell the cluster script that the run diverged: requeueing would only repeat it."""
+    from dist_vae.files import write_text_atomic
+
+    (run_dir / REQUEUE_FILE).unlink(missing_ok=True)
+    write_text_atomic(run_dir / DIVERGED_FILE, f"step {step}\nreason {why}\ntime {time.time():.0f}\n")

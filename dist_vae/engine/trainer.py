@@ -35,6 +35,7 @@ from dist_vae.engine.logging import RunLogger
 from dist_vae.engine.preemption import (
     REQUEUE_EXIT_CODE,
     PreemptionFlag,
+    write_diverged_marker,
     write_done_marker,
     write_requeue_marker,
 )
@@ -344,7 +345,10 @@ class Trainer:
                     self.logger.progress(self.step, None)
                 if diverged:  # every rank decided the same: all stop here, saving nothing
                     last = newest_verified(self.run_dir)
-                    raise self.gate.divergence(str(last) if last else "none (no checkpoint was written)")
+                    error = self.gate.divergence(str(last) if last else "none (no checkpoint was written)")
+                    if acc.is_main_process:
+                        write_diverged_marker(self.run_dir, self.step, str(error))
+                    raise error
                 paused = time.perf_counter()
                 if self.validate and self.step % t.eval_every == 0:
                     self.logger.scalars({"val/bpd": self.evaluate()}, self.step)
