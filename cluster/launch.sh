@@ -11,7 +11,9 @@
 #   EXTRA                space-separated key=value overrides passed to dist_vae/train.py
 #   NODES                machines: N, or MIN-MAX to let Slurm start (and requeue) the job on what is free;
 #                        inside the job the allocation decides, and a run resumed on another node count
-#                        continues from the same checkpoint (the trainer adapts to the new world size)
+#                        continues from the same checkpoint (the trainer adapts to the new world size, as
+#                        train.resize says). The scripts ask for no task count (--ntasks-per-node): Slurm
+#                        derives one from the minimum node count and then allocates only MIN nodes.
 #   GPUS_PER_NODE        GPUs per machine (0: none requested, CPU runs)
 #   PROCS_PER_NODE       trainer processes per machine (GPUS_PER_NODE; 0: the accelerate config's count)
 #   PYTHON               interpreter with dist_vae's dependencies (python3)
