@@ -1,7 +1,7 @@
 """A run continues on another number of processes (issue 14): a 2-process run stopped at step 4 is
-finished on 1 and on 3 processes under both train.resize policies, with the step count, the data
-position, the LR schedule and the global batch (or the scaled LR) as promised; resuming on the
-same new world size twice gives identical checkpoints."""
+finished on 1 and on 3 processes under both train.resize policies (DDP; DeepSpeed ZeRO-2 2 -> 1),
+with the step count, the data position, the LR schedule and the global batch (or the scaled LR) as
+promised; resuming on the same new world size twice gives identical checkpoints."""
 
 from __future__ import annotations
 
@@ -105,6 +105,22 @@ def test_two_to_one_with_scale_lr_halves_the_lr(stopped: Path, demo_shards: Path
     stderr = resume(stopped, run_dir, cmd)
     assert "world size 2 -> 1: scale_lr, global batch 12 -> 6 = 1 x 6 x 1, lr x 0.5" in stderr
     assert_continued(run_dir, 1, 6, 0.5)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_two_to_one_keeps_the_global_batch(demo_shards: Path, tmp_path: Path) -> None:
+    """ZeRO-2's partitioned optimizer state, written by 2 ranks, continues on 1 with accumulation 2."""
+    run_dir = tmp_path / "run"
+    check(run(launch("deepspeed_zero2.yaml", 2, run_dir, demo_shards, f"train.steps={K}"), timeout=300))
+    cmd = launch("deepspeed_zero2.yaml", 1, run_dir, demo_shards, f"train.steps={STEPS}")
+    proc = run(cmd, timeout=300)
+    check(proc)
+    assert (
+        "world size 2 -> 1: keep_global_batch, global batch 12 = 1 x 6 x 2 (accumulate 1 -> 2)" in proc.stderr
+    )
+    assert_continued(run_dir, 1, 12, 1.0)
+    engine = final_state(run_dir)["engine"]  # DeepSpeed counted 12 samples per update throughout
+    assert (engine["global_steps"], engine["global_samples"]) == (STEPS, STEPS * 12)
 
 
 def write_state(path: Path, world: int, global_batch: int, reference: int | None = None) -> Path:
