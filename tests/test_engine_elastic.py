@@ -164,3 +164,8 @@ def test_scale_lr_is_relative_to_the_first_global_batch(tmp_path: Path) -> None:
     assert resize.lr_scale == 1.5 and ", lr x 1.5 " in resize.line()
     _, resize = resized_config(cfg, 4, write_state(tmp_path, 2, 8), 2)
     assert resize.line() == ""  # same world size, same batch: nothing to say, nothing changed
+
+
+def test_resize_policy_is_checked() -> None:
+    with pytest.raises(ConfigError, match=r"train\.resize.*'keep_global_batch', 'scale_lr'"):
+        load_config(None, ["train.resize=halve"])
