@@ -9,7 +9,13 @@
 # Settings (environment variables; the script's defaults apply where unset):
 #   CONFIG, DATA, RUN_DIR, ACCEL_CONFIG  trainer config, shard directory, run directory, accelerate config
 #   EXTRA                space-separated key=value overrides passed to dist_vae/train.py
-#   NODES, GPUS_PER_NODE machines and GPUs per machine (0: the accelerate config's process count, CPU runs)
+#   NODES                machines: N, or MIN-MAX to let Slurm start (and requeue) the job on what is free;
+#                        inside the job the allocation decides, and a run resumed on another node count
+#                        continues from the same checkpoint (the trainer adapts to the new world size, as
+#                        train.resize says). The scripts ask for no task count (--ntasks-per-node): Slurm
+#                        derives one from the minimum node count and then allocates only MIN nodes.
+#   GPUS_PER_NODE        GPUs per machine (0: none requested, CPU runs)
+#   PROCS_PER_NODE       trainer processes per machine (GPUS_PER_NODE; 0: the accelerate config's count)
 #   PYTHON               interpreter with dist_vae's dependencies (python3)
 #   SETUP                a file sourced by the batch shell before launching (module load, conda activate)
 #   MAIN_ADDR, MAIN_PORT rendezvous address and port (first node of the job, 20000 + job id % 10000)
@@ -39,8 +45,10 @@ check_inputs() {
 		[[ -f ${!name} ]] || die "$name=${!name}: no such file (relative paths start at REPO=$REPO)"
 	done
 	[[ -d $DATA ]] || die "DATA=$DATA: no such directory (relative paths start at REPO=$REPO)"
-	[[ ${NODES:-1} =~ ^[1-9][0-9]*$ ]] || die "NODES=$NODES: expected a positive integer"
+	[[ ${NODES:-1} =~ ^[1-9][0-9]*(-[1-9][0-9]*)?$ ]] ||
+		die "NODES=$NODES: expected a positive integer or a range MIN-MAX"
 	[[ ${GPUS_PER_NODE:-0} =~ ^[0-9]+$ ]] || die "GPUS_PER_NODE=$GPUS_PER_NODE: expected an integer >= 0"
+	[[ ${PROCS_PER_NODE:-0} =~ ^[0-9]+$ ]] || die "PROCS_PER_NODE=$PROCS_PER_NODE: expected an integer >= 0"
 	[[ ${MAX_CRASH_REQUEUES:-1} =~ ^[0-9]+$ ]] || die "MAX_CRASH_REQUEUES=$MAX_CRASH_REQUEUES: expected an integer >= 0"
 	[[ ${WARNING_REPEAT:-30} =~ ^[1-9][0-9]*$ ]] || die "WARNING_REPEAT=$WARNING_REPEAT: expected seconds >= 1"
 }
@@ -150,16 +158,23 @@ run_job() {
 	fi
 	NODES=${NODES:-$SLURM_JOB_NUM_NODES}
 	GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}
+	PROCS_PER_NODE=${PROCS_PER_NODE:-$GPUS_PER_NODE}
 	MAX_CRASH_REQUEUES=${MAX_CRASH_REQUEUES:-1}
 	WARNING_REPEAT=${WARNING_REPEAT:-30}
 	check_inputs
+	# A range lets Slurm choose (a requeued job may get fewer or more nodes); a number must match.
+	if [[ $NODES == *-* ]]; then
+		((SLURM_JOB_NUM_NODES >= ${NODES%-*} && SLURM_JOB_NUM_NODES <= ${NODES#*-})) ||
+			die "NODES=$NODES but the job has $SLURM_JOB_NUM_NODES node(s)"
+		NODES=$SLURM_JOB_NUM_NODES
+	fi
 	((NODES == SLURM_JOB_NUM_NODES)) ||
 		die "NODES=$NODES but the job has $SLURM_JOB_NUM_NODES node(s): run the script itself with NODES set" \
 			"(it submits with --nodes) or sbatch --nodes=$NODES"
 	MAIN_ADDR=${MAIN_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
 	MAIN_PORT=${MAIN_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
 	PYTHON=${PYTHON:-python3}
-	export REPO CONFIG DATA RUN_DIR ACCEL_CONFIG EXTRA NODES GPUS_PER_NODE MAIN_ADDR MAIN_PORT PYTHON LAUNCH_ARGS
+	export REPO CONFIG DATA RUN_DIR ACCEL_CONFIG EXTRA NODES GPUS_PER_NODE PROCS_PER_NODE MAIN_ADDR MAIN_PORT PYTHON LAUNCH_ARGS
 
 	mkdir -p "$RUN_DIR"
 	STAMP=$RUN_DIR/.slurm-run-$SLURM_JOB_ID
@@ -171,7 +186,7 @@ run_job() {
 	trap on_term TERM
 
 	log "job $SLURM_JOB_ID, run $((${SLURM_RESTART_COUNT:-0} + 1)) (restart count ${SLURM_RESTART_COUNT:-0})" \
-		"on $SLURM_JOB_NODELIST: $NODES node(s) x $GPUS_PER_NODE GPU(s), rendezvous $MAIN_ADDR:$MAIN_PORT"
+		"on $SLURM_JOB_NODELIST: $NODES node(s) x $GPUS_PER_NODE GPU(s), $PROCS_PER_NODE process(es) per node, rendezvous $MAIN_ADDR:$MAIN_PORT"
 	log "config $CONFIG, data $DATA, run dir $RUN_DIR, accelerate $ACCEL_CONFIG, extra: ${EXTRA:-none}"
 	log "resuming from newest complete checkpoint: $(newest_checkpoint)"
 

@@ -4,7 +4,6 @@
 # [sbatch options]`, which also honours NODES and GPUS_PER_NODE. Settings: see cluster/launch.sh.
 #SBATCH --job-name=lsun256-ivae
 #SBATCH --nodes=4
-#SBATCH --ntasks-per-node=1
 #SBATCH --gres=gpu:8
 #SBATCH --cpus-per-task=64
 #SBATCH --time=2-00:00:00

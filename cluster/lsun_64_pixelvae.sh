@@ -5,7 +5,6 @@
 # Settings: see cluster/launch.sh.
 #SBATCH --job-name=lsun64-pixelvae
 #SBATCH --nodes=1
-#SBATCH --ntasks-per-node=1
 #SBATCH --gres=gpu:8
 #SBATCH --cpus-per-task=64
 #SBATCH --time=2-00:00:00

@@ -16,8 +16,8 @@ cd "$REPO"
 # ignore the option.
 args=(--config_file "$ACCEL_CONFIG" --num_machines "$NODES" --machine_rank "$SLURM_NODEID"
 	--main_process_ip "$MAIN_ADDR" --main_process_port "$MAIN_PORT" --deepspeed_multinode_launcher standard)
-if ((GPUS_PER_NODE > 0)); then
-	args+=(--num_processes "$((NODES * GPUS_PER_NODE))")
+if ((PROCS_PER_NODE > 0)); then
+	args+=(--num_processes "$((NODES * PROCS_PER_NODE))")
 fi
 read -ra accelerate_opts <<<"$LAUNCH_ARGS"
 read -ra overrides <<<"$EXTRA"

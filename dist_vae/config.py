@@ -48,6 +48,9 @@ class TrainConfig:
     schedule: str = choice("cosine", "constant", "cosine", "linear")
     grad_clip: float = at_least(1.0, 0.0)  # 0 disables clipping
     accumulate: int = at_least(1, 1)
+    # On resume with another world size: keep the checkpoint's global batch (adjust accumulate, then
+    # the per-rank batch) or keep the per-rank batch and scale the LRs linearly (engine/resize.py).
+    resize: str = choice("keep_global_batch", "keep_global_batch", "scale_lr")
     checkpoint_every: int = at_least(500, 1)
     keep_checkpoints: int = at_least(3, 1)
     eval_every: int = at_least(1000, 1)

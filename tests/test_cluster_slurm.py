@@ -267,3 +267,48 @@ def test_scancel_stops_the_job_without_requeue(slurm: LocalSlurm, shards: Path, 
     # closing line may be missing; the state (CANCELLED, no restart) is what counts.
     assert "received SIGTERM: Slurm is ending the job" in log, log
     assert "requeueing job" not in log
+
+
+@pytest.mark.slow
+def test_requeue_onto_fewer_nodes_continues_the_run(slurm: LocalSlurm, shards: Path, tmp_path: Path) -> None:
+    """NODES=1-2: the job starts on both nodes (2 processes), one node is drained while it runs, and the
+    requeued job gets the one node left (1 process) and finishes the run from the preemption checkpoint."""
+    steps = 30
+    run_dir = tmp_path / "run"
+    env = job_env(
+        slurm.env, shards, run_dir, f"train.steps={steps} train.checkpoint_every=5 {QUIET}",
+        NODES="1-2", PROCS_PER_NODE="1",
+    )  # fmt: skip
+    job_id = submit_self(env, tmp_path)
+    wait_for_first_checkpoint(slurm, job_id, run_dir)
+    drained = slurm.nodes[-1]
+    slurm.run("scontrol", "update", f"NodeName={drained}", "State=DRAIN", "Reason=elastic-test")
+    try:
+        slurm.run("scancel", "--signal=USR1", "--batch", job_id)
+        info = slurm.wait_job(
+            job_id,
+            lambda i: (
+                i["JobState"] in FINAL_STATES and (i["Restarts"] != "0" or i["JobState"] != "COMPLETED")
+            ),
+            300,
+        )
+    finally:
+        slurm.run("scontrol", "update", f"NodeName={drained}", "State=RESUME", check=False)
+    log = job_log(run_dir, job_id)
+    assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("COMPLETED", "1", "0:0"), (
+        f"{info}\n{log}"
+    )
+    _, marker, _, resumed, _ = assert_in_order(
+        log,
+        [
+            rf"job {job_id}, run 1 \(restart count 0\) on .*: 2 node\(s\) x 0 GPU\(s\), 1 process",
+            r"trainer checkpointed for preemption \(.*requeue: step (\d+)",
+            rf"job {job_id}, run 2 \(restart count 1\) on .*: 1 node\(s\) x 0 GPU\(s\), 1 process",
+            r"resuming from newest complete checkpoint: step-(\d+)",
+            rf"launchers exited with status 0; newest complete checkpoint: step-{steps:08d}",
+        ],
+    )
+    assert int(marker.group(1)) == int(resumed.group(1))
+    assert re.search(r"world size 2 -> 1", log), log[-6000:]
+    assert (run_dir / "done").exists()
+    print("\n".join(line for line in log.splitlines() if line.startswith("[cluster") or "world size" in line))

@@ -14,6 +14,7 @@ inf check every step). Everything logged stays on the device until a log point.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from dist_vae.engine.preemption import (
     write_done_marker,
     write_requeue_marker,
 )
+from dist_vae.engine.resize import launched_world_size, resized_config
 from dist_vae.engine.rng import preserved_rng, seed_everything_for_step
 from dist_vae.engine.schedule import lr_factor
 from dist_vae.engine.skip import SpikeDetector, UpdateGate
@@ -111,12 +113,18 @@ class Trainer:
             raise
 
     def _setup(self, cfg: Config) -> None:
-        self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         resume_from = checkpoint.resolve_resume(cfg.resume, self.run_dir)
         read_manifest(cfg.data.path)  # a wrong data.path fails before any process group exists
+        # Another world size than the checkpoint's: train.resize settles the batch before DeepSpeed reads it.
+        cfg, self.resize = resized_config(cfg, per_rank_batch(cfg), resume_from, launched_world_size())
+        self.cfg = cfg
         self.accelerator = make_accelerator(cfg)
         acc = self.accelerator
+        if acc.num_processes != self.resize.world[1]:
+            raise ConfigError(
+                f"Accelerate sees {acc.num_processes} processes but WORLD_SIZE is {launched_world_size()}"
+            )
         self.batch_size = per_rank_batch(cfg)
         if resume_from is not None:
             checkpoint.check_resume(resume_from, cfg)  # a refused resume leaves config.yaml as it was
@@ -134,7 +142,7 @@ class Trainer:
         model = build_model(cfg.model, cfg.data.resolution, cfg.train.gradient_checkpointing)
         self.group_names = list(model.param_groups())
         optimizer = make_optimizer(model, cfg)
-        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.base_lrs = [group["lr"] * self.resize.lr_scale for group in optimizer.param_groups]
         t = cfg.train
         self.ema = EMA(model, t.ema_decay, acc.device) if t.ema_decay > 0 else None
         if t.compile:
@@ -160,7 +168,10 @@ class Trainer:
             )
             restore_scaler(acc, self.model, loaded.scaler_state)
             self._load_trainer_state(loaded.step, loaded.meta)
+        if acc.is_main_process and self.resize.line():
+            print(self.resize.line(), file=sys.stderr)
         self.logger = RunLogger(self.run_dir, t.steps, self.step, enabled=acc.is_main_process)
+        self.logger.scalars(self.resize.scalars(), self.step)
 
     # --- state ---------------------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:
@@ -170,6 +181,7 @@ class Trainer:
         meta = {
             "config": config_dict(self.cfg),
             "global_batch": self.batch_size * acc.num_processes * self.cfg.train.accumulate,
+            "reference_global_batch": self.resize.reference_global_batch,
             "data": self.stream.state_dict(),
             **self.gate.state_dict(),
         }
