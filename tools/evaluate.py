@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from tqdm import tqdm
 
 from dist_vae.config import ConfigError
 from dist_vae.data.stream import DataError, ShardStream
+from dist_vae.files import write_text_atomic
 from dist_vae.metrics import accumulate, laplacian_variance, sample_spread, summarize
 from dist_vae.models.protocol import GenerativeModel, evaluating
 from dist_vae.processes import tool_state
@@ -146,9 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         processes=state.num_processes,
     )
     path = args.out or args.run_dir / "eval.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     state.wait_for_everyone()
     return 0
