@@ -45,6 +45,6 @@ def test_compiled_graphs_match_eager(kind: str, checkpointing: bool) -> None:
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("kind", ["pixel_vae", "iterative_vae"])
-def test_inductor_matches_eager_with_checkpointing(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(inductor_config, "fallback_random", True)  # eager's RNG, not inductor's own
-    check_agreement(kind, True, "inductor")
+def test_inductor_matches_eager_with_checkpointing(kind: str) -> None:
+    with inductor_config.patch(fallback_random=True):  # eager's RNG, not inductor's own
+        check_agreement(kind, True, "inductor")

@@ -96,13 +96,16 @@ class Case:
         return [self.kind, str(self.resolution), self.precision, *flags]
 
 
-def run_case(case: Case, device: torch.device, backend: str, steps: int, tiny: bool) -> list[str]:
+def run_case(
+    case: Case, device: torch.device, backend: str, steps: int, tiny: bool, peak_override: float | None
+) -> list[str]:
     """Table cells of one case: batch, img/s, peak GiB, MFU % ('OOM' when it does not fit)."""
     batch = BATCH[case.resolution]
     torch._dynamo.reset()  # each case compiles afresh; old graphs would count towards the recompile limit
     torch.manual_seed(0)
     model = build_model(model_config(case.kind, tiny), case.resolution, case.checkpointing)
-    flops = flops_per_image(model, case.resolution)
+    peak = peak_flops(device, DTYPES[case.precision], peak_override)
+    flops = flops_per_image(model, case.resolution) if peak is not None else math.nan
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -121,7 +124,6 @@ def run_case(case: Case, device: torch.device, backend: str, steps: int, tiny: b
     if not all(math.isfinite(float(loss)) for loss in losses):
         raise RuntimeError(f"non-finite loss in case {case}")
     rate = batch * steps / seconds
-    peak = peak_flops(device, DTYPES[case.precision])
     mfu = "-" if peak is None else f"{100 * flops * rate / peak:.1f}"
     return [str(batch), f"{rate:.2f}", f"{peak_memory_gib(device):.2f}", mfu]
 
@@ -160,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU, in seconds")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per case (default 5, tiny 1)")
     parser.add_argument("--budget", type=float, default=270.0, help="seconds after which no case starts")
+    parser.add_argument("--peak-flops", type=float, default=None, help="FLOP/s for MFU on an unlisted device")
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     steps = args.steps or (1 if args.tiny else 5)
@@ -175,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         if time.perf_counter() - started > args.budget:
             cells = ["-", "not run", "-", "-"]
         else:
-            cells = run_case(case, device, backend, steps, args.tiny)
+            cells = run_case(case, device, backend, steps, args.tiny, args.peak_flops)
         row = [*case.labels(), *cells]
         print("".join(f"{c:>14}" if i == 0 else f"{c:>9}" for i, c in enumerate(row)), flush=True)
 
