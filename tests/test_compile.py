@@ -5,6 +5,7 @@ the checkpoint operator the real compiler sees) in seconds; one slow test runs i
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,6 +46,10 @@ def test_compiled_graphs_match_eager(kind: str, checkpointing: bool) -> None:
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("kind", ["pixel_vae", "iterative_vae"])
-def test_inductor_matches_eager_with_checkpointing(kind: str) -> None:
+def test_inductor_matches_eager_with_checkpointing(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A private kernel cache: concurrent compiles sharing /tmp/torchinductor_$USER raced ("file too short").
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     with inductor_config.patch(fallback_random=True):  # eager's RNG, not inductor's own
         check_agreement(kind, True, "inductor")
