@@ -134,7 +134,7 @@ def run_case(
     if not all(math.isfinite(float(loss)) for loss in losses):
         raise RuntimeError(f"non-finite loss in case {case}")
     rate = batch * steps / seconds
-    mfu = "-" if peak is None else f"{100 * flops * rate / peak:.1f}"
+    mfu = "-" if peak is None else f"{100 * flops * rate / peak:.3g}"
     return [str(batch), f"{rate:.2f}", f"{peak_memory_gib(device):.2f}", mfu]
 
 
