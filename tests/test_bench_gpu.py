@@ -1,0 +1,45 @@
+"""tools/bench/gpu.py --tiny: every case runs on the CPU and the table holds finite numbers (MFU
+against a peak given on the command line, as the CPU has none in the table)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools" / "bench"))
+
+from gpu import cases  # noqa: E402
+
+
+@pytest.mark.slow
+def test_tiny_gpu_bench_prints_every_row_with_finite_numbers() -> None:
+    out = subprocess.run(
+        [sys.executable, "tools/bench/gpu.py", "--tiny", "--budget", "1e9", "--peak-flops", "1e9"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
+    ).stdout  # fmt: skip
+    lines = out.splitlines()
+    assert "process group gloo, world size 1: init + all_reduce ok" in out, out
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["model", "px"])
+    rows = [line.split() for line in lines[header + 1 :]]
+    expected = [
+        [
+            c.kind,
+            str(c.resolution),
+            c.precision,
+            "on" if c.checkpointing else "off",
+            "on" if c.compiled else "off",
+        ]
+        for c in cases(tiny=True)
+    ]
+    assert [row[:5] for row in rows] == expected
+    assert len(expected) == 32 and {r[2] for r in expected} == {"fp32", "bf16"}
+    for row in rows:
+        batch, rate, memory, mfu = row[5:]
+        assert int(batch) > 0 and math.isfinite(float(rate)) and float(rate) > 0, row
+        assert math.isfinite(float(memory)) and float(memory) > 0, row
+        assert math.isfinite(float(mfu)) and float(mfu) > 0, row  # counted FLOPs over the given peak

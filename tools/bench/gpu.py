@@ -1,0 +1,199 @@
+"""GPU check: img/s, peak memory and MFU of both models, and one NCCL process group. Prints one table.
+
+    PYTHONPATH=. python tools/bench/gpu.py            # on a GPU machine: about 5 minutes on an H200
+    PYTHONPATH=. python tools/bench/gpu.py --tiny     # anywhere: tiny models on the CPU in seconds
+
+Cases: {PixelVAE (configs/lsun_64_pixelvae.yaml), iterative VAE (configs/lsun_256_iterative.yaml)}
+x {64, 256} px x {bf16, fp16 with GradScaler loss scaling} x gradient checkpointing {off, on} x
+torch.compile {off, on}; each a real training step (autocast forward, backward, AdamW). Eager cases
+run first; compiled ones (slow to build) then run while --budget seconds last, and the rest are
+listed as not run. MFU = FLOPs per image (dist_vae/flops.py, no recompute) x img/s / peak.
+--tiny swaps in tiny models at 8 and 16 px, fp32 and bf16, gloo for NCCL, torch.compile's "eager"
+backend (dynamo is exercised, inductor's minutes of code generation are not) and the process's
+peak RSS for memory; there is no MFU without a peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import resource
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dist_vae.config import ModelConfig, load_config
+from dist_vae.flops import flops_per_image, peak_flops
+from dist_vae.models import build_model
+
+ROOT = Path(__file__).resolve().parents[2]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODELS = {"pixel_vae": "configs/lsun_64_pixelvae.yaml", "iterative_vae": "configs/lsun_256_iterative.yaml"}
+TINY = {
+    "pixel_vae": ["model.nr_resnet=1", "model.nr_filters=8", "model.nr_mix=2", "model.n_stages=2",
+                  "model.latent_dim=4", "model.encoder_channels=8"],
+    "iterative_vae": ["model.refine_steps=2", "model.latent_dims=[4,4]", "model.channels=4"],
+}  # fmt: skip
+BATCH = {64: 16, 256: 4, 8: 2, 16: 2}  # per GPU; 256 px PixelCNN++ at 160 filters is ~10 GiB/image
+
+
+class TrainStep:
+    """One training step as the trainer takes it: autocast forward, (scaled) backward, AdamW."""
+
+    def __init__(self, model: nn.Module, precision: str, device: torch.device, backend: str | None) -> None:
+        self.model = model.to(device)
+        self.device, self.dtype = device, DTYPES[precision]
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        self.forward = torch.compile(model, backend=backend) if backend else model
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def __call__(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            out = self.forward(x, step=step)
+        self.scaler.scale(out.total()).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return out.loss.detach()
+
+
+def model_config(kind: str, tiny: bool) -> ModelConfig:
+    return load_config(ROOT / MODELS[kind], TINY[kind] if tiny else []).model
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated by PyTorch on a GPU; the process's peak RSS on a CPU (whole process)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+_FLOPS: dict[tuple[str, int], float] = {}
+
+
+def model_flops(model: nn.Module, kind: str, resolution: int) -> float:
+    """FLOPs per image, counted once per model and resolution (precision and flags do not change them)."""
+    if (kind, resolution) not in _FLOPS:
+        _FLOPS[kind, resolution] = flops_per_image(model, resolution)
+    return _FLOPS[kind, resolution]
+
+
+@dataclass
+class Case:
+    kind: str
+    resolution: int
+    precision: str
+    checkpointing: bool
+    compiled: bool
+
+    def labels(self) -> list[str]:
+        """The table's first five cells."""
+        flags = ["on" if self.checkpointing else "off", "on" if self.compiled else "off"]
+        return [self.kind, str(self.resolution), self.precision, *flags]
+
+
+def run_case(
+    case: Case, device: torch.device, backend: str, steps: int, tiny: bool, peak_override: float | None
+) -> list[str]:
+    """Table cells of one case: batch, img/s, peak GiB, MFU % ('OOM' when it does not fit)."""
+    batch = BATCH[case.resolution]
+    torch._dynamo.reset()  # each case compiles afresh; old graphs would count towards the recompile limit
+    torch.manual_seed(0)
+    model = build_model(model_config(case.kind, tiny), case.resolution, case.checkpointing)
+    peak = peak_flops(device, DTYPES[case.precision], peak_override)
+    flops = model_flops(model, case.kind, case.resolution) if peak is not None else math.nan
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        step = TrainStep(model, case.precision, device, backend if case.compiled else None)
+        x = torch.rand(batch, 3, case.resolution, case.resolution, device=device) * 2 - 1
+        for i in range(1 if tiny else 2):  # warm-up: compilation, cuDNN autotuning, allocator growth
+            step(x, i)
+        synchronize(device)
+        started = time.perf_counter()
+        losses = [step(x, i) for i in range(steps)]
+        synchronize(device)
+        seconds = time.perf_counter() - started
+    except torch.OutOfMemoryError:
+        return [str(batch), "OOM", "-", "-"]
+    if not all(math.isfinite(float(loss)) for loss in losses):
+        raise RuntimeError(f"non-finite loss in case {case}")
+    rate = batch * steps / seconds
+    mfu = "-" if peak is None else f"{100 * flops * rate / peak:.3g}"
+    return [str(batch), f"{rate:.2f}", f"{peak_memory_gib(device):.2f}", mfu]
+
+
+def process_group_check(device: torch.device) -> str:
+    """Init a world-size-1 process group (NCCL on a GPU, gloo on a CPU) and check one all_reduce."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.perf_counter()
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        value = torch.full((4,), 3.0, device=device)
+        dist.all_reduce(value)
+        synchronize(device)
+        ok = bool((value == 3.0).all())
+    finally:
+        dist.destroy_process_group()
+    if not ok:
+        raise RuntimeError(f"{backend} all_reduce over one rank changed the tensor: {value.tolist()}")
+    return (
+        f"process group {backend}, world size 1: init + all_reduce ok ({time.perf_counter() - started:.2f} s)"
+    )
+
+
+def cases(tiny: bool) -> list[Case]:
+    resolutions = (8, 16) if tiny else (64, 256)
+    precisions = ("fp32", "bf16") if tiny else ("bf16", "fp16")
+    # Compiled cases last (slow to build), and among each half bf16 without checkpointing first: the
+    # rows most worth having if the time budget cuts the table short.
+    grid = itertools.product((False, True), precisions, (False, True), MODELS, resolutions)
+    return [Case(kind, r, p, ckpt, compiled) for compiled, p, ckpt, kind, r in grid]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU, in seconds")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per case (default 5, tiny 1)")
+    parser.add_argument("--budget", type=float, default=270.0, help="seconds after which no case starts")
+    parser.add_argument("--peak-flops", type=float, default=None, help="FLOP/s for MFU on an unlisted device")
+    args = parser.parse_args(argv)
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    steps = args.steps or (1 if args.tiny else 5)
+    backend = "eager" if args.tiny else "inductor"
+    started = time.perf_counter()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device {name}, torch {torch.__version__}, compile backend {backend}, {steps} timed steps")
+    print(process_group_check(device))
+    memory = "peak GiB" if device.type == "cuda" else "RSS GiB"
+    header = ["model", "px", "prec", "ckpt", "compile", "batch", "img/s", memory, "MFU %"]
+    print("".join(f"{h:>14}" if i == 0 else f"{h:>9}" for i, h in enumerate(header)))
+    for case in cases(args.tiny):
+        if time.perf_counter() - started > args.budget:
+            cells = ["-", "not run", "-", "-"]
+        else:
+            cells = run_case(case, device, backend, steps, args.tiny, args.peak_flops)
+        row = [*case.labels(), *cells]
+        print("".join(f"{c:>14}" if i == 0 else f"{c:>9}" for i, c in enumerate(row)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
