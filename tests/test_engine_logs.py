@@ -13,6 +13,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from dist_vae.config import load_config
 from dist_vae.engine.checkpoint import complete_checkpoints
+from dist_vae.flops import flops_per_image
+from dist_vae.models import build_model
 from dist_vae.train import main
 from tests.engine_util import assert_same, check, checkpoint_contents, python_cmd, run, train_args
 
@@ -22,6 +24,7 @@ SCALARS = [
     "perf/data_wait_fraction", "perf/img_per_s_per_rank", "skipped/nonfinite", "skipped/spike", "val/bpd",
     "data/skipped_shards", "data/skipped_samples",
 ]  # fmt: skip
+PEAK = 1e12  # train.peak_flops: a CPU has no datasheet figure
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +52,19 @@ def test_nan_and_spike_updates_are_skipped_and_counted(bad_run: Path) -> None:
         weights = ckpt[after]["model.safetensors"]
         assert all(torch.isfinite(w).all() for w in weights.values())
         assert any(not torch.equal(w, weights[k]) for k, w in ckpt[before]["model.safetensors"].items())
+
+
+def test_mfu_is_logged_against_the_peak_and_the_counted_flops(demo_shards: Path, tmp_path: Path) -> None:
+    assert main(train_args(tmp_path, demo_shards, "train.steps=3", "train.log_every=1",
+                           f"train.peak_flops={PEAK:g}")) == 0  # fmt: skip
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    cfg = load_config(tmp_path / "config.yaml")
+    flops = flops_per_image(build_model(cfg.model, cfg.data.resolution), cfg.data.resolution)
+    rates = [e.value for e in events.Scalars("perf/img_per_s_per_rank")]
+    mfu = [e.value for e in events.Scalars("perf/mfu")]
+    assert len(mfu) == 3 and min(mfu) > 0
+    assert mfu == pytest.approx([rate * flops / PEAK for rate in rates], rel=1e-5)
 
 
 def test_tensorboard_holds_scalars_and_samples(bad_run: Path) -> None:

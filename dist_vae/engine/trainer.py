@@ -46,11 +46,13 @@ from dist_vae.engine.schedule import lr_factor
 from dist_vae.engine.skip import SpikeDetector, UpdateGate
 from dist_vae.engine.update import make_update_path
 from dist_vae.files import write_text_atomic
+from dist_vae.flops import flops_per_image, peak_flops
 from dist_vae.models import build_model, evaluating
 from dist_vae.run_dir import CONFIG_FILE, config_dict, newest_verified
 from dist_vae.sampling import grid_samples
 
 log = logging.getLogger(__name__)
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -145,6 +147,9 @@ class Trainer:
         self.base_lrs = [group["lr"] * self.resize.lr_scale for group in optimizer.param_groups]
         t = cfg.train
         self.ema = EMA(model, t.ema_decay, acc.device) if t.ema_decay > 0 else None
+        # perf/mfu's numerator, counted once on fake tensors (seconds) before compile and wrapping.
+        self.peak_flops = peak_flops(acc.device, _DTYPES[t.precision], t.peak_flops)
+        self.flops_per_image = flops_per_image(model, cfg.data.resolution) if self.peak_flops else 0.0
         if t.compile:
             model.compile()  # in place: parameter names, checkpoints and param_groups() stay as they are
         self.model, self.optimizer = acc.prepare(model, optimizer)
@@ -325,6 +330,8 @@ class Trainer:
             values[f"lr/{name}"] = group["lr"]
         values["perf/img_per_s"] = rank_images * acc.num_processes / elapsed
         values["perf/img_per_s_per_rank"] = rank_images / elapsed
+        if self.peak_flops:
+            values["perf/mfu"] = values["perf/img_per_s_per_rank"] * self.flops_per_image / self.peak_flops
         values["perf/data_wait_fraction"] = window.data_wait / elapsed
         for reason, count in self.gate.skipped.items():
             values[f"skipped/{reason}"] = count
