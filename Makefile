@@ -21,7 +21,7 @@ demo: env
 	$(BIN)/python dist_vae/train.py --config configs/debug.yaml run_dir=$(RUN_DIR)
 
 test: env
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=25
 
 # Each ratio next to its target, measured side by side in one run (see README "Performance").
 bench: env
