@@ -9,6 +9,7 @@ from dist_vae.config import ConfigError, load_config
 from dist_vae.models import build_model
 from dist_vae.models.iterative_vae import IterativeVAE, IterativeVAEConfig, level_sizes
 from dist_vae.sampling import prior_samples, reconstructions
+from tests.model_fixtures import fit
 
 
 def tiny(mode: str = "greedy", checkpointing: bool = False, **kwargs: object) -> IterativeVAE:
@@ -54,15 +55,10 @@ def test_training_on_fixed_batch_lowers_loss_and_refines() -> None:
     x = images(16)  # more than the first step's 10 latent dims can memorise in a few dozen updates
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     torch.manual_seed(0)
-    losses = []
-    for step in range(60):
-        out = model(x, step=step)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        losses.append(out.loss.item())
+    history = fit(model, x, opt, 60)
+    losses = [h["loss"] for h in history]
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
-    assert out.scalars["rec/step3"] < out.scalars["rec/step1"]
+    assert history[-1]["rec/step3"] < history[-1]["rec/step1"]
     recons = reconstructions(model, x)
     errors = [(r - x).square().mean().item() for r in recons]
     assert errors[-1] < errors[0]

@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 import torch
 
@@ -6,7 +8,7 @@ from dist_vae.metrics import mutual_information
 from dist_vae.models import build_model
 from dist_vae.models.pixel_vae import Encoder, PixelVAE, PixelVAEConfig
 from dist_vae.sampling import prior_samples
-from tests.model_fixtures import one_thread  # noqa: F401
+from tests.model_fixtures import fit, one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,30 +69,14 @@ def test_the_critic_trains_on_its_own_loss() -> None:
     groups = model.param_groups()
     opt = torch.optim.Adam([{"params": groups["main"], "lr": 0.0}, {"params": groups["critic"], "lr": 1e-2}])
     before = [p.detach().clone() for p in groups["critic"]]
-    x = palette_images(16)
-    losses = []
-    for step in range(40):
-        out = model(x, step=step)
-        opt.zero_grad()
-        out.total().backward()
-        opt.step()
-        losses.append(out.scalars["critic_loss"].item())
+    losses = [h["critic_loss"] for h in fit(model, palette_images(16), opt, 40)]
     assert any(not torch.equal(b, p) for b, p in zip(before, groups["critic"], strict=True))
     assert sum(losses[-5:]) / 5 < 0.5 * losses[0]
 
 
 def train(reg: str, steps: int) -> list[dict[str, float]]:
     model = tiny(reg)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    x = palette_images(16)
-    history = []
-    for step in range(steps):
-        out = model(x, step=step)
-        opt.zero_grad()
-        out.total().backward()
-        opt.step()
-        history.append({k: v.item() for k, v in out.scalars.items()})
-    return history
+    return fit(model, palette_images(16), torch.optim.Adam(model.parameters(), lr=3e-3), steps)
 
 
 def mean_of(history: list[dict[str, float]], key: str) -> float:
@@ -135,13 +121,9 @@ def test_the_elbo_collapses_the_code_when_the_decoder_can_model_the_data_alone()
         opt = torch.optim.Adam(model.parameters(), lr=2e-3)
         g = torch.Generator().manual_seed(1)
         template = torch.rand(1, 3, 8, 8, generator=g) * 1.2 - 0.6
-        kl = []
-        for step in range(250):  # a fresh batch every step: no finite set for z to index
-            out = model(template_plus_noise(16, template, g), step=step)
-            opt.zero_grad()
-            out.total().backward()
-            opt.step()
-            kl.append(out.scalars["kl"].item())
+        # A fresh batch every step: no finite set for z to index.
+        fresh = functools.partial(template_plus_noise, 16, template, g)
+        kl = [h["kl"] for h in fit(model, fresh, opt, 250)]
         with torch.no_grad():
             mean, logvar = model.eval().encode(template_plus_noise(512, template, g))
         mi = mutual_information(mean, logvar, samples=2, generator=torch.Generator().manual_seed(2))

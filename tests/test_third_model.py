@@ -20,6 +20,7 @@ from dist_vae.models import GenerativeModel, LossOutput, Posterior, build_model,
 from dist_vae.models.regularizers import diag_normal_log_density, gaussian_kl
 from dist_vae.schema import at_least
 from tests.data_fixtures import make_demo_shards
+from tests.model_fixtures import fit
 from tools import evaluate, sample
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,13 +113,7 @@ def test_a_direct_loop_with_its_loss_trains_it() -> None:
     model = build_model(TinyConfig(), 8)
     x = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for step in range(40):
-        out = model(x, step=step)
-        opt.zero_grad()
-        out.total().backward()
-        opt.step()
-        losses.append(out.loss.item())
+    losses = [h["loss"] for h in fit(model, x, opt, 40)]
     assert sum(losses[-5:]) < 0.8 * sum(losses[:5])
 
 

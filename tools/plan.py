@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"largest batch per GPU in {args.gpu_mem} ({args.headroom:.0%} kept free): "
           f"{largest_batch(budget, static, plain)} without checkpointing, "
           f"{largest_batch(budget, static, ckpt)} with")  # fmt: skip
-    batch = cfg.train.batch_size or cfg.data.batch_size
+    batch = cfg.data.batch_size
     used = ckpt if cfg.train.gradient_checkpointing else plain
     print(f"the config's batch {batch} needs {_gib(static + used.at(batch))} per GPU")
 

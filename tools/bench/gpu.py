@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -31,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_vae.config import ModelConfig, load_config
+from dist_vae.config import load_config
 from dist_vae.flops import flops_per_image, peak_flops
 from dist_vae.models import build_model
 
@@ -66,7 +67,7 @@ class TrainStep:
         return out.loss.detach()
 
 
-def model_config(kind: str, tiny: bool) -> ModelConfig:
+def model_config(kind: str, tiny: bool) -> Any:
     return load_config(ROOT / MODELS[kind], TINY[kind] if tiny else []).model
 
 
