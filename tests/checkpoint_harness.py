@@ -62,7 +62,7 @@ def main(mode: str, run_dir: Path) -> None:
         acc.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
-        ema.update(raw)
+        ema.update()
         assert torch.isfinite(loss)
     if mode == "save":
         save_checkpoint(acc, run_dir, 3, model=model, optimizer=optimizer, ema=ema, scaler_state=None,
