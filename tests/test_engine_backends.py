@@ -28,8 +28,11 @@ def scalars(run_dir: Path) -> dict[str, list[float]]:
     series = {}
     for tag in events.Tags()["scalars"]:
         points = events.Scalars(tag)
-        assert [p.step for p in points] == list(range(1, STEPS + 1)), tag
+        # run/* describe the start (world size, global batch, LR scale): one point at the first step.
+        expected = [0] if tag.startswith("run/") else list(range(1, STEPS + 1))
+        assert [p.step for p in points] == expected, tag
         series[tag] = [p.value for p in points]
+    assert series["run/world_size"] == [2], series["run/world_size"]
     return series
 
 

@@ -27,9 +27,12 @@ def newest_step(run_dir: Path) -> int:
     return found[-1][0] if found else 0
 
 
-def writing_checkpoint(run_dir: Path) -> bool:
+def writing_checkpoint(run_dir: Path, since: float) -> bool:
+    """A checkpoint write begun after `since` (a killed run's torn one stays until the next start)."""
     root = run_dir / "checkpoints"
-    return root.is_dir() and any(p.name.startswith(".tmp-step-") for p in root.iterdir())
+    with contextlib.suppress(FileNotFoundError):  # the trainer may rename or remove it meanwhile
+        return any(p.name.startswith(".tmp-step-") and p.stat().st_mtime > since for p in root.iterdir())
+    return False
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
@@ -54,16 +57,24 @@ def test_two_process_run_killed_ten_times_ends_bit_exact(demo_shards: Path, tmp_
     for kill in range(KILLS):
         assert newest_step(killed) < STEPS, f"the run finished after {kill} kills; make it longer"
         cmd = accelerate_cmd("cpu_debug.yaml", killed, demo_shards, *OVERRIDES)
+        launched, start = time.time(), newest_step(killed)
         proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # Every other kill lands inside a checkpoint write (after at least one step, so the run
-        # moves on), the others at a random time from the launch: start-up, loading, training.
+        # Every other kill lands inside a checkpoint write begun by this launch, the others at a random
+        # time from the launch (start-up, loading, training), but before it gets 2 steps further, so
+        # that all ten kills fit in the run however fast the machine is.
         if kill % 2 == 0:
             deadline = time.monotonic() + 180
-            while not writing_checkpoint(killed) and proc.poll() is None and time.monotonic() < deadline:
+            while (
+                not writing_checkpoint(killed, launched)
+                and proc.poll() is None
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.005)
-            moments.append("checkpoint write" if writing_checkpoint(killed) else "?")
+            moments.append("checkpoint write" if writing_checkpoint(killed, launched) else "?")
         else:
-            time.sleep(rng.uniform(2.0, 12.0))
+            deadline = time.monotonic() + rng.uniform(2.0, 12.0)
+            while time.monotonic() < deadline and newest_step(killed) < start + 2 and proc.poll() is None:
+                time.sleep(0.005)
             moments.append("random")
         assert proc.poll() is None, f"the run ended on its own before kill {kill + 1}"
         kill_tree(proc)
