@@ -48,7 +48,7 @@ def bare_loop(cfg: Config, steps: int) -> float:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        ema.update(model)
+        ema.update()
         stamps.append(time.perf_counter())
     return (stamps[-1] - stamps[0]) / (steps - 1)
 
