@@ -10,7 +10,6 @@ recognised and the newest one that verifies is used instead.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 import sys
@@ -24,6 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from dist_vae.config import Config, ConfigError, load_config
+from dist_vae.files import file_sha256
 from dist_vae.models import build_model
 
 CONFIG_FILE = "config.yaml"
@@ -113,9 +113,7 @@ def verify(path: Path) -> dict[str, Any]:
         file = path / name
         if not file.is_file() or file.stat().st_size != entry["size"]:
             raise ConfigError(f"{file} is missing or not {entry['size']} bytes as recorded in {COMPLETE}")
-        with open(file, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-        if digest != entry["sha256"]:
+        if file_sha256(file) != entry["sha256"]:
             raise ConfigError(f"{file} is corrupt: its sha256 differs from the one recorded in {COMPLETE}")
     return marker
 

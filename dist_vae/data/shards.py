@@ -31,7 +31,7 @@ from tqdm import tqdm
 from dist_vae.data.demo import DEFAULT_DEMO_SIZE, ensure_demo_lmdb
 from dist_vae.data.index import index_document, index_name, index_tar
 from dist_vae.data.sources import FolderSource, LmdbSource, SourceError, sniff_format
-from dist_vae.files import atomic_path, write_bytes_atomic, write_text_atomic
+from dist_vae.files import atomic_path, file_sha256, write_bytes_atomic, write_text_atomic
 
 FORMATS = ("webp", "png", "jpg")
 MANIFEST = "manifest.json"
@@ -144,14 +144,6 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     tar.addfile(info, io.BytesIO(data))
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_json(path: Path, obj: Any) -> None:
