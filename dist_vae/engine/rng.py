@@ -9,7 +9,6 @@ draws exactly what an uninterrupted run with that many processes draws. Side wor
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,11 +16,12 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from dist_vae.data.order import mix
+
 
 def step_seed(seed: int, step: int, rank: int) -> int:
-    """A 64-bit seed that differs for every (seed, step, rank) triple."""
-    digest = hashlib.sha256(f"{seed}/{step}/{rank}".encode()).digest()
-    return int.from_bytes(digest[:8], "little")
+    """A 64-bit seed that differs for every (seed, step, rank) triple (the data order's own hash)."""
+    return mix(seed, step, rank)
 
 
 def seed_everything_for_step(seed: int, step: int, rank: int) -> None:
