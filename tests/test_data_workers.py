@@ -102,3 +102,30 @@ def test_sigterm_to_the_process_group_leaves_the_decision_to_the_main_process(sh
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "handled SIGTERM, 5 batches after it" in out
+
+
+# Leaves an iteration with 2 workers open (a module-level iterator) when the interpreter exits.
+OPEN_AT_EXIT = """
+import sys
+from dist_vae.config import DataConfig
+from dist_vae.data.stream import ShardStream
+
+batches = iter(ShardStream(DataConfig(path=sys.argv[1], resolution=8, num_workers=2), batch_size=2))
+first = next(batches)
+print("got", tuple(first.shape), first.dtype, -1 <= float(first.min()) <= float(first.max()) <= 1, flush=True)
+"""
+
+
+def test_an_iteration_left_open_at_exit_does_not_hang_the_exit(shard_dir: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", OPEN_AT_EXIT, str(shard_dir)], env=env, stdout=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("exit waited 60 s for the workers of an open iteration") from None
+    assert proc.returncode == 0, out
+    assert out.strip() == "got (2, 3, 8, 8) torch.float32 True"

@@ -17,12 +17,19 @@ count and sizes never change. `skipped` counts what this rank replaced.
 Evaluation (training=False): one pass over the split in manifest order, cut into near-equal
 contiguous parts per rank and batches of at most B; an empty split gives `len(stream) == 0`.
 
+Workers hand over uint8 pixels (a quarter of float32's bytes through shared memory, and through
+the host-to-device copy when the stream is given a `device`); the main process, or the device,
+scales them to [-1, 1].
+
 DataLoader workers die with their parent (PR_SET_PDEATHSIG) and ignore SIGTERM and SIGUSR1, which
-the main process handles (it must checkpoint before anything exits).
+the main process handles (it must checkpoint before anything exits). Because they ignore SIGTERM,
+multiprocessing's exit hook (terminate, then join) would wait forever for the workers of an
+iteration still open when the interpreter exits; `_stop_open_iterations` stops them first.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import io
@@ -32,6 +39,7 @@ import math
 import os
 import signal
 import sys
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -57,20 +65,39 @@ __all__ = ["DataError", "ShardStream", "read_manifest"]
 
 def decode(data: bytes, pil_format: str, resolution: int) -> np.ndarray:
     """Encoded image -> uint8 [R, R, 3] (resized with Lanczos when the shards are larger)."""
-    with Image.open(io.BytesIO(data), formats=[pil_format]) as img:
-        img = img.convert("RGB") if img.mode != "RGB" else img.copy()
+    img = Image.open(io.BytesIO(data), formats=[pil_format])  # in memory: nothing to close
+    if img.mode != "RGB":
+        img = img.convert("RGB")
     if img.size != (resolution, resolution):
         img = img.resize((resolution, resolution), Image.LANCZOS)
     return np.asarray(img)
 
 
 def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
-    """An empty float tensor; in a worker, in shared memory from the start (as default_collate does),
+    """An empty uint8 tensor; in a worker, in shared memory from the start (as default_collate does),
     which saves the copy into shared memory that sending it to the main process would make."""
+    empty = torch.empty(0, dtype=torch.uint8)
     if get_worker_info() is None:
-        return torch.empty(shape)
-    storage = torch.empty(0)._typed_storage()._new_shared(math.prod(shape), device="cpu")
-    return torch.empty(0).new(storage).view(shape)
+        return empty.new_empty(shape)
+    storage = empty._typed_storage()._new_shared(math.prod(shape), device="cpu")
+    return empty.new(storage).view(shape)
+
+
+def to_unit_range(images: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """uint8 [B,3,R,R] -> float32 in [-1, 1], on `device` (copied there as uint8: a quarter of the bytes)."""
+    if device is not None:
+        images = images.to(device, non_blocking=True)
+    return images.float().div_(127.5).sub_(1.0)
+
+
+_open_iterations: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_open_iterations() -> None:
+    """Shut down the workers of iterations still open at exit (see the module doc)."""
+    for iteration in list(_open_iterations):
+        iteration._shutdown_workers()
 
 
 class _Plan:
@@ -134,9 +161,8 @@ class _Plan:
     def batch(
         self, reader: ShardReader, start: int, j: int
     ) -> tuple[torch.Tensor, list[str], list[tuple[str, str]]]:
-        """Batch j as [b,3,R,R] in [-1, 1], its sample keys, and (shard, why) per replaced sample."""
+        """Batch j as uint8 [b,3,R,R], its sample keys, and (shard, why) per replaced sample."""
         positions = self.positions(start, j)
-        # Converted here, in the worker (torch gives workers one thread): the main process only waits.
         images = _batch_tensor((len(positions), 3, self.resolution, self.resolution))
         planes = images.numpy()
         keys, bad = [], []
@@ -153,7 +179,7 @@ class _Plan:
                 pixels = pixels[:, ::-1]
             planes[k] = pixels.transpose(2, 0, 1)
             keys.append(key)
-        return images.div_(127.5).sub_(1.0), keys, bad
+        return images, keys, bad
 
 
 class _Lanes(IterableDataset):
@@ -192,7 +218,8 @@ def _worker_init(parent: int, worker_id: int) -> None:
 
 
 class ShardStream:
-    """Batches [B,3,R,R] in [-1, 1] (or (batch, keys) with `with_keys`) for one rank; see the module doc."""
+    """Batches [B,3,R,R] in [-1, 1] on `device` (default: CPU), or (batch, keys) with `with_keys`, for
+    one rank; see the module doc."""
 
     def __init__(
         self,
@@ -205,6 +232,7 @@ class ShardStream:
         batch_size: int,
         training: bool = True,
         with_keys: bool = False,
+        device: torch.device | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world_size {world_size}")
@@ -230,6 +258,7 @@ class ShardStream:
             )
         order = SampleOrder([s["count"] for s in shards], seed, cfg.shuffle_group, shuffle=training)
         self.split, self.seed, self.training, self.with_keys = split, seed, training, with_keys
+        self.device = device
         self.batch_size, self.world_size, self.num_workers = batch_size, world_size, cfg.num_workers
         self.total = order.total
         if training and self.total < world_size * batch_size:
@@ -308,18 +337,27 @@ class ShardStream:
             pin_memory=torch.cuda.is_available(),
             worker_init_fn=functools.partial(_worker_init, os.getpid()) if workers else None,
         )
-        step = self.world_size * self.batch_size
-        for item in loader:
-            if isinstance(item, str):
-                raise DataError(item)
-            images, keys, bad = item
-            for name, why in bad:
-                if name not in self._bad_shards:
-                    self._bad_shards[name] = why
-                    log.warning(
-                        "%s: bad samples replaced by substitutes: %s", self._plan.directory / name, why
-                    )
-            self._bad_samples += len(bad)
-            if self.training:
-                self.position += step
-            yield (images, keys) if self.with_keys else images
+        iteration = iter(loader)
+        if workers:
+            _open_iterations.add(iteration)
+        try:
+            for item in iteration:
+                yield self._receive(item)
+        finally:
+            if workers:  # now, not whenever a traceback that holds this frame is freed
+                iteration._shutdown_workers()
+
+    def _receive(self, item: Any) -> Any:
+        """One worker's batch as this stream yields it; counts and logs the samples it replaced."""
+        if isinstance(item, str):
+            raise DataError(item)
+        images, keys, bad = item
+        for name, why in bad:
+            if name not in self._bad_shards:
+                self._bad_shards[name] = why
+                log.warning("%s: bad samples replaced by substitutes: %s", self._plan.directory / name, why)
+        self._bad_samples += len(bad)
+        if self.training:
+            self.position += self.world_size * self.batch_size
+        images = to_unit_range(images, self.device)
+        return (images, keys) if self.with_keys else images

@@ -161,8 +161,9 @@ class Trainer:
         self.step = 0
 
         self.stream = ShardStream(
-            cfg.data, "train", acc.process_index, acc.num_processes, cfg.seed, batch_size=self.batch_size
-        )
+            cfg.data, "train", acc.process_index, acc.num_processes, cfg.seed,
+            batch_size=self.batch_size, device=acc.device,
+        )  # fmt: skip
         # A missing val split fails now, not at the first evaluation; an empty one turns validation off.
         self.validate = self._val_stream().total > 0
         if not self.validate and acc.is_main_process:
@@ -255,7 +256,7 @@ class Trainer:
         with preserved_rng():
             x = next(batches)
         window.data_wait += time.perf_counter() - started
-        return x.to(self.accelerator.device, non_blocking=True)
+        return x
 
     def _train_step(self, batches: Iterator[torch.Tensor], window: Window) -> Update:
         seed_everything_for_step(self.cfg.seed, self.step, self.accelerator.process_index)
@@ -288,7 +289,7 @@ class Trainer:
         acc = self.accelerator
         return ShardStream(
             self.cfg.data, "val", acc.process_index, acc.num_processes, self.cfg.seed,
-            batch_size=self.batch_size, training=False,
+            batch_size=self.batch_size, training=False, device=acc.device,
         )  # fmt: skip
 
     @torch.no_grad()
@@ -302,7 +303,7 @@ class Trainer:
             for i, x in enumerate(stream):
                 if i == cfg.train.eval_batches:
                     break
-                out = net(x.to(acc.device), step=self.step)
+                out = net(x, step=self.step)
                 totals[0] += out.scalars["bpd"].double() * x.shape[0]
                 totals[1] += x.shape[0]
         totals = acc.reduce(totals, "sum")
