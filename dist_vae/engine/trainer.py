@@ -47,6 +47,7 @@ from dist_vae.engine.skip import SpikeDetector, UpdateGate
 from dist_vae.engine.update import make_update_path
 from dist_vae.files import write_text_atomic
 from dist_vae.flops import flops_per_image, peak_flops
+from dist_vae.host_memory import return_large_blocks_to_os
 from dist_vae.models import build_model, evaluating
 from dist_vae.run_dir import CONFIG_FILE, config_dict, newest_verified
 from dist_vae.sampling import grid_samples
@@ -123,6 +124,8 @@ class Trainer:
         self.cfg = cfg
         self.accelerator = make_accelerator(cfg)
         acc = self.accelerator
+        if acc.device.type == "cpu":
+            return_large_blocks_to_os()  # the activations live in host memory (host_memory.py)
         if acc.num_processes != self.resize.world[1]:
             raise ConfigError(
                 f"Accelerate sees {acc.num_processes} processes but WORLD_SIZE is {launched_world_size()}"

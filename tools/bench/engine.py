@@ -31,6 +31,7 @@ from dist_vae.config import Config, load_config
 from dist_vae.data.stream import ShardStream
 from dist_vae.engine.ema import EMA
 from dist_vae.engine.trainer import Trainer, Update, Window, make_optimizer, per_rank_batch
+from dist_vae.host_memory import return_large_blocks_to_os
 from dist_vae.models import build_model
 
 
@@ -88,6 +89,7 @@ def main() -> None:
         [*args.overrides, "resume=never", f"train.checkpoint_every={never}", f"train.eval_every={never}",
          f"train.sample_every={never}", "train.ema_decay=0.999"],
     )  # fmt: skip
+    return_large_blocks_to_os()  # as the trainer does on the CPU: both loops run with it
     bare, engine = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.rounds):

@@ -6,7 +6,8 @@ Each case runs in a fresh process (peak RSS is a high-water mark), builds the mo
 256 px, takes one step (forward, backward, AdamW: weights, gradients and both moments are resident)
 and reports its own ru_maxrss; the RSS after imports alone is printed beside it, and the planner's
 peak of live tensors for the same step (tools/plan.py, fake tensors; + weights and AdamW moments):
-RSS above imports + tensors is the allocator's (freed memory glibc keeps). Target: <= 4 GiB.
+RSS above imports + tensors is the allocator's (freed memory glibc keeps; the trainer fixes glibc's
+mmap threshold on the CPU, dist_vae/host_memory.py, and so does each case here). Target: <= 4 GiB.
 The PixelVAE uses configs/lsun_64_pixelvae.yaml's model (the schema's PixelCNN++ sizes) at 256 px.
 """
 
@@ -26,6 +27,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from dist_vae.config import load_config
+from dist_vae.host_memory import return_large_blocks_to_os
 from dist_vae.models import build_model
 from tools.bench.gpu import TrainStep
 from tools.plan import peak_step_bytes
@@ -50,6 +52,7 @@ def tensor_peak_gib(config: str, resolution: int, precision: str) -> float:
 def one_step(config: str, resolution: int, precision: str) -> dict[str, float]:
     """In this process: one training step; the peak RSS before it (imports) and after it."""
     before = rss_gib()
+    return_large_blocks_to_os()  # as the trainer does on the CPU
     cfg = load_config(ROOT / config)
     torch.manual_seed(0)
     model = build_model(cfg.model, resolution, gradient_checkpointing=True)
