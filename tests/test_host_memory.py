@@ -11,8 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Frees one 8 MiB block (glibc then serves smaller blocks from its heap), fills 40 blocks of 6 MiB
-# and a 1 MiB one after them, frees the 40 and prints how much of their 240 MiB the RSS kept.
+# Frees one 16 MiB block (glibc then serves smaller blocks from its heap), fills 20 blocks of 12 MiB
+# and a 1 MiB one after them, frees the 20 and prints how much of their 240 MiB the RSS kept.
 CHILD = """
 import sys
 import torch
@@ -24,9 +24,9 @@ def rss_mib():
 
 if sys.argv[1] == "fixed":
     assert return_large_blocks_to_os()
-torch.ones(2 << 20)  # allocated and freed at once
+torch.ones(4 << 20)  # allocated and freed at once
 before = rss_mib()
-blocks = [torch.ones(6 << 18) for _ in range(40)]
+blocks = [torch.ones(3 << 20) for _ in range(20)]
 pin = torch.ones(1 << 18)
 del blocks
 print(round(rss_mib() - before))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import shutil
 import tarfile
 import tempfile
 import time
@@ -94,6 +95,7 @@ def main() -> None:
         shard_size = max(1, args.images // 8)
 
         def shard(out: str, workers: int) -> int:
+            shutil.rmtree(work / out, ignore_errors=True)  # a finished shard set would only be checked
             settings = ShardSettings(
                 source=f"lmdb:{lmdb_path}",
                 resolution=args.resolution,
