@@ -19,8 +19,8 @@ THRESHOLD = 4 << 20
 
 
 def return_large_blocks_to_os(threshold: int = THRESHOLD) -> bool:
-    """Fix glibc's mmap threshold at `threshold` bytes for this process. False where the C library
-    is not glibc (nothing changes there)."""
+    """Fix glibc's mmap threshold at `threshold` bytes and its trim threshold at twice that, for this
+    process. False where the C library is not glibc (nothing changes there)."""
     if not sys.platform.startswith("linux"):
         return False
     try:
