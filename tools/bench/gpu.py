@@ -54,12 +54,13 @@ class TrainStep:
         self.model = model.to(device)
         self.device, self.dtype = device, DTYPES[precision]
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        self.forward = torch.compile(model, backend=backend) if backend else model
+        if backend:
+            model.compile(backend=backend)  # in place, as the trainer does (regionally where a model says so)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def __call__(self, x: torch.Tensor, step: int) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            out = self.forward(x, step=step)
+            out = self.model(x, step=step)
         self.scaler.scale(out.total()).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
