@@ -33,6 +33,7 @@ from dist_vae.engine.ema import EMA
 from dist_vae.engine.trainer import Trainer, Update, Window, make_optimizer, per_rank_batch
 from dist_vae.host_memory import return_large_blocks_to_os
 from dist_vae.models import build_model
+from tools.bench.steal import StealMeter
 
 
 def bare_loop(cfg: Config, steps: int) -> float:
@@ -90,6 +91,7 @@ def main() -> None:
          f"train.sample_every={never}", "train.ema_decay=0.999"],
     )  # fmt: skip
     return_large_blocks_to_os()  # as the trainer does on the CPU: both loops run with it
+    steal = StealMeter()
     bare, engine = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.rounds):
@@ -103,6 +105,7 @@ def main() -> None:
     print(f"{'bare':<8}{b * 1e3:>10.1f}{images / b:>10.1f}")
     print(f"{'engine':<8}{e * 1e3:>10.1f}{images / e:>10.1f}")
     print(f"engine/bare time ratio {e / b:.3f} (overhead {100 * (e / b - 1):+.1f}%)   (target < 1.05)")
+    print(steal.line())
 
 
 if __name__ == "__main__":

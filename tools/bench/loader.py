@@ -1,6 +1,9 @@
 """Loader benchmark (a script, not a test): the same images at 256 px, side by side.
 
-(a) ShardStream over the shards, one DataLoader worker; (a2) the same with two workers;
+(a) ShardStream over the shards, one DataLoader worker; (a2) the same with two workers; (ad), (a2d)
+the same with the stream given a device (the meta device here), as a GPU trainer uses it: the main
+process only receives the uint8 batches and the scaling to [-1, 1] is the device's work, so these
+measure the workers alone; in (a) and (a2) the main process scales on the CPU, on the same 2 cores;
 (b) LSUN LMDB random access as torchvision's LSUN dataset does it (lmdb get + PIL decode + resize
 shorter side + centre crop, shuffled map-style DataLoader, one worker); (c) PIL decode of the shard
 bytes to RGB arrays alone, in one process (the ceiling for one worker of (a)). Then make_shards with
@@ -19,11 +22,14 @@ from __future__ import annotations
 import argparse
 import io
 import shutil
+import sys
 import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import lmdb
 import numpy as np
@@ -36,6 +42,7 @@ from dist_vae.data.demo import build_demo_lmdb
 from dist_vae.data.shards import ShardSettings, build_shards
 from dist_vae.data.sources import LmdbSource
 from dist_vae.data.stream import ShardStream, decode
+from tools.bench.steal import StealMeter
 
 
 class LsunRandomAccess(Dataset):
@@ -84,9 +91,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
     args = parser.parse_args()
+    steal = StealMeter()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         lmdb_path = work / "lsun_like_lmdb"
@@ -113,9 +121,9 @@ def main() -> None:
             with tarfile.open(path) as tar:
                 encoded += [tar.extractfile(m).read() for m in tar if m.name.endswith(".webp")]  # type: ignore[union-attr]
 
-        def stream(workers: int) -> float:
+        def stream(workers: int, device: torch.device | None = None) -> float:
             cfg = DataConfig(path=str(shards), resolution=args.resolution, num_workers=workers)
-            s = ShardStream(cfg, "train", seed=0, batch_size=args.batch_size)
+            s = ShardStream(cfg, "train", seed=0, batch_size=args.batch_size, device=device)
             return steady(iter(s), 2 * (s.samples_per_epoch // args.batch_size) - 1)
 
         def lmdb_random() -> float:
@@ -139,22 +147,38 @@ def main() -> None:
 
             return timed(decode_all)
 
-        loaders = {"a": lambda: stream(1), "a2": lambda: stream(2), "b": lmdb_random, "c": decode_only}
+        meta = torch.device("meta")
+        loaders = {
+            "a": lambda: stream(1),
+            "a2": lambda: stream(2),
+            "ad": lambda: stream(1, meta),
+            "a2d": lambda: stream(2, meta),
+            "b": lmdb_random,
+            "c": decode_only,
+        }
         best = dict.fromkeys(loaders, 0.0)
         for _ in range(args.rounds):
             for name, fn in loaders.items():
                 best[name] = max(best[name], fn())
 
     print(f"{len(encoded)} images at {args.resolution} px, batch {args.batch_size}, best of {args.rounds}")
-    print(f"(a) ShardStream, 1 worker          {best['a']:8.1f} img/s")
-    print(f"(a2) ShardStream, 2 workers        {best['a2']:8.1f} img/s")
-    print(f"(b) LSUN LMDB random access, 1 wkr {best['b']:8.1f} img/s")
-    print(f"(c) PIL decode of shard bytes      {best['c']:8.1f} img/s")
-    print(f"a/b = {best['a'] / best['b']:.2f}   (target >= 1.5)")
-    print(f"a/c = {best['a'] / best['c']:.2f}   (target >= 0.8)")
-    print(f"a2/a = {best['a2'] / best['a']:.2f}  (target >= 1.8; needs 2 idle cores)")
+    rows = [
+        ("a", "ShardStream, 1 worker"),
+        ("a2", "ShardStream, 2 workers"),
+        ("ad", "ShardStream, 1 worker, scaled on the device"),
+        ("a2d", "ShardStream, 2 workers, scaled on the device"),
+        ("b", "LSUN LMDB random access, 1 worker"),
+        ("c", "PIL decode of shard bytes, in process"),
+    ]
+    for name, what in rows:
+        print(f"({name}) {what:<46}{best[name]:8.1f} img/s")
+    for a, a2, consumer in [("ad", "a2d", "the workers alone"), ("a", "a2", "with the CPU consumer")]:
+        print(f"{a}/b = {best[a] / best['b']:.2f}   (target >= 1.5; {consumer})")
+        print(f"{a}/c = {best[a] / best['c']:.2f}   (target >= 0.8; {consumer})")
+        print(f"{a2}/{a} = {best[a2] / best[a]:.2f}  (target >= 1.8; {consumer})")
     print(f"make_shards: 1 worker {sharding[1]:.1f} img/s, 2 workers {sharding[2]:.1f} img/s")
     print(f"make_shards 2 workers / 1 worker = {sharding[2] / sharding[1]:.2f}   (target >= 1.8)")
+    print(steal.line())
 
 
 if __name__ == "__main__":
