@@ -6,9 +6,11 @@ process only receives the uint8 batches and the scaling to [-1, 1] is the device
 measure the workers alone; in (a) and (a2) the main process scales on the CPU, on the same 2 cores;
 (b) LSUN LMDB random access as torchvision's LSUN dataset does it (lmdb get + PIL decode + resize
 shorter side + centre crop, shuffled map-style DataLoader, one worker); (c) PIL decode of the shard
-bytes to RGB arrays alone, in one process (the ceiling for one worker of (a)). Then make_shards with
-2 workers against 1. Each loader is timed in `--rounds` interleaved rounds and its best round kept,
-so a neighbour's burst of load on a shared machine does not decide the ratio.
+bytes to RGB arrays alone, in one process (the ceiling for one worker of (a)); make_shards with 2
+workers against 1. Every round times each of them once, back to back, and each ratio printed is the
+median over rounds of that round's ratio: the throughput of this shared VM drifts by +-20% over tens
+of seconds, so the two sides of a ratio are best measured within one round (taking each loader's
+best round instead paired maxima from different minutes).
 
 The stream decodes with Pillow: torchvision.io.decode_webp was the candidate, but the only
 torchvision wheels at hand (0.28, pinned to torch 2.13, and 0.29) are CUDA builds that do not load
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import io
 import shutil
+import statistics
 import sys
 import tarfile
 import tempfile
@@ -113,7 +116,7 @@ def main() -> None:
             manifest = build_shards(settings, work / out, workers=workers, progress=False)
             return manifest["splits"]["train"]["count"]
 
-        sharding = {1: timed(lambda: shard("shards_w1", 1)), 2: timed(lambda: shard("shards_w2", 2))}
+        shard("shards_w1", 1)
         shards = work / "shards_w1"
         keys = LmdbSource(lmdb_path, work / ".cache").keys()
         encoded = []
@@ -155,13 +158,19 @@ def main() -> None:
             "a2d": lambda: stream(2, meta),
             "b": lmdb_random,
             "c": decode_only,
+            "s1": lambda: timed(lambda: shard("shards_1", 1)),
+            "s2": lambda: timed(lambda: shard("shards_2", 2)),
         }
-        best = dict.fromkeys(loaders, 0.0)
+        runs: dict[str, list[float]] = {name: [] for name in loaders}
         for _ in range(args.rounds):
             for name, fn in loaders.items():
-                best[name] = max(best[name], fn())
+                runs[name].append(fn())
 
-    print(f"{len(encoded)} images at {args.resolution} px, batch {args.batch_size}, best of {args.rounds}")
+    def ratio(x: str, y: str) -> float:
+        return statistics.median(a / b for a, b in zip(runs[x], runs[y], strict=True))
+
+    print(f"{len(encoded)} images at {args.resolution} px, batch {args.batch_size}, {args.rounds} rounds: "
+          "medians over rounds")  # fmt: skip
     rows = [
         ("a", "ShardStream, 1 worker"),
         ("a2", "ShardStream, 2 workers"),
@@ -171,13 +180,14 @@ def main() -> None:
         ("c", "PIL decode of shard bytes, in process"),
     ]
     for name, what in rows:
-        print(f"({name}) {what:<46}{best[name]:8.1f} img/s")
+        print(f"({name}) {what:<46}{statistics.median(runs[name]):8.1f} img/s")
     for a, a2, consumer in [("ad", "a2d", "the workers alone"), ("a", "a2", "with the CPU consumer")]:
-        print(f"{a}/b = {best[a] / best['b']:.2f}   (target >= 1.5; {consumer})")
-        print(f"{a}/c = {best[a] / best['c']:.2f}   (target >= 0.8; {consumer})")
-        print(f"{a2}/{a} = {best[a2] / best[a]:.2f}  (target >= 1.8; {consumer})")
-    print(f"make_shards: 1 worker {sharding[1]:.1f} img/s, 2 workers {sharding[2]:.1f} img/s")
-    print(f"make_shards 2 workers / 1 worker = {sharding[2] / sharding[1]:.2f}   (target >= 1.8)")
+        print(f"{a}/b = {ratio(a, 'b'):.2f}   (target >= 1.5; {consumer})")
+        print(f"{a}/c = {ratio(a, 'c'):.2f}   (target >= 0.8; {consumer})")
+        print(f"{a2}/{a} = {ratio(a2, a):.2f}  (target >= 1.8; {consumer})")
+    print(f"make_shards: 1 worker {statistics.median(runs['s1']):.1f} img/s, "
+          f"2 workers {statistics.median(runs['s2']):.1f} img/s")  # fmt: skip
+    print(f"make_shards 2 workers / 1 worker = {ratio('s2', 's1'):.2f}   (target >= 1.8)")
     print(steal.line())
 
 
