@@ -14,7 +14,7 @@ import torch
 
 from dist_vae.config import DataConfig
 from dist_vae.data.shards import ShardSettings, build_shards
-from dist_vae.data.stream import DataError, ShardStream, read_manifest
+from dist_vae.data.stream import SLOTS_PER_WORKER, DataError, ShardStream, _Buffers, read_manifest
 from tests.data_fixtures import id_images
 
 N_IMAGES = 45  # shards of 7: six full ones and one of 3
@@ -242,3 +242,22 @@ def test_bad_directories_and_settings_are_named(shard_dir: Path, tmp_path: Path)
 def test_lower_resolution_is_resized(shard_dir: Path) -> None:
     batch = next(iter(ShardStream(config(shard_dir, resolution=4, num_workers=0), batch_size=4)))
     assert batch.shape == (4, 3, 4, 4) and batch.min() >= -1 and batch.max() <= 1
+
+
+def test_worker_buffers_are_refilled_only_after_release() -> None:
+    """The shared-memory ring behind a worker's batches (stream._Buffers), in one process."""
+    buffers = _Buffers(workers=2)
+    shape = (5, 8, 8, 3)
+    taken = [buffers.take(1, shape) for _ in range(SLOTS_PER_WORKER)]
+    slots = [slot for slot, _ in taken]
+    assert slots == list(range(SLOTS_PER_WORKER, 2 * SLOTS_PER_WORKER))  # lane 1's own slots
+    assert all(b.is_shared() and b.shape == shape for _, b in taken)
+    slot, fresh = buffers.take(1, shape)  # none released: a fresh buffer, never one in use
+    assert slot == -1 and all(fresh.data_ptr() != b.data_ptr() for _, b in taken)
+    buffers.release(slots[2])
+    slot, again = buffers.take(1, shape)
+    assert slot == slots[2] and again.data_ptr() == taken[2][1].data_ptr()
+    buffers.release(slots[0])
+    slot, smaller = buffers.take(1, (2, 8, 8, 3))  # a short last batch gets a buffer of its size
+    assert slot == slots[0] and smaller.shape == (2, 8, 8, 3)
+    assert buffers.take(0, shape)[0] == 0  # lane 0's slots were never touched
