@@ -247,7 +247,7 @@ def test_lower_resolution_is_resized(shard_dir: Path) -> None:
 def test_worker_buffers_are_refilled_only_after_release() -> None:
     """The shared-memory ring behind a worker's batches (stream._Buffers), in one process."""
     buffers = _Buffers(workers=2)
-    shape = (5, 8, 8, 3)
+    shape = (5, 3, 8, 8)
     taken = [buffers.take(1, shape) for _ in range(SLOTS_PER_WORKER)]
     slots = [slot for slot, _ in taken]
     assert slots == list(range(SLOTS_PER_WORKER, 2 * SLOTS_PER_WORKER))  # lane 1's own slots
@@ -258,6 +258,6 @@ def test_worker_buffers_are_refilled_only_after_release() -> None:
     slot, again = buffers.take(1, shape)
     assert slot == slots[2] and again.data_ptr() == taken[2][1].data_ptr()
     buffers.release(slots[0])
-    slot, smaller = buffers.take(1, (2, 8, 8, 3))  # a short last batch gets a buffer of its size
-    assert slot == slots[0] and smaller.shape == (2, 8, 8, 3)
+    slot, smaller = buffers.take(1, (2, 3, 8, 8))  # a short last batch gets a buffer of its size
+    assert slot == slots[0] and smaller.shape == (2, 3, 8, 8)
     assert buffers.take(0, shape)[0] == 0  # lane 0's slots were never touched
