@@ -23,6 +23,7 @@ own periodic work (a log line every train.log_every steps) costs a few milliseco
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -32,6 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported: no progress bar between the tables
 
 import torch
 
