@@ -182,7 +182,9 @@ def test_full_disk_exits_2_and_keeps_the_previous_checkpoint(
         else:  # both ranks learn of rank 0's failure and stop: no hang; the launcher reports failure
             proc = run(accelerate_cmd("cpu_debug.yaml", run_dir, demo_shards, *STEPS))
             assert proc.returncode != 0
-        line = next(line for line in proc.stderr.splitlines() if line.startswith("error: "))
+        # rank 0's line says why; other ranks' lines (in any order on the shared stderr) point to it
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        line = next(line for line in errors if "(rank 0 reports why)" not in line)
         assert (
             line.startswith("error: cannot write checkpoint ")
             and str(checkpoint_dir(run_dir, 4, tmp=True)) in line
