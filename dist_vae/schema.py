@@ -11,9 +11,9 @@ import dataclasses
 from dataclasses import field
 from typing import Any
 
+from dist_vae.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration value, key or file that cannot be used; the message says which and why."""
+__all__ = ["ConfigError", "at_least", "between", "check_fields", "choice"]
 
 
 def choice(default: Any, *allowed: Any) -> Any:
