@@ -22,19 +22,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from dist_vae.models import model_config_class, model_kinds
-from dist_vae.models.pixel_vae import PixelVAEConfig
+from dist_vae.data.config import DataConfig
+from dist_vae.models import default_model_kind, model_config_class, model_kinds
 from dist_vae.schema import ConfigError, at_least, between, check_fields, choice
-
-
-@dataclass
-class DataConfig:
-    path: str = "data/demo/shards"  # directory holding train-*.tar, val-*.tar and manifest.json
-    resolution: int = at_least(32, 8)  # <= the shards' resolution; smaller is resized on the fly
-    batch_size: int = at_least(16, 1)  # per-rank micro-batch; x world size x train.accumulate per update
-    num_workers: int = at_least(2, 0)  # DataLoader workers per rank; a resumed run may change it
-    shuffle_group: int = at_least(8, 1)  # shards whose samples are mixed together in an epoch
-    random_flip: bool = True
 
 
 @dataclass
@@ -73,13 +63,18 @@ class TrainConfig:
     sample_count: int = at_least(16, 1)  # images in each sample grid
 
 
+def default_model_config() -> Any:
+    """The model section a config that names no kind gets: the registry's default kind's defaults."""
+    return model_config_class(default_model_kind())()
+
+
 @dataclass
 class Config:
     run_dir: str = "runs/debug"
     seed: int = 0
     resume: str = "auto"  # auto | never | path of a checkpoint directory
     data: DataConfig = field(default_factory=DataConfig)
-    model: Any = field(default_factory=PixelVAEConfig)  # the config dataclass of model.kind
+    model: Any = field(default_factory=default_model_config)  # the config dataclass of model.kind
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from dist_vae.config import DataConfig
+from dist_vae.data.buffers import SLOTS_PER_WORKER, BatchBuffers
 from dist_vae.data.shards import ShardSettings, build_shards
-from dist_vae.data.stream import SLOTS_PER_WORKER, DataError, ShardStream, _Buffers, read_manifest
+from dist_vae.data.stream import DataError, ShardStream, read_manifest
 from tests.data_fixtures import id_images
 
 N_IMAGES = 45  # shards of 7: six full ones and one of 3
@@ -245,8 +246,8 @@ def test_lower_resolution_is_resized(shard_dir: Path) -> None:
 
 
 def test_worker_buffers_are_refilled_only_after_release() -> None:
-    """The shared-memory ring behind a worker's batches (stream._Buffers), in one process."""
-    buffers = _Buffers(workers=2)
+    """The shared-memory ring behind a worker's batches (buffers.BatchBuffers), in one process."""
+    buffers = BatchBuffers(workers=2)
     shape = (5, 3, 8, 8)
     taken = [buffers.take(1, shape) for _ in range(SLOTS_PER_WORKER)]
     slots = [slot for slot, _ in taken]

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dist_vae.data.shards import FORMATS, ShardError, ShardSettings, build_shards
-from dist_vae.data.sources import SourceError
+from dist_vae.data.shards import FORMATS, ShardSettings, build_shards
+from dist_vae.errors import DataError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             limit=args.limit,
         )
         manifest = build_shards(settings, args.out, workers=args.workers, progress=not args.no_progress)
-    except (SourceError, ShardError) as exc:
+    except DataError as exc:  # a source, setting or output directory that cannot be used
         print(f"make_shards.py: error: {exc}", file=sys.stderr)
         return 2
     splits = manifest["splits"]

@@ -17,13 +17,11 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from dist_vae.errors import DataError
+
 PIL_FORMATS = {"webp": "WEBP", "png": "PNG", "jpg": "JPEG"}  # manifest format -> the one decoder to try
 INDEX_VERSION = 1
 OPEN_SHARDS = 64  # index + file descriptor kept per shard, per worker
-
-
-class DataError(ValueError):
-    """A shard directory, manifest or stream state that cannot be used; the message names it."""
 
 
 class BadSample(Exception):

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from dist_vae.data.demo import DEFAULT_DEMO_SIZE, ensure_demo_lmdb
 from dist_vae.data.index import index_document, index_name, index_tar
 from dist_vae.data.sources import FolderSource, LmdbSource, SourceError, sniff_format
+from dist_vae.errors import DataError
 from dist_vae.files import atomic_path, file_sha256, write_bytes_atomic, write_text_atomic
 
 FORMATS = ("webp", "png", "jpg")
@@ -44,7 +45,7 @@ RESIZE_RULE = "shorter side to resolution (PIL Lanczos, antialiased), centre cro
 Source = LmdbSource | FolderSource
 
 
-class ShardError(ValueError):
+class ShardError(DataError):
     """An output directory or setting that cannot be used; the message says which and why."""
 
 

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import lmdb
 
+from dist_vae.errors import DataError
 from dist_vae.files import write_text_atomic
 
 IMAGE_SUFFIXES = {".webp", ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff"}
 
 
-class SourceError(ValueError):
+class SourceError(DataError):
     """A dataset path or specification that cannot be read; the message names it."""
 
 

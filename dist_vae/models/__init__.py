@@ -22,6 +22,7 @@ __all__ = [
     "LossOutput",
     "Posterior",
     "build_model",
+    "default_model_kind",
     "evaluating",
     "model_config_class",
     "model_kinds",
@@ -52,6 +53,11 @@ def register_model(kind: str, config: type, build: Callable[[Any, int, bool], Ge
 
 def model_kinds() -> list[str]:
     return list(_REGISTRY)
+
+
+def default_model_kind() -> str:
+    """The kind a config that names none gets: the first registered."""
+    return next(iter(_REGISTRY))
 
 
 def model_config_class(kind: str) -> type:

@@ -41,10 +41,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from dist_vae.config import DataConfig
+from dist_vae.data.decode import decode
 from dist_vae.data.demo import build_demo_lmdb
 from dist_vae.data.shards import ShardSettings, build_shards
 from dist_vae.data.sources import LmdbSource
-from dist_vae.data.stream import ShardStream, decode
+from dist_vae.data.stream import ShardStream
 from tools.bench.steal import StealMeter
 
 
