@@ -70,7 +70,7 @@ def test_data_imports_of_dist_vae_only_leaf_utilities_adapters_and_itself(path: 
     """Not config.py either: it composes the per-layer configs, so it imports the models."""
     for module, _ in imports(path):
         if module == "dist_vae" or module.startswith("dist_vae."):
-            assert module.startswith(DATA_MAY_IMPORT) and not module.endswith("."), (
+            assert any(module == m or module.startswith(m + ".") for m in DATA_MAY_IMPORT), (
                 f"{path.relative_to(ROOT)} imports {module}; data/ may import only {DATA_MAY_IMPORT}"
             )
 
@@ -112,4 +112,4 @@ def test_data_touches_no_private_name_of_a_library() -> None:
                 literal = [a.value for a in node.args[1:2] if isinstance(a, ast.Constant)]
                 found += [f"{where}:{node.lineno} reaches {n!r}" for n in literal if _is_private(str(n))]
     assert not found, found
-    assert {"_shutdown_workers", "_typed_storage", "_new_shared"}.isdisjoint(own)
+    assert {"_shutdown_workers", "_typed_storage", "_new_shared"}.isdisjoint(own)  # no own name masks them
