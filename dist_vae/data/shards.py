@@ -2,12 +2,13 @@
 
 The output depends only on the source and the settings, never on the worker count or on how often
 the job was interrupted: the train/val split comes from a hash of each key, the samples are ordered
-by that hash and cut into shards of `shard_size` keys, and tar headers carry fixed metadata. So a
-killed run started again redoes only the shards that were not finished, and a finished output is left
-untouched. Each shard is written under a temporary name and renamed when complete (dist_vae.files),
-then its per-sample index `NAME.idx.json` (key, member, offset, size, sha256 per image: the stream
-checks each image alone); its record (count, bytes, sha256, index, skipped keys) goes to
-`.progress/` until the manifest gathers them all.
+by that hash and cut into shards of `shard_size` keys (jobs.py), images are squared and encoded
+alone (encode.py), and tar headers carry fixed metadata. So a killed run started again redoes only
+the shards that were not finished, and a finished output is left untouched. Each shard is written
+under a temporary name and renamed when complete (dist_vae.files), then its per-sample index
+`NAME.idx.json` (key, member, offset, size, sha256 per image: the stream checks each image alone);
+its record (count, bytes, sha256, index, skipped keys) goes to `.progress/` until the manifest
+gathers them all.
 """
 
 from __future__ import annotations
@@ -15,22 +16,21 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
 import shutil
 import tarfile
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from multiprocessing import Pool
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 from tqdm import tqdm
 
 from dist_vae.data.demo import DEFAULT_DEMO_SIZE, ensure_demo_lmdb
+from dist_vae.data.encode import RESIZE_RULE, SkipImage, encode, square_image
 from dist_vae.data.index import index_document, index_name, index_tar
-from dist_vae.data.sources import FolderSource, LmdbSource, SourceError, sniff_format
+from dist_vae.data.jobs import SPLIT_RULE, ShardJob, sample_name, shard_jobs
+from dist_vae.data.sources import FolderSource, LmdbSource, SourceError
 from dist_vae.errors import DataError
 from dist_vae.files import atomic_path, file_sha256, write_bytes_atomic, write_text_atomic
 
@@ -39,22 +39,12 @@ MANIFEST = "manifest.json"
 MANIFEST_VERSION = 2
 CACHE_DIR = ".cache"
 PROGRESS_DIR = ".progress"
-SPLIT_RULE = "val if int.from_bytes(sha256(key)[:8], 'big') / 2**64 < val_fraction else train"
-RESIZE_RULE = "shorter side to resolution (PIL Lanczos, antialiased), centre crop, RGB"
 
 Source = LmdbSource | FolderSource
 
 
 class ShardError(DataError):
     """An output directory or setting that cannot be used; the message says which and why."""
-
-
-class SkipImage(Exception):
-    """A value that is not a usable image: a short reason (counted in the manifest) and its detail."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
 
 
 @dataclass(frozen=True)
@@ -98,47 +88,6 @@ def open_source(spec: str, out: str | Path) -> Source:
     raise SourceError(f"bad --source {spec!r}: expected lmdb:PATH, folder:PATH or demo[:N]")
 
 
-def split_of(key: str, val_fraction: float) -> str:
-    """'val' or 'train', decided by the key alone so every run and every worker agrees."""
-    head = hashlib.sha256(key.encode()).digest()[:8]
-    return "val" if int.from_bytes(head, "big") / 2**64 < val_fraction else "train"
-
-
-def sample_name(key: str) -> str:
-    """The tar member stem: a hash, since source keys may hold '/' or '.' that webdataset splits on."""
-    return hashlib.sha256(key.encode()).hexdigest()[:40]
-
-
-def square_image(data: bytes, resolution: int) -> Image.Image:
-    """Decode, resize the shorter side to `resolution` with antialiasing, centre crop, RGB."""
-    if sniff_format(data) is None:
-        raise SkipImage("unknown format", f"not WebP, JPEG or PNG; first bytes {data[:12].hex() or 'none'}")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("RGB")
-    except Exception as exc:  # PIL raises many unrelated types for damaged data
-        # Messages may quote object addresses, which would make the manifest differ run to run.
-        detail = re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(exc).__name__}: {exc}")
-        raise SkipImage("undecodable", detail) from exc
-    w, h = img.size
-    scale = resolution / min(w, h)
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-    img = img.resize(size, Image.LANCZOS)
-    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    return img.crop((left, top, left + resolution, top + resolution))
-
-
-def encode(img: Image.Image, fmt: str, quality: int) -> bytes:
-    buf = io.BytesIO()
-    if fmt == "webp":
-        img.save(buf, format="WEBP", quality=quality, lossless=quality == 100)
-    elif fmt == "jpg":
-        img.save(buf, format="JPEG", quality=quality)
-    else:
-        img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o644
@@ -149,32 +98,6 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def _write_json(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
-
-
-@dataclass(frozen=True)
-class ShardJob:
-    split: str
-    index: int
-    keys: tuple[str, ...]
-
-    @property
-    def name(self) -> str:
-        return f"{self.split}-{self.index:06d}.tar"
-
-
-def plan(keys: Iterable[str], settings: ShardSettings) -> list[ShardJob]:
-    """Split by key hash, order each split by sample name, cut into shards of `shard_size` keys."""
-    by_split: dict[str, list[str]] = {"train": [], "val": []}
-    for key in keys:
-        by_split[split_of(key, settings.val_fraction)].append(key)
-    jobs = []
-    for split, members in by_split.items():
-        members.sort(key=lambda k: (sample_name(k), k))
-        for i in range(0, len(members), settings.shard_size):
-            jobs.append(
-                ShardJob(split, i // settings.shard_size, tuple(members[i : i + settings.shard_size]))
-            )
-    return jobs
 
 
 def write_shard(source: Source, job: ShardJob, settings: ShardSettings, out: Path) -> dict[str, Any]:
@@ -288,7 +211,7 @@ def build_shards(
     keys = source.keys()
     if settings.limit is not None:
         keys = keys[: settings.limit]
-    jobs = plan(keys, settings)
+    jobs = shard_jobs(keys, settings.val_fraction, settings.shard_size)
     _claim_progress(out, settings)
     for stale in [*out.glob("*.tmp-*"), *(out / PROGRESS_DIR).glob("*.tmp-*")]:
         stale.unlink()
