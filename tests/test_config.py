@@ -3,6 +3,8 @@ from pathlib import Path
 import pytest
 
 from dist_vae.config import ConfigError, load_config, to_yaml
+from dist_vae.data.config import DataConfig
+from dist_vae.models import default_model_kind, model_config_class, model_kinds
 
 
 def test_yaml_then_overrides_win(tmp_path: Path) -> None:
@@ -116,3 +118,9 @@ def test_bounds_of_model_fields_are_checked_from_their_metadata() -> None:
         load_config(None, ["model.kind=iterative_vae", "model.refine_steps=0"])
     with pytest.raises(ConfigError, match=r"'model.mode'; expected one of \['greedy', 'joint'\]"):
         load_config(None, ["model.kind=iterative_vae", "model.mode=lazy"])
+
+
+def test_the_default_model_is_the_registrys_first_kind_and_the_data_keys_are_datas_own() -> None:
+    cfg = load_config(None)
+    assert default_model_kind() == model_kinds()[0] == cfg.model.kind == "pixel_vae"
+    assert type(cfg.model) is model_config_class("pixel_vae") and type(cfg.data) is DataConfig
