@@ -9,14 +9,18 @@ how a probe's predicted factors are turned back into a picture (the on-manifold 
 from __future__ import annotations
 
 import io
+import json
 import math
+import tarfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from dist_vae.data.index import DataError, read_manifest
 from dist_vae.data.scene_render import finish, render_geometry
 from dist_vae.data.sources import SourceError
 
@@ -132,3 +136,34 @@ def parse_scene_spec(arg: str) -> tuple[int, int]:
             f"bad --source scenes:{arg}: expected scenes:N or scenes:N:SEED (N >= 1, SEED >= 0)"
         )
     return int(parts[0]), int(parts[1]) if len(parts) == 2 else 0
+
+
+def read_labelled(
+    directory: str | Path, split: str, limit: int | None = None
+) -> tuple[np.ndarray, list[dict]]:
+    """The images (uint8 [N, R, R, 3]) and factors of a split of scene shards, in shard order."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if split not in manifest["splits"]:
+        raise DataError(f"{directory}/manifest.json has no split {split!r}")
+    images: list[np.ndarray] = []
+    factors: list[dict] = []
+    for shard in manifest["splits"][split]["shards"]:
+        members: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(directory / shard["name"]) as tar:
+            for member in tar:
+                stem, _, ext = member.name.rpartition(".")
+                members.setdefault(stem, {})[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
+        for stem, parts in members.items():
+            meta = json.loads(parts.get("json", b"{}"))
+            if "factors" not in meta:
+                raise DataError(f"{directory / shard['name']}: {stem} has no factors: not made by scenes:N")
+            image = next(v for k, v in parts.items() if k != "json")
+            with Image.open(io.BytesIO(image)) as img:
+                images.append(np.asarray(img.convert("RGB")))
+            factors.append(meta["factors"])
+            if len(images) == limit:
+                return np.stack(images), factors
+    if not images:
+        raise DataError(f"{directory}: the {split} split holds no images")
+    return np.stack(images), factors
