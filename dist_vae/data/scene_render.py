@@ -143,7 +143,9 @@ def _bed(c: Canvas, f: Mapping[str, Any]) -> None:
     c.box(x0 - 0.015, x1 + 0.015, 0.15, 0.43, 0.5, 1.22, BEDDING[f["bedding"]])  # blanket
 
 
-def render_geometry(f: Mapping[str, Any], size: int, rng: np.random.Generator) -> tuple[Image.Image, tuple]:
+def render_geometry(
+    f: Mapping[str, Any], size: int, rng: np.random.Generator
+) -> tuple[Image.Image, tuple[float, float]]:
     """The supersampled scene, and the lamp shade's pixel position (for the glow added later)."""
     c = Canvas(size, f["camera_x"], f["light_x"])
     _room(c, f, rng)
@@ -181,7 +183,7 @@ def render_geometry(f: Mapping[str, Any], size: int, rng: np.random.Generator) -
 
 
 def finish(
-    image: Image.Image, f: Mapping[str, Any], lamp: tuple, scale: int, rng: np.random.Generator
+    image: Image.Image, f: Mapping[str, Any], lamp: tuple[float, float], scale: int, rng: np.random.Generator
 ) -> np.ndarray:
     """Reduce to the output size; add light falloff, the lamp's glow and mild noise; uint8 HWC."""
     small = image.reduce(scale) if scale > 1 else image

@@ -13,7 +13,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +153,7 @@ def train_probe(
         log(f"probe epoch {epoch + 1}/{settings.epochs}: loss {total / len(x):.4f} ({seconds:.0f} s)")
     report = score(probe, to_input(val_images), val_factors)
     save_probe(
-        directory, probe, {"settings": settings.__dict__, "train": len(x), "val": len(val_images), **report}
+        directory, probe, {"settings": asdict(settings), "train": len(x), "val": len(val_images), **report}
     )
     return probe
 
