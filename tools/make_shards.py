@@ -17,7 +17,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--source", required=True, help="lmdb:PATH | folder:PATH | demo[:N]")
+    parser.add_argument(
+        "--source", required=True, help="lmdb:PATH | folder:PATH | demo[:N] | scenes:N[:SEED]"
+    )
     parser.add_argument("--out", required=True, help="output directory (shards, manifest.json, .cache/)")
     parser.add_argument("--resolution", type=int, required=True, help="side of the square output images")
     parser.add_argument("--shard-size", type=int, default=1000, help="source keys per shard")

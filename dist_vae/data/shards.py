@@ -30,6 +30,7 @@ from dist_vae.data.demo import DEFAULT_DEMO_SIZE, ensure_demo_lmdb
 from dist_vae.data.encode import RESIZE_RULE, SkipImage, encode, square_image
 from dist_vae.data.index import index_document, index_name, index_tar
 from dist_vae.data.jobs import SPLIT_RULE, ShardJob, sample_name, shard_jobs
+from dist_vae.data.scenes import SceneSource, parse_scene_spec
 from dist_vae.data.sources import FolderSource, LmdbSource, SourceError
 from dist_vae.errors import DataError
 from dist_vae.files import atomic_path, file_sha256, write_bytes_atomic, write_text_atomic
@@ -40,7 +41,7 @@ MANIFEST_VERSION = 2
 CACHE_DIR = ".cache"
 PROGRESS_DIR = ".progress"
 
-Source = LmdbSource | FolderSource
+Source = LmdbSource | FolderSource | SceneSource
 
 
 class ShardError(DataError):
@@ -73,8 +74,9 @@ class ShardSettings:
                 raise ShardError(message)
 
 
-def open_source(spec: str, out: str | Path) -> Source:
-    """`lmdb:PATH`, `folder:PATH` or `demo[:N]` (an LSUN-format LMDB built under OUT/.cache)."""
+def open_source(spec: str, out: str | Path, resolution: int) -> Source:
+    """`lmdb:PATH`, `folder:PATH`, `demo[:N]` (an LSUN-format LMDB built under OUT/.cache) or
+    `scenes:N[:SEED]` (procedural bedrooms drawn at `resolution`, their factors in each JSON)."""
     kind, _, arg = spec.partition(":")
     cache = Path(out) / CACHE_DIR
     if kind == "lmdb" and arg:
@@ -85,7 +87,9 @@ def open_source(spec: str, out: str | Path) -> Source:
         if arg and not (arg.isdigit() and int(arg) >= 1):
             raise SourceError(f"bad --source {spec!r}: the demo size N in demo:N must be a positive integer")
         return LmdbSource(ensure_demo_lmdb(cache, int(arg) if arg else DEFAULT_DEMO_SIZE), cache)
-    raise SourceError(f"bad --source {spec!r}: expected lmdb:PATH, folder:PATH or demo[:N]")
+    if kind == "scenes":
+        return SceneSource(*parse_scene_spec(arg), resolution)
+    raise SourceError(f"bad --source {spec!r}: expected lmdb:PATH, folder:PATH, demo[:N] or scenes:N[:SEED]")
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -114,7 +118,11 @@ def write_shard(source: Source, job: ShardJob, settings: ShardSettings, out: Pat
                     continue
                 stem = sample_name(key)
                 _add_member(tar, f"{stem}.{settings.format}", encode(img, settings.format, settings.quality))
-                _add_member(tar, f"{stem}.json", json.dumps({"key": key}).encode())
+                meta = {
+                    "key": key,
+                    **({"factors": source.factors(key)} if isinstance(source, SceneSource) else {}),
+                }
+                _add_member(tar, f"{stem}.json", json.dumps(meta, sort_keys=True).encode())
         index = index_document(job.name, index_tar(tmp, hashes=True))
     write_bytes_atomic(out / index_name(job.name), index)
     record = {
@@ -207,7 +215,7 @@ def build_shards(
     finished = _finished_manifest(out, settings)
     if finished is not None:
         return finished
-    source = open_source(settings.source, out)
+    source = open_source(settings.source, out, settings.resolution)
     keys = source.keys()
     if settings.limit is not None:
         keys = keys[: settings.limit]
@@ -256,7 +264,8 @@ def _manifest(out: Path, jobs: list[ShardJob], settings: ShardSettings) -> dict[
         "source": settings.source,
         "split_rule": SPLIT_RULE,
         "resize": RESIZE_RULE,
-        "layout": f"KEY.{settings.format} + KEY.json ({{'key': source key}}); KEY = sha256(key)[:40]; "
+        "layout": f"KEY.{settings.format} + KEY.json ({{'key': source key, 'factors' of scenes}}); "
+        "KEY = sha256(key)[:40]; "
         "NAME.idx.json beside NAME.tar: [key, member, offset, size, sha256] per image",
         "splits": splits,
         "skipped": {
