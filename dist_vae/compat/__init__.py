@@ -1,0 +1,1 @@
+"""Adapters: the only modules that touch private names of torch, DeepSpeed and Accelerate."""
