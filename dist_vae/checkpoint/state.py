@@ -19,7 +19,7 @@ from accelerate.optimizer import AcceleratedOptimizer
 from torch import nn
 
 from dist_vae.checkpoint.format import load_module_state
-from dist_vae.compat import deepspeed as ds_compat
+from dist_vae.compat import deepspeed as deepspeed_compat
 from dist_vae.errors import BackendError, CheckpointError
 
 Tensors = dict[str, torch.Tensor]
@@ -56,7 +56,7 @@ def _partitioned(model: nn.Module) -> list[list[nn.Parameter]] | None:
         return None
     if engine.zero_optimization_stage() > 2:
         raise BackendError("checkpoints support DeepSpeed ZeRO stages 0-2, not stage 3")
-    return ds_compat.partitioned_groups(engine.optimizer)
+    return deepspeed_compat.partitioned_groups(engine.optimizer)
 
 
 def _torch_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -230,20 +230,20 @@ def _load_partition(
 def engine_counters(model: nn.Module) -> dict[str, int] | None:
     """DeepSpeed's own step/sample counters (its LR schedule and logs read them)."""
     engine = deepspeed_engine(model)
-    return None if engine is None else ds_compat.engine_counters(engine)
+    return None if engine is None else deepspeed_compat.engine_counters(engine)
 
 
 def restore_engine_counters(model: nn.Module, counters: dict[str, int] | None) -> None:
     engine = deepspeed_engine(model)
     if engine is not None and counters:
-        ds_compat.restore_engine_counters(engine, counters)
+        deepspeed_compat.restore_engine_counters(engine, counters)
 
 
 def scaler_state(acc: Accelerator, model: nn.Module) -> dict[str, Any] | None:
     """The fp16 loss scale and its growth tracking: Accelerate's GradScaler or DeepSpeed's loss scaler."""
     engine = deepspeed_engine(model)
     if engine is not None:
-        return ds_compat.loss_scaler_state(engine)
+        return deepspeed_compat.loss_scaler_state(engine)
     return (acc.scaler.state_dict() or None) if acc.scaler is not None else None
 
 
@@ -252,6 +252,6 @@ def restore_scaler(acc: Accelerator, model: nn.Module, state: dict[str, Any] | N
         return
     engine = deepspeed_engine(model)
     if engine is not None:
-        ds_compat.restore_loss_scaler(engine, state)
+        deepspeed_compat.restore_loss_scaler(engine, state)
     elif acc.scaler is not None:
         acc.scaler.load_state_dict(state)
