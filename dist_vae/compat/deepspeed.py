@@ -24,37 +24,28 @@ ZERO_METHODS = ("_release_preflattened_grad_buffers", "reset_cpu_buffers", "scal
 ZERO_FIELDS = ("micro_step_id", "cpu_offload", "averaged_gradients", "all_grad_tensors", "bit16_groups")
 
 
-def installed_version() -> str:
-    import deepspeed
-
-    return deepspeed.__version__
-
-
-def missing(obj: Any, names: tuple[str, ...], owner: str) -> list[str]:
-    """`owner.name` for each of `names` that `obj` lacks."""
+def _missing(obj: Any, names: tuple[str, ...], owner: str) -> list[str]:
     return [f"{owner}.{name}" for name in names if not hasattr(obj, name)]
 
 
-def require(absent: list[str]) -> None:
-    """BackendError naming the absent private names, the installed and the supported versions."""
-    if absent:
-        raise BackendError(
-            f"deepspeed {installed_version()} lacks {', '.join(absent)}, which dist_vae/compat/deepspeed.py "
-            f"uses; supported: deepspeed {SUPPORTED}.x (install deepspeed=={SUPPORTED}.*)"
-        )
-
-
 def check_supported(zero: Any | None = None, engine: Any | None = None) -> None:
-    """Every private name this module uses, on the installed classes and, when given, on a ZeRO-1/2
-    optimizer's and an engine's instance fields (which exist only once they are built)."""
+    """BackendError naming the installed and supported versions unless every private name this module
+    uses is there: on the installed classes and, when given, on a ZeRO-1/2 optimizer's and an engine's
+    instance fields (which exist only once they are built)."""
+    import deepspeed
     from deepspeed.runtime.zero import stage_1_and_2
 
-    absent = missing(stage_1_and_2, ("INITIAL_MICRO_STEP_ID", "DeepSpeedZeroOptimizer"), "stage_1_and_2")
+    absent = _missing(stage_1_and_2, ("INITIAL_MICRO_STEP_ID", "DeepSpeedZeroOptimizer"), "stage_1_and_2")
     cls = getattr(stage_1_and_2, "DeepSpeedZeroOptimizer", None)
-    absent += missing(cls, ZERO_METHODS, "DeepSpeedZeroOptimizer") if cls is not None else []
-    absent += missing(zero, ZERO_FIELDS, "DeepSpeedZeroOptimizer") if zero is not None else []
-    absent += missing(engine, ENGINE_COUNTERS, "DeepSpeedEngine") if engine is not None else []
-    require(absent)
+    absent += _missing(cls, ZERO_METHODS, "DeepSpeedZeroOptimizer") if cls is not None else []
+    absent += _missing(zero, ZERO_FIELDS, "DeepSpeedZeroOptimizer") if zero is not None else []
+    absent += _missing(engine, ENGINE_COUNTERS, "DeepSpeedEngine") if engine is not None else []
+    if absent:
+        raise BackendError(
+            f"deepspeed {deepspeed.__version__} lacks {', '.join(absent)}, which "
+            f"dist_vae/compat/deepspeed.py uses; supported: deepspeed {SUPPORTED}.x "
+            f"(install deepspeed=={SUPPORTED}.*)"
+        )
 
 
 def global_grad_norm(zero: Any) -> torch.Tensor:
