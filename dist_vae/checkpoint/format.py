@@ -1,5 +1,13 @@
 """The on-disk format of a checkpoint (format 2) under RUN_DIR/checkpoints/step-%08d/, and its reading.
 
+    model.safetensors      the raw module's state dict, parameters as full fp32 (gathered under ZeRO)
+    ema.safetensors        the EMA weights, when the run keeps them
+    optimizer.safetensors  per-parameter-name optimizer state (`exp_avg/<name>`, ...)
+    optimizer.json         per group: parameter names, state keys, hyperparameters
+    state.json             step, world size, the caller's `meta` (resolved config, data position,
+                           skip statistics), EMA count, loss scaler, DeepSpeed's counters
+    COMPLETE               JSON: format, step, world size, every file's size and sha256
+
 A checkpoint is read only as safetensors and JSON, so nothing in it can run code. Its `COMPLETE`
 marker (JSON) lists every file with its size and sha256: a torn or corrupt checkpoint is recognised
 and the newest one that verifies is used instead.

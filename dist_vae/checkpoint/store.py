@@ -1,13 +1,4 @@
-"""Saving and loading checkpoints (format 2, format.py) under RUN_DIR/checkpoints/step-%08d/:
-world-size independent (state.py), no pickle.
-
-    model.safetensors      the raw module's state dict, parameters as full fp32 (gathered under ZeRO)
-    ema.safetensors        the EMA weights, when the run keeps them
-    optimizer.safetensors  per-parameter-name optimizer state (`exp_avg/<name>`, ...)
-    optimizer.json         per group: parameter names, state keys, hyperparameters
-    state.json             step, world size, the caller's `meta` (resolved config, data position,
-                           skip statistics), EMA count, loss scaler, DeepSpeed's counters
-    COMPLETE               JSON: format, step, world size, every file's size and sha256
+"""Saving, rotating and loading checkpoints (the files of format.py, the state of state.py).
 
 Every rank takes part in gathering (ZeRO); rank 0 writes into `.tmp-step-%08d/`, fsyncs each file,
 renames the directory and fsyncs its parent, so a kill at any moment leaves the previous checkpoints
