@@ -14,8 +14,9 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
+
+from dist_vae.compat.torch_ops import FakeTensorMode
 
 COUNT_BATCH = 2  # MMD and the critic compare images within a batch; 2 is the smallest real batch
 

@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None, preemption: PreemptionFlag) -> int:
-    from dist_vae.config import ConfigError, load_config
-    from dist_vae.data.stream import DataError
-    from dist_vae.engine.checkpoint import CheckpointWriteError
+    from dist_vae.checkpoint import CheckpointWriteError
+    from dist_vae.config import load_config
+    from dist_vae.errors import DistVaeError
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, help="run configuration YAML (configs/*.yaml)")
@@ -59,7 +59,7 @@ def _run(argv: list[str] | None, preemption: PreemptionFlag) -> int:
         from dist_vae.engine.trainer import Trainer
 
         trainer = Trainer(cfg, preemption)
-    except (ConfigError, DataError) as exc:
+    except DistVaeError as exc:  # config, data, checkpoint or backend refused: one line
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:

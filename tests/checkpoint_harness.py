@@ -21,9 +21,8 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs  # noqa: E4
 from safetensors.torch import load_file  # noqa: E402
 from torch import nn  # noqa: E402
 
-from dist_vae.engine.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from dist_vae.checkpoint import MODEL_FILE, checkpoint_dir, load_checkpoint, save_checkpoint  # noqa: E402
 from dist_vae.engine.ema import EMA  # noqa: E402
-from dist_vae.run_dir import MODEL_FILE, checkpoint_dir  # noqa: E402
 
 
 def tiny_model() -> nn.Module:

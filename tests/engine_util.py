@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from dist_vae.run_dir import STATE_FILE
+from dist_vae.checkpoint import STATE_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS = ROOT / "tests" / "engine_harness.py"

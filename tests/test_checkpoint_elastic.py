@@ -11,7 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dist_vae.run_dir import EMA_FILE, MODEL_FILE, OPTIMIZER_FILE, OPTIMIZER_META, STATE_FILE, checkpoint_dir
+from dist_vae.checkpoint import (
+    EMA_FILE,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    OPTIMIZER_META,
+    STATE_FILE,
+    checkpoint_dir,
+)
 from tests.engine_util import ACCELERATE, ROOT, check, free_port, run
 
 HARNESS = ROOT / "tests" / "checkpoint_harness.py"

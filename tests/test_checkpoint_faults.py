@@ -19,16 +19,17 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from dist_vae.config import ConfigError
-from dist_vae.engine.checkpoint import CheckpointWriteError, resolve_resume, save_checkpoint
-from dist_vae.run_dir import (
+from dist_vae.checkpoint import (
     COMPLETE,
-    CONFIG_FILE,
+    CheckpointError,
+    CheckpointWriteError,
     checkpoint_dir,
     complete_checkpoints,
     load_module_state,
-    load_run,
+    resolve_resume,
+    save_checkpoint,
 )
+from dist_vae.run_dir import CONFIG_FILE, load_run
 from tests.engine_util import ROOT, accelerate_cmd, check, env, python_cmd, run
 
 STEPS = ["train.steps=4", "train.checkpoint_every=2", "train.eval_every=100", "train.sample_every=100"]
@@ -114,7 +115,7 @@ def test_pickle_payloads_are_refused_and_never_run(copy: Path, demo_shards: Path
     assert "old format 1" in proc.stderr and "no longer loaded" in proc.stderr.splitlines()[-1]
     proc = sample(copy, tmp_path / "out")
     assert proc.returncode == 2 and "old format 1" in proc.stderr
-    with pytest.raises(ConfigError, match="old format 1"):
+    with pytest.raises(CheckpointError, match="old format 1"):
         resolve_resume(str(old), copy)
     assert not marker.exists(), "a checkpoint's pickle payload ran"
 
@@ -147,12 +148,12 @@ def test_refused_resume_names_the_key_and_leaves_config_yaml(copy: Path, demo_sh
 
 
 def test_shape_mismatch_names_the_tensor_and_both_shapes() -> None:
-    with pytest.raises(ConfigError) as error:
+    with pytest.raises(CheckpointError) as error:
         load_module_state(nn.Linear(3, 4), nn.Linear(3, 2).state_dict(), Path("ckpt/model.safetensors"))
     message = str(error.value)
     assert "ckpt/model.safetensors: tensor weight has shape [2, 3] but this model's has [4, 3]" in message
     assert "Error(s) in loading" not in message
-    with pytest.raises(ConfigError, match=r"missing tensors \['bias'\]"):
+    with pytest.raises(CheckpointError, match=r"missing tensors \['bias'\]"):
         load_module_state(nn.Linear(3, 2), {"weight": torch.zeros(2, 3)}, Path("x"))
 
 
@@ -231,8 +232,8 @@ def test_complete_marker_names_only_checkpoint_files(tmp_path: Path) -> None:
     (path / COMPLETE).write_text(
         json.dumps({"format": 2, "files": {"../../secret": {"size": 1, "sha256": ""}}})
     )
-    with pytest.raises(ConfigError, match=r"bad entry '../../secret'"):
+    with pytest.raises(CheckpointError, match=r"bad entry '../../secret'"):
         resolve_resume(str(path), tmp_path)
     (path / COMPLETE).write_text("step 1\nranks 2\n")  # format 1's text marker
-    with pytest.raises(ConfigError, match="expected a JSON file"):
+    with pytest.raises(CheckpointError, match="expected a JSON file"):
         resolve_resume(str(path), tmp_path)

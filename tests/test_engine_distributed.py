@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_vae.engine.checkpoint import complete_checkpoints
+from dist_vae.checkpoint import complete_checkpoints
 from tests.engine_util import accelerate_cmd, check, checkpoint_contents, run
 
 

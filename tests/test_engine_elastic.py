@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from dist_vae.checkpoint import STATE_FILE, checkpoint_dir
 from dist_vae.config import ConfigError, load_config
 from dist_vae.engine.resize import resized_config
 from dist_vae.engine.schedule import lr_factor
-from dist_vae.run_dir import STATE_FILE, checkpoint_dir
 from tests.engine_util import accelerate_cmd, assert_same, check, checkpoint_contents, python_cmd, run
 
 K, STEPS, LR, WARMUP = 4, 8, 1e-3, 6

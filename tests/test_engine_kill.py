@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dist_vae.engine.checkpoint import COMPLETE, complete_checkpoints
+from dist_vae.checkpoint import COMPLETE, complete_checkpoints
 from tests.engine_util import accelerate_cmd, assert_same, check, checkpoint_contents, env, run
 
 STEPS = 30

@@ -11,8 +11,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from dist_vae.checkpoint import complete_checkpoints
 from dist_vae.config import load_config
-from dist_vae.engine.checkpoint import complete_checkpoints
 from dist_vae.flops import flops_per_image
 from dist_vae.models import build_model
 from dist_vae.train import main

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_vae.engine.checkpoint import COMPLETE, complete_checkpoints
+from dist_vae.checkpoint import COMPLETE, complete_checkpoints
 from tests.engine_util import assert_same, check, checkpoint_contents, count_tensors, env, python_cmd, run
 
 STEPS = 8

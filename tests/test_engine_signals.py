@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_vae.engine.checkpoint import COMPLETE, complete_checkpoints
+from dist_vae.checkpoint import COMPLETE, complete_checkpoints
 from dist_vae.engine.preemption import REQUEUE_EXIT_CODE
 from tests.engine_util import ROOT, accelerate_cmd, check, env, python_cmd, run, train_args
 

@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from dist_vae.config import ConfigError
-from dist_vae.engine.checkpoint import COMPLETE, clean_partial, resolve_resume
+from dist_vae.checkpoint import COMPLETE, CheckpointError, clean_partial, resolve_resume
 from dist_vae.engine.ema import EMA
 from dist_vae.engine.schedule import lr_factor
 from dist_vae.engine.skip import SpikeDetector, UpdateGate
@@ -123,7 +122,7 @@ def test_only_complete_checkpoints_are_resumed_and_partials_are_cleaned(tmp_path
     assert good == resolve_resume("auto", tmp_path)
     assert resolve_resume("never", tmp_path) is None
     assert resolve_resume(str(good), tmp_path) == good
-    with pytest.raises(ConfigError, match="step-00000030 is not a complete checkpoint"):
+    with pytest.raises(CheckpointError, match="step-00000030 is not a complete checkpoint"):
         resolve_resume(str(torn), tmp_path)
     clean_partial(tmp_path)
     assert not torn.exists() and not tmp.exists() and good.exists()

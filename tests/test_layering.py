@@ -14,12 +14,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def imports(path: Path) -> list[tuple[str, list[str]]]:
     """(module, imported names) for every import statement of a file; relative imports resolved."""
-    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found += [(alias.name, []) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
+            package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1]) if node.level else ""
             base = package.rsplit(".", node.level - 1)[0] if node.level else ""
             module = ".".join(filter(None, [base, node.module or ""]))
             found.append((module, [alias.name for alias in node.names]))
@@ -62,6 +62,106 @@ def test_tools_import_no_private_names(path: Path) -> None:
             assert not private, f"{path.relative_to(ROOT)} imports {private} from {module}"
 
 
+@pytest.mark.parametrize("path", files("dist_vae/checkpoint"), ids=lambda p: p.name)
+def test_checkpoint_component_imports_neither_the_run_directory_nor_the_engine(path: Path) -> None:
+    for module, _ in imports(path):
+        assert module != "dist_vae.run_dir" and not module.startswith("dist_vae.engine"), (
+            f"{path.relative_to(ROOT)} imports {module}: the run directory and the engine call the "
+            "checkpoint component, never the reverse"
+        )
+
+
+LIBRARIES = {"torch", "deepspeed", "accelerate"}
+COMPAT = ROOT / "dist_vae" / "compat"
+# Files whose every attribute access is checked; the data adapter's owner adds dist_vae/data here.
+ATTRIBUTE_SCOPE = ["dist_vae/checkpoint", "dist_vae/engine", "dist_vae/run_dir.py"]
+# Library fields without a leading underscore that are private all the same (the adapters name them).
+PRIVATE_FIELDS = {
+    "bit16_groups", "bf16_groups", "averaged_gradients", "all_grad_tensors", "micro_step_id", "cpu_offload",
+    "global_steps", "global_samples", "micro_steps", "skipped_steps",
+    "cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis", "deepspeed_engine_wrapped",
+}  # fmt: skip
+
+
+REFLECTION = {"getattr", "setattr", "hasattr"}
+
+
+def is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def outside_compat(folder: str) -> list[Path]:
+    return [p for p in files(folder) if COMPAT not in p.parents]
+
+
+def scoped(paths: list[str]) -> list[Path]:
+    return [q for p in paths for q in ([ROOT / p] if p.endswith(".py") else outside_compat(p))]
+
+
+def private_imports(path: Path) -> list[str]:
+    """`module: names` for each import of a private module or name of torch, DeepSpeed or Accelerate."""
+    found = []
+    for module, names in imports(path):
+        parts = module.split(".")
+        if parts[0] in LIBRARIES and any(map(is_private, parts + names)):
+            found.append(f"{module}: {', '.join(names) or '(module)'}")
+    return found
+
+
+def private_attributes(path: Path) -> list[str]:
+    """`line: name` for each `obj._name` not on self/cls, and each access (also through getattr,
+    setattr, hasattr) of a library field in PRIVATE_FIELDS."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Attribute):
+            owner = node.value.id if isinstance(node.value, ast.Name) else ""
+            if (is_private(node.attr) and owner not in {"self", "cls"}) or node.attr in PRIVATE_FIELDS:
+                found.append(f"{node.lineno}: {node.attr}")
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", "") in REFLECTION:
+            name = node.args[1] if len(node.args) > 1 else None
+            if isinstance(name, ast.Constant) and name.value in PRIVATE_FIELDS:
+                found.append(f"{node.lineno}: {name.value}")
+    return found
+
+
+@pytest.mark.parametrize(
+    "path", outside_compat("dist_vae") + files("tools"), ids=lambda p: str(p.relative_to(ROOT))
+)
+def test_only_the_adapters_import_private_names_of_the_libraries(path: Path) -> None:
+    found = private_imports(path)
+    assert not found, f"{path.relative_to(ROOT)} imports private names {found}; go through dist_vae/compat/"
+
+
+@pytest.mark.parametrize("path", scoped(ATTRIBUTE_SCOPE), ids=lambda p: str(p.relative_to(ROOT)))
+def test_only_the_adapters_touch_private_attributes(path: Path) -> None:
+    found = private_attributes(path)
+    assert not found, (
+        f"{path.relative_to(ROOT)} touches private attributes {found}; go through dist_vae/compat/"
+    )
+
+
+def test_the_private_name_checks_catch_what_they_forbid(tmp_path: Path) -> None:
+    """The checks themselves, on a file holding each kind of access they forbid and two they allow."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "from torch.utils.data._utils import worker\nfrom torch._subclasses import fake_tensor\n"
+        "import deepspeed._private\nfrom accelerate.utils import _hidden\n"
+        "it._shutdown_workers()\nx._typed_storage()._new_shared(4)\ntorch._foreach_lerp_(a, b, 0.5)\n"
+        "zero.bit16_groups\ngetattr(zero, 'bf16_groups')\nself._fine\nx.__class__\n"
+    )
+    assert len(private_imports(probe)) == 4
+    assert sorted(found.split(": ")[1] for found in private_attributes(probe)) == sorted(
+        [
+            "_shutdown_workers",
+            "_new_shared",
+            "_typed_storage",
+            "_foreach_lerp_",
+            "bit16_groups",
+            "bf16_groups",
+        ]
+    )
+
+
 DATA_MAY_IMPORT = ("dist_vae.schema", "dist_vae.errors", "dist_vae.files", "dist_vae.compat", "dist_vae.data")
 
 
@@ -76,11 +176,10 @@ def test_data_imports_of_dist_vae_only_leaf_utilities_adapters_and_itself(path: 
 
 
 DOCUMENTED_DESPITE_UNDERSCORE = {"_exit"}  # os._exit is public API of the standard library
-REFLECTION = {"getattr", "setattr", "hasattr"}
 
 
 def _is_private(name: str) -> bool:
-    return name.startswith("_") and not name.endswith("__") and name not in DOCUMENTED_DESPITE_UNDERSCORE
+    return is_private(name) and name not in DOCUMENTED_DESPITE_UNDERSCORE
 
 
 def _defined_names(paths: list[Path]) -> set[str]:

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from dist_vae.config import ConfigError
 from dist_vae.data.stream import DataError, ShardStream
+from dist_vae.errors import CheckpointError
 from dist_vae.files import write_text_atomic
 from dist_vae.metrics import accumulate, laplacian_variance, sample_spread, summarize
 from dist_vae.models.protocol import GenerativeModel, evaluating
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         result["fuzziness"] = fuzziness(
             run.model, data.to(device), args.fuzz_samples, 4, args.chain_steps, generator
         )
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     result.update(

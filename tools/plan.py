@@ -25,10 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
+from dist_vae.compat.torch_ops import FakeTensorMode, TorchDispatchMode, tree_leaves
 from dist_vae.config import ConfigError, load_config
 from dist_vae.flops import flops_per_image, run_step, without_checkpointing
 from dist_vae.models import build_model

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from dist_vae.data.index import DataError
 from dist_vae.errors import DistVaeError
 from dist_vae.metrics.probe import TrainSettings, load_probe, train_probe
 
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             settings = TrainSettings(args.epochs, args.batch_size, args.lr, args.width, args.seed, args.limit)
             train_probe(args.shards, settings)
         print_report(load_probe(args.shards)[1])
-    except (DistVaeError, DataError) as exc:
+    except DistVaeError as exc:
         print(f"probe.py: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -24,8 +24,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import torch
 from accelerate.utils import gather_object
 
-from dist_vae.config import ConfigError
-from dist_vae.data.stream import DataError, ShardStream
+from dist_vae.data.stream import ShardStream
+from dist_vae.errors import DistVaeError
 from dist_vae.files import image_grid, save_png_atomic
 from dist_vae.processes import share, tool_state
 from dist_vae.run_dir import LoadedRun, load_run
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         run = load_run(args.run_dir, ema=args.ema, device=device)
         rows = share(args.n, state.process_index, state.num_processes)
         mine = draw(run, rows, args.n, args.chain_steps, args.seed, state.process_index)
-    except (ConfigError, DataError) as exc:
+    except DistVaeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     shares = gather_object([mine])

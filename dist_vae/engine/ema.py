@@ -7,6 +7,8 @@ import copy
 import torch
 from torch import nn
 
+from dist_vae.compat.torch_ops import copy_all_, lerp_all_
+
 
 class EMA:
     """A frozen fp32 copy of `model` whose weights trail the trained ones.
@@ -31,9 +33,9 @@ class EMA:
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         (params, buffers), (shadow, shadow_buffers) = self._source, self._shadow
         current = [p.detach() if p.dtype == torch.float32 else p.detach().float() for p in params]
-        torch._foreach_lerp_(shadow, current, 1.0 - decay)
+        lerp_all_(shadow, current, 1.0 - decay)
         if buffers:
-            torch._foreach_copy_(shadow_buffers, buffers)
+            copy_all_(shadow_buffers, buffers)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors only; `decay` and `updates` are plain numbers the checkpoint keeps as JSON."""

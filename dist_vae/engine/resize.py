@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dist_vae.checkpoint import STATE_FILE, read_json
 from dist_vae.config import Config, ConfigError
-from dist_vae.run_dir import STATE_FILE, read_json
+from dist_vae.errors import CheckpointError
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def resized_config(cfg: Config, batch: int, resume_from: Path | None, world: int
     meta: dict[str, Any] = state.get("meta", {})
     saved = meta.get("global_batch")
     if not isinstance(saved, int) or not isinstance(state.get("world_size"), int):
-        raise ConfigError(f"{resume_from / STATE_FILE} lacks world_size or meta.global_batch (integers)")
+        raise CheckpointError(f"{resume_from / STATE_FILE} lacks world_size or meta.global_batch (integers)")
     reference = meta.get("reference_global_batch", saved)
     new_batch, new_accumulate = batch, accumulate
     if cfg.train.resize == "keep_global_batch" and configured != saved:

@@ -26,12 +26,12 @@ from accelerate.utils import set_seed
 from torch import distributed as dist
 from torch import nn
 
+from dist_vae import checkpoint
+from dist_vae.checkpoint import config_dict, newest_verified, restore_scaler, scaler_state
 from dist_vae.config import Config, ConfigError, to_yaml
 from dist_vae.data.stream import ShardStream, read_manifest
-from dist_vae.engine import checkpoint
 from dist_vae.engine.distributed import make_accelerator
 from dist_vae.engine.ema import EMA
-from dist_vae.engine.full_state import restore_scaler, scaler_state
 from dist_vae.engine.logging import RunLogger
 from dist_vae.engine.preemption import (
     REQUEUE_EXIT_CODE,
@@ -49,7 +49,7 @@ from dist_vae.files import write_text_atomic
 from dist_vae.flops import flops_per_image, peak_flops
 from dist_vae.host_memory import return_large_blocks_to_os
 from dist_vae.models import build_model, evaluating
-from dist_vae.run_dir import CONFIG_FILE, config_dict, newest_verified
+from dist_vae.run_dir import CONFIG_FILE
 from dist_vae.sampling import grid_samples
 
 log = logging.getLogger(__name__)

@@ -10,13 +10,13 @@ global gradient norm, decide (engine/skip.py) whether to apply the update, then 
 - `DeepSpeedUpdate` (ZeRO-1/2): the engine's backward with the accumulation boundary set by us, so
   the engine never steps on its own; the ZeRO optimizer's global norm of the reduced gradient
   partitions before stepping, then either the engine's own step (which clips and steps) or the same
-  gradient release ZeRO does when it drops an overflowing step.
+  gradient release ZeRO does when it drops an overflowing step. Both reach into ZeRO's private
+  fields through dist_vae/compat/deepspeed.py alone.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -25,7 +25,9 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import nn
 
-from dist_vae.config import ConfigError
+from dist_vae.compat import accelerate as accelerate_compat
+from dist_vae.compat import deepspeed as deepspeed_compat
+from dist_vae.errors import BackendError
 
 
 class UpdatePath(Protocol):
@@ -97,15 +99,16 @@ class DeepSpeedUpdate:
     def __init__(self, acc: Accelerator) -> None:
         from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-        self.engine = acc.deepspeed_engine_wrapped.engine
+        self.engine = accelerate_compat.deepspeed_engine(acc)
         stage = self.engine.zero_optimization_stage()
         self.zero = self.engine.optimizer
         if stage not in (1, 2) or not isinstance(self.zero, DeepSpeedZeroOptimizer):
-            raise ConfigError(
+            raise BackendError(
                 f"DeepSpeed ZeRO stage {stage} with {type(self.zero).__name__} is not supported: use "
                 "zero_stage 1 or 2 (configs/accelerate/deepspeed_zero1.yaml, deepspeed_zero2.yaml); "
                 "bf16 with ZeRO-1 needs data_types.grad_accum_dtype=bf16 in the DeepSpeed config"
             )
+        deepspeed_compat.check_supported(self.zero, self.engine)
         self.fp16 = self.engine.fp16_enabled()
 
     @contextlib.contextmanager
@@ -117,10 +120,7 @@ class DeepSpeedUpdate:
         self.engine.backward(loss)  # divides by gradient_accumulation_steps; scales for fp16
 
     def grad_norm(self) -> torch.Tensor:
-        # What ZeRO's own step() computes first: the all-reduced norm of every rank's partition of the
-        # averaged gradients. ZeRO reports a non-finite norm as -1.
-        norm = self.zero.scaled_global_norm() / self.zero.loss_scale
-        return torch.where(norm < 0, math.inf, norm).float()
+        return deepspeed_compat.global_grad_norm(self.zero)
 
     def apply(self) -> None:
         self.engine.step()
@@ -129,19 +129,7 @@ class DeepSpeedUpdate:
         if nonfinite and self.fp16:
             self.engine.step()  # ZeRO's overflow branch: drops the gradients and lowers the loss scale
             return
-        # The gradient release of that same branch (stage_1_and_2.py, DeepSpeedZeroOptimizer.step).
-        from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
-
-        zero = self.zero
-        zero.micro_step_id = INITIAL_MICRO_STEP_ID
-        zero.zero_grad(set_to_none=True)
-        zero._release_preflattened_grad_buffers()
-        if zero.cpu_offload:
-            zero.reset_cpu_buffers()
-        else:
-            for group in zero.averaged_gradients:
-                zero.averaged_gradients[group] = None
-                zero.all_grad_tensors[group] = None
+        deepspeed_compat.release_gradients(self.zero)  # the gradient release of that same branch
 
 
 def make_update_path(

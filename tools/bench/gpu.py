@@ -113,7 +113,7 @@ def run_case(
 ) -> list[str]:
     """Table cells of one case: batch, img/s, peak GiB, MFU % ('OOM' when it does not fit)."""
     batch = BATCH[case.resolution]
-    torch._dynamo.reset()  # each case compiles afresh; old graphs would count towards the recompile limit
+    torch.compiler.reset()  # each case compiles afresh; old graphs would count towards the recompile limit
     torch.manual_seed(0)
     model = build_model(model_config(case.kind, tiny), case.resolution, case.checkpointing)
     peak = peak_flops(device, DTYPES[case.precision], peak_override)

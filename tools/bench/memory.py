@@ -24,8 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 
+from dist_vae.compat.torch_ops import FakeTensorMode
 from dist_vae.config import load_config
 from dist_vae.host_memory import return_large_blocks_to_os
 from dist_vae.models import build_model

@@ -11,19 +11,30 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from torch import nn
 
-from dist_vae.config import ConfigError
-from dist_vae.run_dir import load_module_state
+from dist_vae.checkpoint.format import load_module_state
+from dist_vae.compat import deepspeed as deepspeed_compat
+from dist_vae.errors import BackendError, CheckpointError
 
 Tensors = dict[str, torch.Tensor]
-_ENGINE_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
-_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+class AveragedWeights(Protocol):
+    """What a checkpoint keeps of an average of the weights (engine/ema.py's EMA): tensors, and the
+    decay and update count as JSON."""
+
+    decay: float
+    updates: int
+
+    def state_dict(self) -> Tensors: ...
+
+    def load_state_dict(self, tensors: Tensors, updates: int) -> None: ...
 
 
 def deepspeed_engine(model: nn.Module) -> Any | None:
@@ -37,15 +48,15 @@ def raw_module(acc: Accelerator, model: nn.Module) -> nn.Module:
     return engine.module if engine is not None else acc.unwrap_model(model)
 
 
-def _partitioned(model: nn.Module) -> Any | None:
-    """DeepSpeed's ZeRO-1/2 (or bf16) optimizer, whose fp32 state is split over the ranks, else None."""
+def _partitioned(model: nn.Module) -> list[list[nn.Parameter]] | None:
+    """The parameter groups of DeepSpeed's ZeRO-1/2 (or bf16) optimizer, whose fp32 state is split
+    over the ranks, else None."""
     engine = deepspeed_engine(model)
     if engine is None:
         return None
     if engine.zero_optimization_stage() > 2:
-        raise ConfigError("checkpoints support DeepSpeed ZeRO stages 0-2, not stage 3")
-    optimizer = engine.optimizer
-    return optimizer if hasattr(optimizer, "bit16_groups") or hasattr(optimizer, "bf16_groups") else None
+        raise BackendError("checkpoints support DeepSpeed ZeRO stages 0-2, not stage 3")
+    return deepspeed_compat.partitioned_groups(engine.optimizer)
 
 
 def _torch_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -61,7 +72,7 @@ def _groups(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[nn.
     """The model parameters of each optimizer group, in the optimizer's order."""
     zero = _partitioned(model)
     if zero is not None:
-        return [list(group) for group in getattr(zero, "bit16_groups", None) or zero.bf16_groups]
+        return zero
     return [list(group["params"]) for group in _torch_optimizer(model, optimizer).param_groups]
 
 
@@ -163,7 +174,7 @@ def load_optimizer_state(
         have = {names[id(p)] for p in groups[index]} if index < len(groups) else set()
         want = set(saved[index]["params"]) if index < len(saved) else set()
         if have != want:
-            raise ConfigError(
+            raise CheckpointError(
                 f"{source}: optimizer group {index} held parameters {sorted(want ^ have)[:3]} differently "
                 "from this model (was the model configuration changed?)"
             )
@@ -200,7 +211,7 @@ def _load_partition(
 
     steps = {float(saved["step"]) for saved in per_param if "step" in saved}
     if len(steps) > 1:
-        raise ConfigError(f"{source}: one optimizer group's parameters have step counts {sorted(steps)}; "
+        raise CheckpointError(f"{source}: one optimizer group's parameters have step counts {sorted(steps)}; "
                           "ZeRO keeps one count per group")  # fmt: skip
     state = inner.state[flat]
     for saved in per_param:
@@ -219,24 +230,20 @@ def _load_partition(
 def engine_counters(model: nn.Module) -> dict[str, int] | None:
     """DeepSpeed's own step/sample counters (its LR schedule and logs read them)."""
     engine = deepspeed_engine(model)
-    return None if engine is None else {name: int(getattr(engine, name)) for name in _ENGINE_COUNTERS}
+    return None if engine is None else deepspeed_compat.engine_counters(engine)
 
 
 def restore_engine_counters(model: nn.Module, counters: dict[str, int] | None) -> None:
     engine = deepspeed_engine(model)
     if engine is not None and counters:
-        for name in _ENGINE_COUNTERS:
-            setattr(engine, name, counters[name])
+        deepspeed_compat.restore_engine_counters(engine, counters)
 
 
 def scaler_state(acc: Accelerator, model: nn.Module) -> dict[str, Any] | None:
     """The fp16 loss scale and its growth tracking: Accelerate's GradScaler or DeepSpeed's loss scaler."""
     engine = deepspeed_engine(model)
     if engine is not None:
-        scaler = getattr(engine.optimizer, "loss_scaler", None)
-        if scaler is None:
-            return None
-        return {key: float(getattr(scaler, key)) for key in _SCALER_FIELDS if hasattr(scaler, key)}
+        return deepspeed_compat.loss_scaler_state(engine)
     return (acc.scaler.state_dict() or None) if acc.scaler is not None else None
 
 
@@ -244,14 +251,7 @@ def restore_scaler(acc: Accelerator, model: nn.Module, state: dict[str, Any] | N
     if state is None:
         return
     engine = deepspeed_engine(model)
-    if engine is None:
-        if acc.scaler is not None:
-            acc.scaler.load_state_dict(state)
-        return
-    scaler = getattr(engine.optimizer, "loss_scaler", None)
-    for key, value in state.items():
-        current = getattr(scaler, key, None)
-        if torch.is_tensor(current):
-            current.fill_(value)
-        elif current is not None:
-            setattr(scaler, key, type(current)(value))
+    if engine is not None:
+        deepspeed_compat.restore_loss_scaler(engine, state)
+    elif acc.scaler is not None:
+        acc.scaler.load_state_dict(state)

@@ -1,12 +1,4 @@
-"""Checkpoints (format 2) under RUN_DIR/checkpoints/step-%08d/: world-size independent, no pickle.
-
-    model.safetensors      the raw module's state dict, parameters as full fp32 (gathered under ZeRO)
-    ema.safetensors        the EMA weights, when the run keeps them
-    optimizer.safetensors  per-parameter-name optimizer state (`exp_avg/<name>`, ...)
-    optimizer.json         per group: parameter names, state keys, hyperparameters
-    state.json             step, world size, the caller's `meta` (resolved config, data position,
-                           skip statistics), EMA count, loss scaler, DeepSpeed's counters
-    COMPLETE               JSON: format, step, world size, every file's size and sha256
+"""Saving, rotating and loading checkpoints (the files of format.py, the state of state.py).
 
 Every rank takes part in gathering (ZeRO); rank 0 writes into `.tmp-step-%08d/`, fsyncs each file,
 renames the directory and fsyncs its parent, so a kill at any moment leaves the previous checkpoints
@@ -17,31 +9,21 @@ re-derives them from (seed, step, rank).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
 from safetensors.torch import save
 from torch import nn
 
-from dist_vae.config import Config, ConfigError
-from dist_vae.engine.ema import EMA
-from dist_vae.engine.full_state import (
-    engine_counters,
-    full_weights,
-    load_optimizer_state,
-    load_weights,
-    optimizer_state,
-    restore_engine_counters,
-)
-from dist_vae.files import replace_dir, write_synced
-from dist_vae.run_dir import (
+from dist_vae.checkpoint.format import (
     COMPLETE,
     EMA_FILE,
     FORMAT,
@@ -53,7 +35,6 @@ from dist_vae.run_dir import (
     checkpoint_dir,
     checkpoint_root,
     complete_checkpoints,
-    config_dict,
     is_complete_dir,
     newest_verified,
     read_json,
@@ -62,10 +43,29 @@ from dist_vae.run_dir import (
     refuse_format_1,
     verify,
 )
+from dist_vae.checkpoint.state import (
+    AveragedWeights,
+    engine_counters,
+    full_weights,
+    load_optimizer_state,
+    load_weights,
+    optimizer_state,
+    restore_engine_counters,
+)
+from dist_vae.errors import CheckpointError
+from dist_vae.files import replace_dir, write_synced
+
+if TYPE_CHECKING:
+    from dist_vae.config import Config
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(CheckpointError):
     """A checkpoint could not be written; the message is one line: which path, why, bytes needed."""
+
+
+def config_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved configuration as plain JSON-able data (kept in every checkpoint's state.json)."""
+    return dataclasses.asdict(cfg)
 
 
 @dataclass
@@ -86,7 +86,7 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
         return newest_verified(run_dir)
     path = Path(resume)
     if not (path / COMPLETE).is_file():
-        raise ConfigError(
+        raise CheckpointError(
             f"bad value {resume!r} for 'resume': {path} is not a complete checkpoint directory "
             f"(no {COMPLETE} marker); expected auto, never or such a directory"
         )
@@ -102,19 +102,19 @@ def _flatten(value: Any, prefix: str) -> dict[str, Any]:
 
 
 def check_resume(path: Path, cfg: Config) -> None:
-    """Refuse (ConfigError naming the first differing key) to continue `path` with a model or
+    """Refuse (CheckpointError naming the first differing key) to continue `path` with a model or
     resolution other than the one it was trained with; run before anything is written."""
     read_marker(path)
     saved = read_json(path / STATE_FILE).get("meta", {}).get("config")
     if not isinstance(saved, dict):
-        raise ConfigError(f"{path / STATE_FILE} holds no resolved configuration (meta.config)")
+        raise CheckpointError(f"{path / STATE_FILE} holds no resolved configuration (meta.config)")
     current = config_dict(cfg)
     resolution = saved.get("data", {}).get("resolution")
     old = _flatten(saved.get("model", {}), "model") | {"data.resolution": resolution}
     new = _flatten(current["model"], "model") | {"data.resolution": current["data"]["resolution"]}
     for key, value in new.items():
         if key in old and old[key] != value:
-            raise ConfigError(
+            raise CheckpointError(
                 f"checkpoint {path} was trained with {key}={old[key]}, this config has {value}; "
                 "resume=never (or another run_dir) starts a new run"
             )
@@ -171,7 +171,7 @@ def save_checkpoint(
     *,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    ema: EMA | None,
+    ema: AveragedWeights | None,
     scaler_state: dict[str, Any] | None,
     meta: dict[str, Any],
     keep: int,
@@ -207,7 +207,12 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    acc: Accelerator, path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None
+    acc: Accelerator,
+    path: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: AveragedWeights | None,
 ) -> Checkpoint:
     """Restore weights, optimizer, EMA and DeepSpeed's counters in place on any world size; the
     caller restores the rest from `.meta` and `.scaler_state`."""

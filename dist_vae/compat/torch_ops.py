@@ -1,0 +1,54 @@
+"""torch's private names used for the EMA's foreach kernels and for counting on fake tensors.
+
+Supported: torch 2.13 (the suite runs 2.13.0). `torch._foreach_lerp_` / `torch._foreach_copy_` make
+an EMA update a few kernels instead of one per parameter; `FakeTensorMode`, `TorchDispatchMode` and
+`tree_leaves` (from torch._subclasses and torch.utils' private modules) let the FLOP counter and the
+planner run a model on shapes alone. `check_supported` names whichever the installed torch lacks.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from dist_vae.errors import BackendError
+
+__all__ = ["FakeTensorMode", "TorchDispatchMode", "check_supported", "copy_all_", "lerp_all_", "tree_leaves"]
+
+SUPPORTED = "2.13"
+NAMES = (
+    ("torch", "_foreach_lerp_"),
+    ("torch", "_foreach_copy_"),
+    ("torch._subclasses.fake_tensor", "FakeTensorMode"),
+    ("torch.utils._python_dispatch", "TorchDispatchMode"),
+    ("torch.utils._pytree", "tree_leaves"),
+)
+
+
+def check_supported(names: tuple[tuple[str, str], ...] = NAMES) -> None:
+    """BackendError naming the installed and supported versions when a (module, name) is missing."""
+    absent = []
+    for module, name in names:
+        try:
+            found = hasattr(importlib.import_module(module), name)
+        except ImportError:
+            found = False
+        absent += [] if found else [f"{module}.{name}"]
+    if absent:
+        raise BackendError(
+            f"torch {torch.__version__} lacks {', '.join(absent)}, which dist_vae/compat/torch_ops.py uses; "
+            f"supported: torch {SUPPORTED} (install torch=={SUPPORTED}.*)"
+        )
+
+
+def lerp_all_(targets: list[torch.Tensor], ends: list[torch.Tensor], weight: float) -> None:
+    """targets[i] += weight * (ends[i] - targets[i]) for every i, in place."""
+    torch._foreach_lerp_(targets, ends, weight)
+
+
+def copy_all_(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    torch._foreach_copy_(targets, sources)
