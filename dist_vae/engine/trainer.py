@@ -1,6 +1,6 @@
 """The training loop: one Accelerator drives DDP or DeepSpeed (chosen by the accelerate config file).
 
-The Trainer composes parts with one job each, built in order by `Trainer.__init__`:
+The Trainer composes parts with one job each, built in this order by `Trainer._assemble`:
   checkpointing.py  the checkpoint this run resumes, the run directory claimed, save/restore, markers
   resize.py         the batch and learning rates a resume on another world size uses
   backend.py        Accelerator, model, optimizer, EMA and the update path (update.py)
@@ -35,6 +35,7 @@ class Trainer:
         self,
         cfg: Config,
         preemption: PreemptionFlag | None = None,
+        *,
         before_step: Callable[[int], None] | None = None,
     ) -> None:
         """`preemption`: a flag the caller installed even earlier (train.py, before its imports);
