@@ -80,7 +80,7 @@ class Backend:
     ema: EMA | None
     group_names: list[str]
     base_lrs: list[float]  # configured LRs times the resize's scale
-    peak_flops: float  # perf/mfu's denominator; 0 when unknown (no mfu logged)
+    peak_flops: float | None  # perf/mfu's denominator; None when unknown (no perf/mfu logged)
     flops_per_image: float
 
     @property
