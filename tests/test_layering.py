@@ -212,3 +212,29 @@ def test_data_touches_no_private_name_of_a_library() -> None:
                 found += [f"{where}:{node.lineno} reaches {n!r}" for n in literal if _is_private(str(n))]
     assert not found, found
     assert {"_shutdown_workers", "_typed_storage", "_new_shared"}.isdisjoint(own)  # no own name masks them
+
+
+def _root(node: ast.expr) -> ast.expr:
+    while isinstance(node, ast.Attribute | ast.Call | ast.Subscript):
+        node = node.func if isinstance(node, ast.Call) else node.value
+    return node
+
+
+@pytest.mark.parametrize("path", files("tools"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_tools_use_public_hooks_not_private_members(path: Path) -> None:
+    """No subclass of a dist_vae class (e.g. the Trainer: it has `before_step`), and a `_name` read only
+    on self or on a library module, never on a dist_vae object."""
+    found = imports(path)
+    ours = {name for module, names in found if module.startswith("dist_vae") for name in names}
+    libraries = {
+        alias.split(".")[0] for module, names in found if not module.startswith("dist_vae")
+        for alias in [module, *names]
+    }  # fmt: skip
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ClassDef):
+            bases = {base.id for base in node.bases if isinstance(base, ast.Name)}
+            assert not bases & ours, f"{path.relative_to(ROOT)}: {node.name} subclasses {bases & ours}"
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            root = _root(node.value)
+            allowed = isinstance(root, ast.Name) and (root.id == "self" or root.id in libraries)
+            assert allowed, f"{path.relative_to(ROOT)}:{node.lineno} reads the private member {node.attr}"

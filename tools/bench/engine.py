@@ -29,7 +29,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -39,8 +38,9 @@ import torch
 
 from dist_vae.config import Config, load_config
 from dist_vae.data.stream import ShardStream
+from dist_vae.engine.backend import make_optimizer
 from dist_vae.engine.ema import EMA
-from dist_vae.engine.trainer import Trainer, Update, Window, make_optimizer, per_rank_batch
+from dist_vae.engine.trainer import Trainer
 from dist_vae.host_memory import return_large_blocks_to_os
 from dist_vae.models import build_model
 from tools.bench.steal import StealMeter
@@ -55,7 +55,7 @@ class BareLoop:
         self.optimizer = make_optimizer(self.model, cfg)
         self.ema = EMA(self.model, cfg.train.ema_decay)
         self.grad_clip = cfg.train.grad_clip
-        self.batches = iter(ShardStream(cfg.data, "train", 0, 1, cfg.seed, batch_size=per_rank_batch(cfg)))
+        self.batches = iter(ShardStream(cfg.data, "train", 0, 1, cfg.seed, batch_size=cfg.data.batch_size))
         self.step = 0
 
     def __call__(self) -> None:
@@ -68,24 +68,22 @@ class BareLoop:
         self.step += 1
 
 
-class PairedTrainer(Trainer):
-    """The real trainer, letting the bare loop take one step before each of its own."""
+class Pairing:
+    """The trainer's `before_step` hook: the bare loop takes one step before each of the trainer's."""
 
-    def __init__(self, cfg: Config, bare: BareLoop) -> None:
-        super().__init__(cfg)
+    def __init__(self, bare: BareLoop) -> None:
         self.bare = bare
         self.bare_s: list[float] = []
         self.engine_s: list[float] = []
-        self._bare_end: float | None = None
+        self.bare_end: float | None = None
 
-    def _train_step(self, batches: Iterator[torch.Tensor], window: Window) -> Update:
+    def __call__(self, _step: int) -> None:
         start = time.perf_counter()
-        if self._bare_end is not None:
-            self.engine_s.append(start - self._bare_end)
+        if self.bare_end is not None:
+            self.engine_s.append(start - self.bare_end)
         self.bare()
-        self._bare_end = time.perf_counter()
-        self.bare_s.append(self._bare_end - start)
-        return super()._train_step(batches, window)
+        self.bare_end = time.perf_counter()
+        self.bare_s.append(self.bare_end - start)
 
 
 def paired_round(cfg: Config, steps: int, burst: float, run_dir: Path) -> list[tuple[float, float]]:
@@ -93,9 +91,9 @@ def paired_round(cfg: Config, steps: int, burst: float, run_dir: Path) -> list[t
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg.run_dir = str(run_dir)
     cfg.train.steps = steps
-    trainer = PairedTrainer(cfg, BareLoop(cfg))
-    trainer.fit()
-    pairs = list(zip(trainer.bare_s[1 : steps - 1], trainer.engine_s[1:], strict=True))
+    pairing = Pairing(BareLoop(cfg))
+    Trainer(cfg, before_step=pairing).fit()
+    pairs = list(zip(pairing.bare_s[1 : steps - 1], pairing.engine_s[1:], strict=True))
     limit = burst * statistics.median(t for pair in pairs for t in pair)
     return [pair for pair in pairs if max(pair) <= limit]
 
@@ -121,7 +119,7 @@ def main() -> None:
     pairs = [pair for kept in rounds for pair in kept]
     bare, engine = (sum(side) / len(pairs) for side in zip(*pairs, strict=True))
     per_round = sorted(sum(e for _, e in kept) / sum(b for b, _ in kept) for kept in rounds)
-    images = per_rank_batch(cfg)
+    images = cfg.data.batch_size
     left_out = args.rounds * (args.steps - 2) - len(pairs)
     print(f"model {cfg.model.kind}, {cfg.data.resolution} px, batch {images}, {args.rounds} rounds x "
           f"{args.steps - 2} paired steps ({left_out} pairs with a burst left out)")  # fmt: skip
