@@ -22,6 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from dist_vae.metrics.settings import EvalConfig
 from dist_vae.models import model_config_class, model_kinds
 from dist_vae.models.pixel_vae import PixelVAEConfig
 from dist_vae.schema import ConfigError, at_least, between, check_fields, choice
@@ -81,6 +82,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: Any = field(default_factory=PixelVAEConfig)  # the config dataclass of model.kind
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # Keys that once existed: a config still using one gets told what replaced it.

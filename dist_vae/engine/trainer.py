@@ -48,6 +48,7 @@ from dist_vae.engine.update import make_update_path
 from dist_vae.files import write_text_atomic
 from dist_vae.flops import flops_per_image, peak_flops
 from dist_vae.host_memory import return_large_blocks_to_os
+from dist_vae.metrics.during_training import check_fid_ready, fid_during_training
 from dist_vae.models import build_model, evaluating
 from dist_vae.run_dir import CONFIG_FILE, config_dict, newest_verified
 from dist_vae.sampling import grid_samples
@@ -119,6 +120,8 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         resume_from = checkpoint.resolve_resume(cfg.resume, self.run_dir)
         read_manifest(cfg.data.path)  # a wrong data.path fails before any process group exists
+        if cfg.eval.fid_every:
+            check_fid_ready(cfg)  # no [metrics] extra or Inception file: exit 2 now, not at the first FID
         # Another world size than the checkpoint's: train.resize settles the batch before DeepSpeed reads it.
         cfg, self.resize = resized_config(cfg, per_rank_batch(cfg), resume_from, launched_world_size())
         self.cfg = cfg
@@ -375,6 +378,9 @@ class Trainer:
                 paused = time.perf_counter()
                 if self.validate and self.step % t.eval_every == 0:
                     self.logger.scalars({"val/bpd": self.evaluate()}, self.step)
+                if self.cfg.eval.fid_every and self.step % self.cfg.eval.fid_every == 0:
+                    quality = fid_during_training(self._eval_model(), self.cfg, self.step, acc.device)
+                    self.logger.scalars(quality, self.step)
                 if self.step % t.sample_every == 0:
                     self.sample()
                 if update.preempted or self.step % t.checkpoint_every == 0 or self.step == t.steps:
