@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -U pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev,deepspeed]"
+	$(BIN)/python -m pip install -q -e ".[dev,deepspeed,metrics]"
 	touch $@
 
 demo: env

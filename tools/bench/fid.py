@@ -1,0 +1,89 @@
+"""FID's cost: Inception img/s here, and evaluation time / training time at the debug config's cadence.
+
+    PYTHONPATH=. python tools/bench/fid.py [--config configs/debug.yaml] [--every 200] [--n 48]
+
+One run, one process: (1) the standard Inception network on N demo images (32 px, resized to 299),
+img/s with and without the clean-fid resize; (2) the debug config trained for `--every` steps
+(eval.fid_every when turned on; its own validation, samples and checkpoint included), then one
+in-training evaluation (`fid_during_training`, N prior samples against N val images) on the trained
+model: once building the reference cache, once reading it. The ratio is the cached evaluation's
+time over the training time it comes after. Also printed: the sampler's time per image over the
+training time per image, the factor the README's GPU cost arithmetic takes for the PixelVAE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars between the lines
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch
+
+from dist_vae.config import load_config
+from dist_vae.data.stream import ShardStream
+from dist_vae.engine.trainer import Trainer
+from dist_vae.files import to_uint8
+from dist_vae.metrics.during_training import fid_during_training
+from dist_vae.metrics.inception import clean_resize, load_inception
+from dist_vae.metrics.reference import cache_path
+from dist_vae.sampling import prior_samples
+
+
+def timed(call: object) -> tuple[float, object]:
+    started = time.perf_counter()
+    result = call()  # type: ignore[operator]
+    return time.perf_counter() - started, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/debug.yaml")
+    parser.add_argument("--every", type=int, default=200, help="eval.fid_every (the debug train.eval_every)")
+    parser.add_argument("--n", type=int, default=48, help="eval.fid_samples (the demo val split has 57)")
+    args = parser.parse_args()
+    base = load_config(args.config)
+    if not Path(base.data.path, "manifest.json").is_file():
+        sys.exit(f"no shards at {base.data.path}: run `make demo` (or tools/make_shards.py) first")
+    print(f"torch threads: {torch.get_num_threads()}, CPU cores: {os.cpu_count()}")
+
+    extractor = load_inception()
+    val = next(iter(ShardStream(base.data, "val", batch_size=16, training=False)))
+    images = to_uint8(val)
+    extractor(images[:2])  # warm-up
+    embed_s, _ = timed(lambda: extractor(images))
+    resize_s, _ = timed(lambda: [clean_resize(image) for image in images.numpy()])
+    print(f"Inception (clean resize + network): {len(images) / embed_s:.2f} img/s; resize alone "
+          f"{len(images) / resize_s:.1f} img/s ({resize_s / embed_s:.1%} of the time)")  # fmt: skip
+
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = [f"run_dir={tmp}/run", f"train.steps={args.every}", "resume=never"]
+        trainer = Trainer(load_config(args.config, overrides))
+        train_s, _ = timed(trainer.fit)
+        model = trainer.ema.model if trainer.ema is not None else trainer.raw_model
+        cfg = load_config(
+            args.config, [*overrides, f"eval.fid_every={args.every}", f"eval.fid_samples={args.n}"]
+        )
+        cache = cache_path(cfg.data.path, cfg.eval.fid_split, cfg.data.resolution, args.n, extractor.sha256)
+        cache.unlink(missing_ok=True)
+        first_s, _ = timed(lambda: fid_during_training(model, cfg, args.every, torch.device("cpu")))
+        cached_s, quality = timed(lambda: fid_during_training(model, cfg, args.every, torch.device("cpu")))
+        sample_s, _ = timed(lambda: prior_samples(model, 8))
+    per_train_image = train_s / (args.every * cfg.data.batch_size)
+    print(f"training: {args.every} steps in {train_s:.1f} s ({per_train_image * 1e3:.1f} ms/image)")
+    print(
+        f"one evaluation, N={args.n}: {cached_s:.1f} s with the reference cached, {first_s:.1f} s building it"
+    )
+    print(f"  {quality}")
+    print(f"evaluation / training time at eval.fid_every={args.every}: {cached_s / train_s:.2f} "
+          f"(first, with the reference: {first_s / train_s:.2f})")  # fmt: skip
+    print(f"sampling / training time per image: {sample_s / 8 / per_train_image:.0f}x ({sample_s / 8:.2f} s)")
+
+
+if __name__ == "__main__":
+    main()
