@@ -1,6 +1,6 @@
 """FID's cost: Inception img/s here, and evaluation time / training time at the debug config's cadence.
 
-    PYTHONPATH=. python tools/bench/fid.py [--config configs/debug.yaml] [--every 200] [--n 48]
+    PYTHONPATH=. python tools/bench/fid.py [--config C.yaml] [--every 200] [--n 48] [key=value ...]
 
 One run, one process: (1) the standard Inception network on N demo images (32 px, resized to 299),
 img/s with and without the clean-fid resize; (2) the debug config trained for `--every` steps
@@ -46,8 +46,9 @@ def main() -> None:
     parser.add_argument("--config", default="configs/debug.yaml")
     parser.add_argument("--every", type=int, default=200, help="eval.fid_every (the debug train.eval_every)")
     parser.add_argument("--n", type=int, default=48, help="eval.fid_samples (the demo val split has 57)")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data.path=DIR")
     args = parser.parse_args()
-    base = load_config(args.config)
+    base = load_config(args.config, args.overrides)
     if not Path(base.data.path, "manifest.json").is_file():
         sys.exit(f"no shards at {base.data.path}: run `make demo` (or tools/make_shards.py) first")
     print(f"torch threads: {torch.get_num_threads()}, CPU cores: {os.cpu_count()}")
@@ -62,7 +63,7 @@ def main() -> None:
           f"{len(images) / resize_s:.1f} img/s ({resize_s / embed_s:.1%} of the time)")  # fmt: skip
 
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = [f"run_dir={tmp}/run", f"train.steps={args.every}", "resume=never"]
+        overrides = [*args.overrides, f"run_dir={tmp}/run", f"train.steps={args.every}", "resume=never"]
         trainer = Trainer(load_config(args.config, overrides))
         train_s, _ = timed(trainer.fit)
         model = trainer.ema.model if trainer.ema is not None else trainer.raw_model
