@@ -67,6 +67,15 @@ def scores(features: dict[str, torch.Tensor]) -> dict[float, dict[str, float]]:
     return {s: sample_quality(features["A"], features[f"B{s}"], EvalConfig()) for s in SIGMAS}
 
 
+def test_the_file_is_the_tf_inception_graph(extractor: InceptionFeatures) -> None:
+    """What can be checked offline beyond the sha256: the TF graph's layer names, no resize inside."""
+    names = [name for name, _ in extractor.network.named_parameters()]
+    assert len(names) == 376 and names[0] == "net.layers.conv.weight"
+    assert {"net.layers.mixed_10.tower_2_conv.var", "net.layers.conv_4.beta"} <= set(names)
+    with pytest.raises(RuntimeError):  # 64 px straight in fails: the file does not resize
+        extractor.network(torch.zeros(1, 3, 64, 64))
+
+
 def test_a_set_against_itself(features: dict[str, torch.Tensor]) -> None:
     same = sample_quality(features["A"], features["A"], EvalConfig())
     assert abs(same["fid"]) < 1e-3
