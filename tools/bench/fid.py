@@ -1,14 +1,15 @@
 """FID's cost: Inception img/s here, and evaluation time / training time at the debug config's cadence.
 
-    PYTHONPATH=. python tools/bench/fid.py [--config C.yaml] [--every 200] [--n 48] [key=value ...]
+    PYTHONPATH=. python tools/bench/fid.py [--config C.yaml] [--every 200] [--n 48] [--steps 40] [k=v ...]
 
-One run, one process: (1) the standard Inception network on N demo images (32 px, resized to 299),
-img/s with and without the clean-fid resize; (2) the debug config trained for `--every` steps
-(eval.fid_every when turned on; its own validation, samples and checkpoint included), then one
-in-training evaluation (`fid_during_training`, N prior samples against N val images) on the trained
-model: once building the reference cache, once reading it. The ratio is the cached evaluation's
-time over the training time it comes after. Also printed: the sampler's time per image over the
-training time per image, the factor the README's GPU cost arithmetic takes for the PixelVAE.
+One run, one process: (1) the standard Inception network on 16 demo images (32 px, resized to 299),
+img/s with and without the clean-fid resize; (2) the debug config trained by the real Trainer for
+`--steps` steps, its step time scaled to `--every` steps (eval.fid_every when turned on, the debug
+train.eval_every); then the reference features of N val images (built once, cached) and one
+in-training evaluation (`fid_during_training`: N prior samples against them) on the trained model.
+The ratio is the evaluation's time over the training time of `--every` steps. Also printed: the
+sampler's time per image over the training time per image (the PixelVAE's factor in the README).
+On a shared machine run the two sides close together: they are, in one process, one after the other.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from dist_vae.engine.trainer import Trainer
 from dist_vae.files import to_uint8
 from dist_vae.metrics.during_training import fid_during_training
 from dist_vae.metrics.inception import clean_resize, load_inception
-from dist_vae.metrics.reference import cache_path
+from dist_vae.metrics.reference import cache_path, reference_features
 from dist_vae.sampling import prior_samples
 
 
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/debug.yaml")
     parser.add_argument("--every", type=int, default=200, help="eval.fid_every (the debug train.eval_every)")
     parser.add_argument("--n", type=int, default=48, help="eval.fid_samples (the demo val split has 57)")
+    parser.add_argument("--steps", type=int, default=40, help="training steps timed (scaled to --every)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data.path=DIR")
     args = parser.parse_args()
     base = load_config(args.config, args.overrides)
@@ -63,26 +65,28 @@ def main() -> None:
           f"{len(images) / resize_s:.1f} img/s ({resize_s / embed_s:.1%} of the time)")  # fmt: skip
 
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = [*args.overrides, f"run_dir={tmp}/run", f"train.steps={args.every}", "resume=never"]
+        overrides = [*args.overrides, f"run_dir={tmp}/run", f"train.steps={args.steps}", "resume=never"]
         trainer = Trainer(load_config(args.config, overrides))
         train_s, _ = timed(trainer.fit)
         model = trainer.ema.model if trainer.ema is not None else trainer.raw_model
-        cfg = load_config(
-            args.config, [*overrides, f"eval.fid_every={args.every}", f"eval.fid_samples={args.n}"]
+        fid_on = [f"eval.fid_every={args.every}", f"eval.fid_samples={args.n}"]
+        cfg = load_config(args.config, [*overrides, *fid_on])
+        e = cfg.eval
+        cache_path(cfg.data.path, e.fid_split, cfg.data.resolution, args.n, extractor.sha256).unlink(
+            missing_ok=True
         )
-        cache = cache_path(cfg.data.path, cfg.eval.fid_split, cfg.data.resolution, args.n, extractor.sha256)
-        cache.unlink(missing_ok=True)
-        first_s, _ = timed(lambda: fid_during_training(model, cfg, args.every, torch.device("cpu")))
-        cached_s, quality = timed(lambda: fid_during_training(model, cfg, args.every, torch.device("cpu")))
+        reference_s, _ = timed(
+            lambda: reference_features(cfg.data, e.fid_split, args.n, extractor, e.batch_size)
+        )
+        eval_s, quality = timed(lambda: fid_during_training(model, cfg, args.every, torch.device("cpu")))
         sample_s, _ = timed(lambda: prior_samples(model, 8))
-    per_train_image = train_s / (args.every * cfg.data.batch_size)
-    print(f"training: {args.every} steps in {train_s:.1f} s ({per_train_image * 1e3:.1f} ms/image)")
-    print(
-        f"one evaluation, N={args.n}: {cached_s:.1f} s with the reference cached, {first_s:.1f} s building it"
-    )
+    cadence_s = train_s / args.steps * args.every
+    per_train_image = train_s / (args.steps * cfg.data.batch_size)
+    print(f"training: {args.steps} steps in {train_s:.1f} s ({per_train_image * 1e3:.1f} ms/image), "
+          f"so {args.every} steps ~ {cadence_s:.0f} s")  # fmt: skip
+    print(f"one evaluation, N={args.n}: {eval_s:.1f} s, reference cached (built once in {reference_s:.1f} s)")
     print(f"  {quality}")
-    print(f"evaluation / training time at eval.fid_every={args.every}: {cached_s / train_s:.2f} "
-          f"(first, with the reference: {first_s / train_s:.2f})")  # fmt: skip
+    print(f"evaluation / training time at eval.fid_every={args.every}: {eval_s / cadence_s:.2f}")
     print(f"sampling / training time per image: {sample_s / 8 / per_train_image:.0f}x ({sample_s / 8:.2f} s)")
 
 
