@@ -4,7 +4,7 @@
 
 One run, one process: (1) the standard Inception network on 16 demo images (32 px, resized to 299),
 img/s with and without the clean-fid resize; (2) the debug config trained by the real Trainer for
-`--steps` steps, its step time scaled to `--every` steps (eval.fid_every when turned on, the debug
+`--steps` steps, its step time (its own perf/img_per_s, start-up left out) scaled to `--every` steps (eval.fid_every when turned on, the debug
 train.eval_every); then the reference features of N val images (built once, cached) and one
 in-training evaluation (`fid_during_training`: N prior samples against them) on the trained model.
 The ratio is the evaluation's time over the training time of `--every` steps. Also printed: the
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -25,6 +26,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars between the lines
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dist_vae.config import load_config
 from dist_vae.data.stream import ShardStream
@@ -40,6 +42,15 @@ def timed(call: object) -> tuple[float, object]:
     started = time.perf_counter()
     result = call()  # type: ignore[operator]
     return time.perf_counter() - started, result
+
+
+def step_seconds(tensorboard: Path, batch: int) -> float:
+    """Seconds per step from the trainer's own perf/img_per_s (pauses for evaluation and checkpoints
+    excluded), over every log window but the first (start-up, the first batch)."""
+    events = EventAccumulator(str(tensorboard), size_guidance={"scalars": 0})
+    events.Reload()
+    rates = [event.value for event in events.Scalars("perf/img_per_s")][1:]
+    return batch / statistics.mean(rates)
 
 
 def main() -> None:
@@ -67,7 +78,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [*args.overrides, f"run_dir={tmp}/run", f"train.steps={args.steps}", "resume=never"]
         trainer = Trainer(load_config(args.config, overrides))
-        train_s, _ = timed(trainer.fit)
+        trainer.fit()
+        train_s = args.steps * step_seconds(Path(tmp) / "run" / "tensorboard", trainer.cfg.data.batch_size)
         model = trainer.ema.model if trainer.ema is not None else trainer.raw_model
         fid_on = [f"eval.fid_every={args.every}", f"eval.fid_samples={args.n}"]
         cfg = load_config(args.config, [*overrides, *fid_on])
@@ -82,7 +94,7 @@ def main() -> None:
         sample_s, _ = timed(lambda: prior_samples(model, 8))
     cadence_s = train_s / args.steps * args.every
     per_train_image = train_s / (args.steps * cfg.data.batch_size)
-    print(f"training: {args.steps} steps in {train_s:.1f} s ({per_train_image * 1e3:.1f} ms/image), "
+    print(f"training (the trainer's perf/img_per_s): {args.steps} steps in {train_s:.1f} s ({per_train_image * 1e3:.1f} ms/image), "
           f"so {args.every} steps ~ {cadence_s:.0f} s")  # fmt: skip
     print(f"one evaluation, N={args.n}: {eval_s:.1f} s, reference cached (built once in {reference_s:.1f} s)")
     print(f"  {quality}")
