@@ -4,8 +4,8 @@
 
 One run, one process: (1) the standard Inception network on 16 demo images (32 px, resized to 299),
 img/s with and without the clean-fid resize; (2) the debug config trained by the real Trainer for
-`--steps` steps, its step time (its own perf/img_per_s, start-up left out) scaled to `--every` steps (eval.fid_every when turned on, the debug
-train.eval_every); then the reference features of N val images (built once, cached) and one
+`--steps` steps, its step time (its own perf/img_per_s, start-up left out) scaled to `--every`
+steps (eval.fid_every when turned on, the debug train.eval_every); then the reference features of N val images (built once, cached) and one
 in-training evaluation (`fid_during_training`: N prior samples against them) on the trained model.
 The ratio is the evaluation's time over the training time of `--every` steps. Also printed: the
 sampler's time per image over the training time per image (the PixelVAE's factor in the README).
@@ -94,8 +94,8 @@ def main() -> None:
         sample_s, _ = timed(lambda: prior_samples(model, 8))
     cadence_s = train_s / args.steps * args.every
     per_train_image = train_s / (args.steps * cfg.data.batch_size)
-    print(f"training (the trainer's perf/img_per_s): {args.steps} steps in {train_s:.1f} s ({per_train_image * 1e3:.1f} ms/image), "
-          f"so {args.every} steps ~ {cadence_s:.0f} s")  # fmt: skip
+    print(f"training (the trainer's perf/img_per_s): {args.steps} steps in {train_s:.1f} s "
+          f"({per_train_image * 1e3:.1f} ms/image), so {args.every} steps ~ {cadence_s:.0f} s")  # fmt: skip
     print(f"one evaluation, N={args.n}: {eval_s:.1f} s, reference cached (built once in {reference_s:.1f} s)")
     print(f"  {quality}")
     print(f"evaluation / training time at eval.fid_every={args.every}: {eval_s / cadence_s:.2f}")
