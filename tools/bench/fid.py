@@ -5,8 +5,9 @@
 One run, one process: (1) the standard Inception network on 16 demo images (32 px, resized to 299),
 img/s with and without the clean-fid resize; (2) the debug config trained by the real Trainer for
 `--steps` steps, its step time (its own perf/img_per_s, start-up left out) scaled to `--every`
-steps (eval.fid_every when turned on, the debug train.eval_every); then the reference features of N val images (built once, cached) and one
-in-training evaluation (`fid_during_training`: N prior samples against them) on the trained model.
+steps (eval.fid_every when turned on, the debug train.eval_every); then the reference features of
+N val images (built once, cached) and one in-training evaluation (`fid_during_training`: N prior
+samples against them) on the trained model.
 The ratio is the evaluation's time over the training time of `--every` steps. Also printed: the
 sampler's time per image over the training time per image (the PixelVAE's factor in the README).
 On a shared machine run the two sides close together: they are, in one process, one after the other.
