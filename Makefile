@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -U pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev,deepspeed]"
+	$(BIN)/python -m pip install -q -e ".[dev,deepspeed,metrics]"
 	touch $@
 
 demo: env
@@ -32,6 +32,7 @@ bench: env
 	$(BIN)/python tools/bench/memory.py
 	$(BIN)/python tools/bench/iterative.py
 	$(BIN)/python tools/bench/pixelcnnpp.py
+	$(BIN)/python tools/bench/fid.py
 
 # On a GPU machine: one table of img/s, memory and MFU (about 5 minutes on an H200).
 bench-gpu: env

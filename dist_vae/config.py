@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from dist_vae.data.config import DataConfig
+from dist_vae.metrics.settings import EvalConfig
 from dist_vae.models import default_model_kind, model_config_class, model_kinds
 from dist_vae.schema import ConfigError, at_least, between, check_fields, choice
 
@@ -76,6 +77,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: Any = field(default_factory=default_model_config)  # the config dataclass of model.kind
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # Keys that once existed: a config still using one gets told what replaced it.

@@ -104,6 +104,11 @@ def save_png_atomic(grid: np.ndarray, path: Path) -> None:
     write_atomic(path, lambda f: Image.fromarray(grid).save(f, format="PNG"))
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] as the uint8 pixels a PNG of them holds (what FID's network sees too)."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def image_grid(rows: Sequence[torch.Tensor], pad: int = 2) -> np.ndarray:
     """Tile images into one uint8 HWC array: one row per tensor [n,3,R,R] in [-1,1]."""
     if not rows:
@@ -113,7 +118,7 @@ def image_grid(rows: Sequence[torch.Tensor], pad: int = 2) -> np.ndarray:
     for r, images in enumerate(rows):
         if images.shape != rows[0].shape:
             raise ValueError(f"row {r} has shape {tuple(images.shape)}, row 0 has {(n, c, h, w)}")
-        pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+        pixels = to_uint8(images).cpu().numpy()
         for i in range(n):
             y, x = pad + r * (h + pad), pad + i * (w + pad)
             grid[y : y + h, x : x + w] = pixels[i].transpose(1, 2, 0)

@@ -12,6 +12,12 @@ Under several processes each evaluates its share of the split (nothing dropped, 
 main process merges the shares and writes eval.json; the numbers equal a one-process run's up to the
 random draws, which are seeded per process. A posterior that is not one Gaussian per image (the
 iterative VAE's) has its MI sampled over the first process's share.
+
+`--fid N` adds sample_quality: FID, KID (mean, std), precision, recall, density and coverage of N
+generated images against the first N images of the split, for each way the model samples: `prior`,
+with `--per-step` every generation step (`prior_step_k`), and the Markov chain after --chain-steps
+steps from the split's images and from noise (dist_vae/metrics/sample_quality.py). It needs the
+`[metrics]` extra; the split's reference features are cached beside its manifest.
 """
 
 from __future__ import annotations
@@ -28,11 +34,13 @@ import torch
 from accelerate.utils import gather_object
 from tqdm import tqdm
 
-from dist_vae.config import ConfigError
-from dist_vae.data.stream import DataError, ShardStream
-from dist_vae.errors import CheckpointError
+from dist_vae.data.config import DataConfig
+from dist_vae.data.stream import ShardStream
+from dist_vae.errors import DistVaeError
 from dist_vae.files import write_text_atomic
 from dist_vae.metrics import accumulate, laplacian_variance, sample_spread, summarize
+from dist_vae.metrics.inception import require_libraries
+from dist_vae.metrics.settings import EvalConfig
 from dist_vae.models.protocol import GenerativeModel, evaluating
 from dist_vae.processes import tool_state
 from dist_vae.run_dir import load_run
@@ -73,6 +81,21 @@ def fuzziness(
     return result
 
 
+def sample_quality(
+    model: GenerativeModel, data_cfg: DataConfig, args: argparse.Namespace, quiet: bool
+) -> dict:
+    """{way: numbers} (main process; {} elsewhere); the [metrics] libraries load only when asked for."""
+    require_libraries()
+    from dist_vae.metrics.sample_quality import quality_by_way
+
+    cfg = EvalConfig(fid_samples=args.fid, batch_size=args.fid_batch, inception=args.inception)
+    with tqdm(unit="img", desc=f"FID N={args.fid}", disable=quiet) as bar:
+        return quality_by_way(
+            model, data_cfg, args.split, cfg, args.seed,
+            per_step=args.per_step, chain_steps=args.chain_steps, progress=bar.update,
+        )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -98,11 +121,17 @@ def main(argv: list[str] | None = None) -> int:
         help="images in the MI estimate (default: 4096 for Gaussian posteriors (PixelVAE), whose MI is "
         "closed-form; 128 for others (iterative VAE), whose MI scores every pair)",
     )
+    parser.add_argument("--fid", type=int, default=0, help="N for FID/KID/PR per sampling way (0: skip)")
+    parser.add_argument("--per-step", action="store_true", help="FID of every generation step too")
+    parser.add_argument("--fid-batch", type=int, default=50, help="images per generation/embedding chunk")
+    parser.add_argument("--inception", default="", help="Inception TorchScript file (default: the wheel's)")
     parser.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/eval.json")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--device", default=None, help="default: this process's GPU, else the CPU")
     args = parser.parse_args(argv)
+    if args.fid and (args.fid < 3 or args.fid_batch < 1):
+        parser.error(f"--fid must be 0 or >= 3 and --fid-batch >= 1; got {args.fid} and {args.fid_batch}")
     if args.iw_samples < 0 or args.fuzz_samples < 2 or args.chain_steps < 0 or (args.mi_images or 2) < 2:
         parser.error(
             "--iw-samples and --chain-steps must be >= 0, --fuzz-samples and --mi-images >= 2; got "
@@ -128,15 +157,18 @@ def main(argv: list[str] | None = None) -> int:
         with bar:
             part = accumulate(run.model, stream, args.iw_samples, generator, bar.update, **caps)
         parts = gather_object([part])
+        quality = sample_quality(run.model, run.cfg.data, args, quiet) if args.fid else None
         if not state.is_main_process:
             state.wait_for_everyone()
             return 0
         result = summarize(parts, generator, **caps)
+        if quality is not None:
+            result["sample_quality"] = {"n": args.fid, "split": args.split, "ways": quality}
         data = next(iter(ShardStream(run.cfg.data, args.split, batch_size=args.fuzz_samples, training=False)))
         result["fuzziness"] = fuzziness(
             run.model, data.to(device), args.fuzz_samples, 4, args.chain_steps, generator
         )
-    except (ConfigError, DataError, CheckpointError) as exc:
+    except DistVaeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     result.update(

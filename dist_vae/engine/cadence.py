@@ -22,6 +22,8 @@ def periodic_actions(cfg: Config, evaluation: Evaluation, validate: bool) -> lis
     """In the order they run at a step where several are due."""
     t = cfg.train
     actions = [Periodic(t.eval_every, evaluation.log_val_bpd)] if validate else []
+    if cfg.eval.fid_every:
+        actions.append(Periodic(cfg.eval.fid_every, evaluation.log_sample_quality))
     return [*actions, Periodic(t.sample_every, evaluation.log_samples)]
 
 

@@ -1,5 +1,6 @@
-"""The periodic looks at the model during training: validation bits/dim and a grid of samples, both
-from the EMA weights when kept, with randomness derived from (seed, step)."""
+"""The periodic looks at the model during training: validation bits/dim, sample quality (FID, KID,
+precision, recall) and a grid of samples, all from the EMA weights when kept, with randomness derived
+from (seed, step)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dist_vae.config import Config
 from dist_vae.engine.backend import Backend
 from dist_vae.engine.logging import RunLogger
 from dist_vae.engine.streams import Streams
+from dist_vae.metrics.during_training import fid_during_training
 from dist_vae.models import evaluating
 from dist_vae.sampling import grid_samples
 
@@ -37,6 +39,13 @@ class Evaluation:
     def log_val_bpd(self, step: int) -> None:
         """val/bpd (collective: every rank evaluates its share)."""
         self.logger.scalars({"val/bpd": self.val_bpd(step)}, step)
+
+    def log_sample_quality(self, step: int) -> None:
+        """eval/fid, eval/kid, eval/precision, eval/recall (collective: every rank embeds its share)."""
+        acc = self.backend.accelerator
+        quality = fid_during_training(self.backend.eval_model, self.cfg, step, acc.device)
+        if quality:
+            self.logger.scalars(quality, step)
 
     @torch.no_grad()
     def log_samples(self, step: int) -> None:

@@ -28,6 +28,7 @@ from dist_vae.engine.resize import launched_world_size, resized_config
 from dist_vae.engine.step import UpdateStep, make_gate
 from dist_vae.engine.streams import Streams, check_data
 from dist_vae.engine.window import ScalarLog, Window
+from dist_vae.metrics.during_training import check_fid_ready
 
 
 class Trainer:
@@ -53,6 +54,8 @@ class Trainer:
     def _assemble(self, cfg: Config) -> None:
         resume_from = resume_path(cfg)
         check_data(cfg)
+        if cfg.eval.fid_every:
+            check_fid_ready(cfg)  # no [metrics] extra or Inception file: exit 2 now, not at the first FID
         # Another world size than the checkpoint's: train.resize settles the batch before DeepSpeed reads it.
         cfg, self.resize = resized_config(cfg, cfg.data.batch_size, resume_from, launched_world_size())
         self.cfg = cfg
