@@ -28,6 +28,8 @@ TINY = {
     "pixel_vae": [*PIXEL, "model.encoder_channels=8"],
     "iterative_vae": ["model.channels=4", "model.latent_dims=[2]", "model.refine_steps=3"],
 }
+# 8 px: the PixelVAE samples pixel by pixel, so its sampling and evaluation cost a quarter of 16 px's.
+RESOLUTION = 8
 
 
 def run(*cmd: str) -> subprocess.CompletedProcess:
@@ -40,9 +42,10 @@ def run(*cmd: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("shards16")
-    args = ["--source", "demo:40", "--out", str(out), "--resolution", "16", "--val-fraction", "0.3"]
-    run("tools/make_shards.py", *args, "--workers", "1", "--no-progress")
+    out = tmp_path_factory.mktemp("shards")
+    args = ["--source", "demo:40", "--out", str(out), "--resolution", str(RESOLUTION),
+            "--val-fraction", "0.3", "--workers", "1", "--no-progress"]  # fmt: skip
+    run("tools/make_shards.py", *args)
     return out
 
 
@@ -52,7 +55,7 @@ def run_dir(request: pytest.FixtureRequest, shards: Path, tmp_path_factory: pyte
     path = tmp_path_factory.mktemp(kind)
     run(
         "dist_vae/train.py", "--config", "configs/debug.yaml", f"run_dir={path}", f"data.path={shards}",
-        "data.resolution=16", "data.batch_size=4", "data.num_workers=0", "data.shuffle_group=2",
+        f"data.resolution={RESOLUTION}", "data.batch_size=4", "data.num_workers=0", "data.shuffle_group=2",
         f"model.kind={kind}", *TINY[kind], "train.steps=4", "train.checkpoint_every=2", "train.eval_every=4",
         "train.sample_every=4", "train.sample_count=2", "train.warmup=1", "train.ema_decay=0.9",
     )  # fmt: skip
@@ -77,7 +80,7 @@ def evaluated(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_sample_writes_grids_of_the_expected_size(run_dir: Path, tmp_path: Path) -> None:
     run("tools/sample.py", str(run_dir), "--n", "3", "--chain-steps", "2", "--ema", "--out", str(tmp_path))
-    cell = 16 + 2
+    cell = RESOLUTION + 2
     sizes = {name: Image.open(tmp_path / name).size for name in ("chain_data.png", "chain_noise.png")}
     assert set(sizes.values()) == {(3 * cell + 2, 3 * cell + 2)}  # K + 1 = 3 columns, 3 chains
     if "kind: pixel_vae" in (run_dir / "config.yaml").read_text():
@@ -144,7 +147,7 @@ def test_sample_on_two_processes_writes_the_whole_grids(run_dir: Path, tmp_path:
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    cell = 16 + 2
+    cell = RESOLUTION + 2
     assert Image.open(tmp_path / "chain_data.png").size == (2 * cell + 2, 3 * cell + 2)  # 3 chains
     rows = 1 if "kind: pixel_vae" in (run_dir / "config.yaml").read_text() else 3
     assert Image.open(tmp_path / "ancestral.png").size == (3 * cell + 2, rows * cell + 2)
