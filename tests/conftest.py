@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.data_fixtures import make_demo_shards
+
+# DeepSpeed builds its CPU shared-memory op on first use (about a minute of g++) into one directory per
+# user, whose build file names the sources of the environment that built it: two checkouts with their
+# own environments rebuild it for each other, each time. One build per environment, kept;
+# the training processes the tests launch inherit it.
+if sys.prefix != sys.base_prefix:
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,8 @@ TINY = {
     "pixel_vae": [*PIXEL, "model.encoder_channels=8"],
     "iterative_vae": ["model.channels=4", "model.latent_dims=[2]", "model.refine_steps=3"],
 }
+# 8 px: the PixelVAE samples pixel by pixel, so its sampling and evaluation cost a quarter of 16 px's.
+RESOLUTION = 8
 
 
 def run(*cmd: str) -> subprocess.CompletedProcess:
@@ -40,9 +42,10 @@ def run(*cmd: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("shards16")
-    args = ["--source", "demo:40", "--out", str(out), "--resolution", "16", "--val-fraction", "0.3"]
-    run("tools/make_shards.py", *args, "--workers", "1", "--no-progress")
+    out = tmp_path_factory.mktemp("shards")
+    args = ["--source", "demo:40", "--out", str(out), "--resolution", str(RESOLUTION),
+            "--val-fraction", "0.3", "--workers", "1", "--no-progress"]  # fmt: skip
+    run("tools/make_shards.py", *args)
     return out
 
 
@@ -52,17 +55,32 @@ def run_dir(request: pytest.FixtureRequest, shards: Path, tmp_path_factory: pyte
     path = tmp_path_factory.mktemp(kind)
     run(
         "dist_vae/train.py", "--config", "configs/debug.yaml", f"run_dir={path}", f"data.path={shards}",
-        "data.resolution=16", "data.batch_size=4", "data.num_workers=0", "data.shuffle_group=2",
+        f"data.resolution={RESOLUTION}", "data.batch_size=4", "data.num_workers=0", "data.shuffle_group=2",
         f"model.kind={kind}", *TINY[kind], "train.steps=4", "train.checkpoint_every=2", "train.eval_every=4",
         "train.sample_every=4", "train.sample_count=2", "train.warmup=1", "train.ema_decay=0.9",
     )  # fmt: skip
     return path
 
 
+# One set of evaluation arguments for one and two processes, so that both tests read one evaluation
+# by one process (per model kind) instead of running their own.
+EVAL_ARGS = ["--iw-samples", "3", "--batch-size", "3", "--fuzz-samples", "2", "--chain-steps", "2",
+             "--no-progress"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def evaluated(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the run with the eval.json that tools/evaluate.py wrote on one process."""
+    path = tmp_path_factory.mktemp("evaluated") / "run"
+    shutil.copytree(run_dir, path)
+    run("tools/evaluate.py", str(path), *EVAL_ARGS)
+    return path
+
+
 @pytest.mark.slow
 def test_sample_writes_grids_of_the_expected_size(run_dir: Path, tmp_path: Path) -> None:
     run("tools/sample.py", str(run_dir), "--n", "3", "--chain-steps", "2", "--ema", "--out", str(tmp_path))
-    cell = 16 + 2
+    cell = RESOLUTION + 2
     sizes = {name: Image.open(tmp_path / name).size for name in ("chain_data.png", "chain_noise.png")}
     assert set(sizes.values()) == {(3 * cell + 2, 3 * cell + 2)}  # K + 1 = 3 columns, 3 chains
     if "kind: pixel_vae" in (run_dir / "config.yaml").read_text():
@@ -72,10 +90,8 @@ def test_sample_writes_grids_of_the_expected_size(run_dir: Path, tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_evaluate_writes_eval_json_over_the_whole_val_split(run_dir: Path, shards: Path) -> None:
-    run("tools/evaluate.py", str(run_dir), "--iw-samples", "3", "--batch-size", "4", "--fuzz-samples", "2",
-        "--chain-steps", "2")  # fmt: skip
-    result = json.loads((run_dir / "eval.json").read_text())
+def test_evaluate_writes_eval_json_over_the_whole_val_split(evaluated: Path, shards: Path) -> None:
+    result = json.loads((evaluated / "eval.json").read_text())
     val = json.loads((shards / "manifest.json").read_text())["splits"]["val"]["count"]
     assert result["images"] == result["mi_images"] == val and result["processes"] == 1
     assert result["step"] == 4 and 0 < result["elbo_bpd"] < 50
@@ -87,7 +103,7 @@ def test_evaluate_writes_eval_json_over_the_whole_val_split(run_dir: Path, shard
     assert fuzz["data_laplacian_var"] > 0
     assert [len(v) for v in fuzz["chain_laplacian_var_per_step"].values()] == [3, 3]  # x_0 .. x_2
     assert fuzz["data_chain_change_per_step"][0] == 0
-    pixel = "kind: pixel_vae" in (run_dir / "config.yaml").read_text()
+    pixel = "kind: pixel_vae" in (evaluated / "config.yaml").read_text()
     for key in ("sample_laplacian_var", "reconstruction_laplacian_var", "reconstruction_mse"):
         assert len(fuzz[f"{key}_per_step"]) == (1 if pixel else 3)  # generation steps
     if pixel:
@@ -104,19 +120,16 @@ def accelerate(*args: str) -> list[str]:
 
 @pytest.mark.slow
 def test_evaluate_on_two_processes_covers_the_split_once_and_matches_one_process(
-    run_dir: Path, tmp_path: Path
+    run_dir: Path, evaluated: Path, tmp_path: Path
 ) -> None:
     """Each process takes its share; the merged numbers equal one process's, except the parts that
     come from random posterior draws, which are seeded per process."""
-    single, double = tmp_path / "one", tmp_path / "two"
-    for target in (single, double):
-        shutil.copytree(run_dir, target)
-    common = ["--iw-samples", "2", "--batch-size", "3", "--fuzz-samples", "2", "--chain-steps", "1"]
-    run("tools/evaluate.py", str(single), *common, "--no-progress")
-    proc = subprocess.run(accelerate("tools/evaluate.py", str(double), *common, "--no-progress"),
+    double = tmp_path / "two"
+    shutil.copytree(run_dir, double)
+    proc = subprocess.run(accelerate("tools/evaluate.py", str(double), *EVAL_ARGS),
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = (json.loads((d / "eval.json").read_text()) for d in (single, double))
+    one, two = (json.loads((d / "eval.json").read_text()) for d in (evaluated, double))
     assert two["processes"] == 2 and two["images"] == one["images"]
     # The PixelVAE's KL is analytic; the iterative VAE's later steps see canvases made from draws.
     exact = "kind: pixel_vae" in (run_dir / "config.yaml").read_text()
@@ -134,7 +147,7 @@ def test_sample_on_two_processes_writes_the_whole_grids(run_dir: Path, tmp_path:
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    cell = 16 + 2
+    cell = RESOLUTION + 2
     assert Image.open(tmp_path / "chain_data.png").size == (2 * cell + 2, 3 * cell + 2)  # 3 chains
     rows = 1 if "kind: pixel_vae" in (run_dir / "config.yaml").read_text() else 3
     assert Image.open(tmp_path / "ancestral.png").size == (3 * cell + 2, rows * cell + 2)
