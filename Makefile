@@ -9,19 +9,22 @@ RUN_DIR ?= runs/demo
 
 env: $(VENV)/.installed
 
+# -qq: pip's warnings (this machine's unreachable extra indexes, build-backend notices) stay quiet;
+# its errors still print.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -U pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev,deepspeed,metrics]"
+	$(BIN)/python -m pip install -qq -U pip
+	$(BIN)/python -m pip install -qq "$(TORCH)"
+	$(BIN)/python -m pip install -qq -e ".[dev,deepspeed,metrics]"
 	touch $@
 
 demo: env
 	$(BIN)/python tools/make_shards.py --source demo --out data/demo/shards --resolution 32 --val-fraction 0.1
 	$(BIN)/python dist_vae/train.py --config configs/debug.yaml run_dir=$(RUN_DIR)
 
+# Two pytest workers, one per core; a file's tests stay on one worker (they share module fixtures).
 test: env
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=25
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=25 -n 2 --dist loadfile
 
 # Each ratio next to its target, measured side by side in one run (see README "Performance").
 bench: env
