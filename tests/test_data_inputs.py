@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +24,15 @@ ROOT = Path(__file__).resolve().parents[1]
 RES = 16
 
 
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "tools" / "make_shards.py"), "--no-progress", *args]
+
+
 def make_shards(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(ROOT / "tools" / "make_shards.py"), "--no-progress", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(cli(*args), env=ENV, capture_output=True, text=True, timeout=120)
 
 
 def shard_folder(src: Path, out: Path, **kw: object) -> tuple[dict, dict[str, np.ndarray]]:
@@ -152,3 +158,29 @@ def test_a_changed_source_is_refused_with_what_changed(tmp_path: Path) -> None:
     (src / "7.png").unlink()
     refused = make_shards(*args)
     assert refused.returncode == 2 and "now 5" in refused.stderr and "0 added, 1 gone" in refused.stderr
+
+
+def test_a_killed_run_restarted_on_a_changed_source_is_refused(tmp_path: Path) -> None:
+    """Its finished shards hold keys cut from the old list: finishing it would mix two key lists."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(60):
+        Image.fromarray(rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8)).save(src / f"{i:02d}.png")
+    args = ("--source", f"folder:{src}", "--out", str(out), "--resolution", "8", "--shard-size", "1")
+    proc = subprocess.Popen(cli(*args, "--val-fraction", "0"), env=ENV)
+    deadline = time.monotonic() + 60
+    while len(list((out / ".progress").glob("*.tar.json"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.kill()
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
+    kept = (src / "07.png").read_bytes()
+    (src / "07.png").unlink()
+    refused = make_shards(*args, "--val-fraction", "0")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    for fragment in (str(out), "unfinished run from 60 source keys", "now 59", "restore the source"):
+        assert fragment in refused.stderr, refused.stderr
+    (src / "07.png").write_bytes(kept)
+    finished = make_shards(*args, "--val-fraction", "0")
+    assert finished.returncode == 0 and "train 60 images" in finished.stdout, finished.stderr

@@ -183,16 +183,25 @@ def _finished_manifest(out: Path, settings: ShardSettings) -> dict[str, Any] | N
     return manifest
 
 
-def _claim_progress(out: Path, settings: ShardSettings) -> None:
-    """Mark `.progress/` as this settings' work; an unfinished run with other settings is refused."""
-    path = out / PROGRESS_DIR / "settings.json"
+def _claim_progress(out: Path, settings: ShardSettings, keys: list[str]) -> None:
+    """Mark `.progress/` as the work of these settings on this key list. An unfinished run with other
+    settings is refused, and so is one whose source changed since: its finished shards hold other keys."""
+    path, held = out / PROGRESS_DIR / "settings.json", out / PROGRESS_DIR / "source_keys.json"
     if path.is_file() and json.loads(path.read_text()) != asdict(settings):
         raise ShardError(
             f"{out} holds an unfinished run with settings {json.loads(path.read_text())}, not "
             f"{asdict(settings)}: finish it with those settings, or choose another --out"
         )
+    digest = key_digest(keys)
+    if held.is_file() and (before := json.loads(held.read_text())) != digest:
+        raise ShardError(
+            f"{out} holds an unfinished run from {before['count']} source keys of {settings.source}, now "
+            f"{digest['count']}: its finished shards hold other keys, so restore the source to finish it, "
+            f"or delete {out} to start again"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_json(path, asdict(settings))
+    _write_json(held, digest)
 
 
 def _done_record(out: Path, job: ShardJob) -> dict[str, Any] | None:
@@ -228,7 +237,7 @@ def build_shards(
             raise ShardError(change)
         return finished
     jobs = shard_jobs(keys, settings.val_fraction, settings.shard_size)
-    _claim_progress(out, settings)
+    _claim_progress(out, settings, keys)
     for stale in [*out.glob("*.tmp-*"), *(out / PROGRESS_DIR).glob("*.tmp-*")]:
         stale.unlink()
     pending = [job for job in jobs if _done_record(out, job) is None]
