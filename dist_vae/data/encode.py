@@ -17,7 +17,7 @@ from dist_vae.data.sources import SkipImage, sniff_format
 BACKGROUND = (255, 255, 255)  # under transparency: what a viewer on a white page shows
 RESIZE_RULE = (
     "EXIF orientation applied; 16-bit greyscale scaled to 8 bits (v*255/65535, rounded); "
-    "transparency composited on white (255, 255, 255); images whose shorter side is below min_size "
+    f"transparency composited on white {BACKGROUND}; images whose shorter side is below min_size "
     "skipped; shorter side to resolution (PIL Lanczos, antialiased), centre crop, RGB"
 )
 
