@@ -28,6 +28,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--format", choices=FORMATS, default="webp", help="image encoding in the shards")
     parser.add_argument("--quality", type=int, default=95, help="WebP/JPEG quality; 100 = lossless WebP")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N keys (sorted)")
+    parser.add_argument(
+        "--min-size",
+        type=int,
+        default=None,
+        help="skip images whose shorter side is below this (default: a quarter of --resolution)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -43,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             shard_size=args.shard_size,
             val_fraction=args.val_fraction,
             limit=args.limit,
+            min_size=args.min_size,
         )
         manifest = build_shards(settings, args.out, workers=args.workers, progress=not args.no_progress)
     except DataError as exc:  # a source, setting or output directory that cannot be used

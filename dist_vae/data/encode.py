@@ -9,33 +9,49 @@ from __future__ import annotations
 import io
 import re
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
-from dist_vae.data.sources import sniff_format
+from dist_vae.data.sources import SkipImage, sniff_format
 
-RESIZE_RULE = "shorter side to resolution (PIL Lanczos, antialiased), centre crop, RGB"
-
-
-class SkipImage(Exception):
-    """A value that is not a usable image: a short reason (counted in the manifest) and its detail."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
+BACKGROUND = (255, 255, 255)  # under transparency: what a viewer on a white page shows
+RESIZE_RULE = (
+    "EXIF orientation applied; 16-bit greyscale scaled to 8 bits (v*255/65535, rounded); "
+    f"transparency composited on white {BACKGROUND}; images whose shorter side is below min_size "
+    "skipped; shorter side to resolution (PIL Lanczos, antialiased), centre crop, RGB"
+)
 
 
-def square_image(data: bytes, resolution: int) -> Image.Image:
-    """Decode, resize the shorter side to `resolution` with antialiasing, centre crop, RGB."""
+def _as_shown(img: Image.Image) -> Image.Image:
+    """The picture a viewer shows, as 8-bit RGB: upright, full-range greys, no hidden pixels.
+
+    convert("RGB") alone ignores EXIF orientation, clips 16-bit values above 255 to white and keeps
+    the RGB that transparent pixels hide; for an opaque 8-bit RGB image this is a plain copy.
+    """
+    img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I;16"):
+        wide = np.asarray(img).astype(np.uint32)
+        img = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
+    if img.has_transparency_data:
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (*BACKGROUND, 255)), img.convert("RGBA"))
+    return img.convert("RGB")
+
+
+def square_image(data: bytes, resolution: int, min_size: int) -> Image.Image:
+    """Decode as shown (`_as_shown`), skip if its shorter side is below `min_size` (upscaling it would
+    make a flat tile), resize the shorter side to `resolution` with antialiasing, centre crop."""
     if sniff_format(data) is None:
         raise SkipImage("unknown format", f"not WebP, JPEG or PNG; first bytes {data[:12].hex() or 'none'}")
     try:
         with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("RGB")
+            img = _as_shown(img)
     except Exception as exc:  # PIL raises many unrelated types for damaged data
         # Messages may quote object addresses, which would make the manifest differ run to run.
         detail = re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(exc).__name__}: {exc}")
         raise SkipImage("undecodable", detail) from exc
     w, h = img.size
+    if min(w, h) < min_size:
+        raise SkipImage("too small", f"{w}x{h}: shorter side below min_size {min_size}")
     scale = resolution / min(w, h)
     size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
     img = img.resize(size, Image.LANCZOS)

@@ -27,17 +27,18 @@ from typing import Any
 from tqdm import tqdm
 
 from dist_vae.data.demo import DEFAULT_DEMO_SIZE, ensure_demo_lmdb
-from dist_vae.data.encode import RESIZE_RULE, SkipImage, encode, square_image
+from dist_vae.data.encode import RESIZE_RULE, encode, square_image
 from dist_vae.data.index import index_document, index_name, index_tar
 from dist_vae.data.jobs import SPLIT_RULE, ShardJob, sample_name, shard_jobs
+from dist_vae.data.keylist import key_digest, source_change
 from dist_vae.data.scenes import SceneSource, parse_scene_spec
-from dist_vae.data.sources import FolderSource, LmdbSource, SourceError
+from dist_vae.data.sources import FolderSource, LmdbSource, SkipImage, SourceError
 from dist_vae.errors import DataError
 from dist_vae.files import atomic_path, file_sha256, write_bytes_atomic, write_text_atomic
 
 FORMATS = ("webp", "png", "jpg")
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3  # 3: image rules of encode.RESIZE_RULE, min_size, source_keys
 CACHE_DIR = ".cache"
 PROGRESS_DIR = ".progress"
 
@@ -59,8 +60,11 @@ class ShardSettings:
     shard_size: int = 1000
     val_fraction: float = 0.01
     limit: int | None = None
+    min_size: int | None = None  # shorter sides below it are skipped; None: a quarter of the resolution
 
     def __post_init__(self) -> None:
+        if self.min_size is None:  # resolved here, so the manifest records the value used
+            object.__setattr__(self, "min_size", max(1, self.resolution // 4))
         checks = [
             (self.resolution >= 1, f"resolution must be >= 1, got {self.resolution}"),
             (self.format in FORMATS, f"format must be one of {list(FORMATS)}, got {self.format!r}"),
@@ -68,6 +72,7 @@ class ShardSettings:
             (self.shard_size >= 1, f"shard size must be >= 1, got {self.shard_size}"),
             (0.0 <= self.val_fraction <= 1.0, f"val fraction must be in [0, 1], got {self.val_fraction}"),
             (self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}"),
+            (self.min_size >= 1, f"min size must be >= 1, got {self.min_size}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -112,7 +117,7 @@ def write_shard(source: Source, job: ShardJob, settings: ShardSettings, out: Pat
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for key in job.keys:
                 try:
-                    img = square_image(source.read(key), settings.resolution)
+                    img = square_image(source.read(key), settings.resolution, settings.min_size)
                 except SkipImage as exc:
                     skipped.append({"key": key, "reason": exc.reason, "detail": exc.detail})
                     continue
@@ -178,16 +183,25 @@ def _finished_manifest(out: Path, settings: ShardSettings) -> dict[str, Any] | N
     return manifest
 
 
-def _claim_progress(out: Path, settings: ShardSettings) -> None:
-    """Mark `.progress/` as this settings' work; an unfinished run with other settings is refused."""
-    path = out / PROGRESS_DIR / "settings.json"
+def _claim_progress(out: Path, settings: ShardSettings, keys: list[str]) -> None:
+    """Mark `.progress/` as the work of these settings on this key list. An unfinished run with other
+    settings is refused, and so is one whose source changed since: its finished shards hold other keys."""
+    path, held = out / PROGRESS_DIR / "settings.json", out / PROGRESS_DIR / "source_keys.json"
     if path.is_file() and json.loads(path.read_text()) != asdict(settings):
         raise ShardError(
             f"{out} holds an unfinished run with settings {json.loads(path.read_text())}, not "
             f"{asdict(settings)}: finish it with those settings, or choose another --out"
         )
+    digest = key_digest(keys)
+    if held.is_file() and (before := json.loads(held.read_text())) != digest:
+        raise ShardError(
+            f"{out} holds an unfinished run from {before['count']} source keys of {settings.source}, now "
+            f"{digest['count']}: its finished shards hold other keys, so restore the source to finish it, "
+            f"or delete {out} to start again"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_json(path, asdict(settings))
+    _write_json(held, digest)
 
 
 def _done_record(out: Path, job: ShardJob) -> dict[str, Any] | None:
@@ -213,14 +227,17 @@ def build_shards(
     if out.exists() and not out.is_dir():
         raise ShardError(f"--out {out} exists and is not a directory")
     finished = _finished_manifest(out, settings)
-    if finished is not None:
-        return finished
     source = open_source(settings.source, out, settings.resolution)
     keys = source.keys()
     if settings.limit is not None:
         keys = keys[: settings.limit]
+    if finished is not None:
+        change = source_change(out, finished, keys)
+        if change is not None:
+            raise ShardError(change)
+        return finished
     jobs = shard_jobs(keys, settings.val_fraction, settings.shard_size)
-    _claim_progress(out, settings)
+    _claim_progress(out, settings, keys)
     for stale in [*out.glob("*.tmp-*"), *(out / PROGRESS_DIR).glob("*.tmp-*")]:
         stale.unlink()
     pending = [job for job in jobs if _done_record(out, job) is None]
@@ -239,13 +256,13 @@ def build_shards(
             with Pool(min(workers, len(pending)), _init_worker, (source, settings, out)) as pool:
                 for n, _ in pool.imap_unordered(_run_job, pending):
                     bar.update(n)
-    manifest = _manifest(out, jobs, settings)
+    manifest = _manifest(out, jobs, settings, keys)
     _write_json(out / MANIFEST, manifest)
     shutil.rmtree(out / PROGRESS_DIR)
     return manifest
 
 
-def _manifest(out: Path, jobs: list[ShardJob], settings: ShardSettings) -> dict[str, Any]:
+def _manifest(out: Path, jobs: list[ShardJob], settings: ShardSettings, keys: list[str]) -> dict[str, Any]:
     records = [json.loads((out / PROGRESS_DIR / f"{job.name}.json").read_text()) for job in jobs]
     skipped = sorted((s for r in records for s in r.pop("skipped")), key=lambda s: s["key"])
     splits = {}
@@ -262,6 +279,7 @@ def _manifest(out: Path, jobs: list[ShardJob], settings: ShardSettings) -> dict[
         "resolution": settings.resolution,
         "format": settings.format,
         "source": settings.source,
+        "source_keys": key_digest(keys),
         "split_rule": SPLIT_RULE,
         "resize": RESIZE_RULE,
         "layout": f"KEY.{settings.format} + KEY.json ({{'key': source key, 'factors' of scenes}}); "

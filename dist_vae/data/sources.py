@@ -8,6 +8,7 @@ cached in a directory the caller chooses (the shard output), never in the curren
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from collections.abc import Iterator
@@ -23,6 +24,14 @@ IMAGE_SUFFIXES = {".webp", ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".ti
 
 class SourceError(DataError):
     """A dataset path or specification that cannot be read; the message names it."""
+
+
+class SkipImage(Exception):
+    """A value that is not a usable image: a short reason (counted in the manifest) and its detail."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -101,7 +110,12 @@ class LmdbSource:
 
 
 class FolderSource:
-    """Every image file below a directory, recursively; the key is the path relative to it."""
+    """Every image file below a directory, recursively; the key is the path relative to it.
+
+    A symlink with an image name that leads nowhere (broken, or a loop) is a key too, so that it is
+    listed in the manifest's skipped values rather than left out unseen. Symlinked directories are not
+    entered (pathlib's rglob), so a directory loop cannot recurse.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -112,14 +126,21 @@ class FolderSource:
         keys = sorted(
             p.relative_to(self.path).as_posix()
             for p in self.path.rglob("*")
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+            if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or (p.is_symlink() and not p.exists()))
         )
         if not keys:
             raise SourceError(f"image folder {self.path} holds no image files ({sorted(IMAGE_SUFFIXES)})")
         return keys
 
     def read(self, key: str) -> bytes:
-        return (self.path / key).read_bytes()
+        path = self.path / key
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            if not path.is_symlink():
+                raise
+            reason = "symlink loop" if exc.errno == errno.ELOOP else "broken symlink"
+            raise SkipImage(reason, f"{key} -> {os.readlink(path)}: {exc.strerror}") from exc
 
     def __iter__(self) -> Iterator[tuple[str, bytes]]:
         for key in self.keys():
