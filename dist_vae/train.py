@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None, preemption: PreemptionFlag) -> int:
-    from dist_vae.checkpoint import CheckpointWriteError
+    from dist_vae.checkpoint import CheckpointWriteError, checkpoint_root
     from dist_vae.config import load_config
     from dist_vae.errors import DistVaeError
 
@@ -72,10 +72,21 @@ def _run(argv: list[str] | None, preemption: PreemptionFlag) -> int:
             print(f"error: {exc}", file=sys.stderr)
         return DIVERGED_EXIT_CODE
     if trainer.accelerator.is_main_process:
-        print(f"samples:     {trainer.logger.samples_dir}")
-        print(f"tensorboard: tensorboard --logdir {trainer.logger.tensorboard_dir}")
-        print(f"checkpoints: {Path(cfg.run_dir) / 'checkpoints'}")
+        _print_outputs(
+            trainer.logger.samples_dir, trainer.logger.tensorboard_dir, checkpoint_root(Path(cfg.run_dir))
+        )
     return code
+
+
+def _print_outputs(samples: Path, tensorboard: Path, checkpoints: Path) -> None:
+    """Where the run's outputs are: only the ones that exist (a run stopped before its first sample
+    grid has none)."""
+    if samples.is_dir():
+        print(f"samples:     {samples}")
+    if tensorboard.is_dir():
+        print(f"tensorboard: tensorboard --logdir {tensorboard}")
+    if checkpoints.is_dir():
+        print(f"checkpoints: {checkpoints}")
 
 
 if __name__ == "__main__":
