@@ -200,7 +200,8 @@ def test_sample_starts_data_chains_from_train_images_when_val_is_empty(
     run(
         "dist_vae/train.py", "--config", "configs/debug.yaml", f"run_dir={run_dir}", f"data.path={shards}",
         f"data.resolution={RESOLUTION}", "data.batch_size=4", "data.num_workers=0",
-        "model.kind=iterative_vae", *TINY["iterative_vae"], "train.steps=1", "train.sample_every=100", "train.warmup=0",
+        "model.kind=iterative_vae", *TINY["iterative_vae"], "train.steps=1", "train.sample_every=100",
+        "train.warmup=0",
     )  # fmt: skip
     out = run_dir / "grids"
     proc = run("tools/sample.py", str(run_dir), "--n", "2", "--chain-steps", "1", "--out", str(out))
