@@ -4,11 +4,12 @@ Run with plain `python` it is the single-process debug mode (CPU or one GPU). Th
 DeepSpeed ZeRO-1/2, CPU gloo) is chosen by the accelerate config file alone.
 
 Exit codes:
-  0  train.steps reached; RUN_DIR/done is written.
+  0  train.steps reached; RUN_DIR/done is written (a rerun of a finished run says so in one line).
   2  bad configuration, unusable data, a checkpoint that cannot be written (disk full, read-only run
      dir; the previous checkpoints are kept): one line `error: ...` naming the key or file.
   3  (`REQUEUE_EXIT_CODE`) stopped by SIGUSR1/SIGTERM after a checkpoint; RUN_DIR/requeue is written,
-     since multi-process launchers may report their own code instead.
+     since multi-process launchers may report their own code instead; one line
+     `stopped by SIGTERM at step N; checkpoint PATH; run the same command again to resume`.
   4  diverged: train.max_nonfinite_skips non-finite updates in a row. Nothing new is saved; one line
      `error: training diverged: N consecutive non-finite updates since step S; last good checkpoint: PATH`.
 
