@@ -179,19 +179,10 @@ def test_evaluations_with_other_options_are_kept_beside_the_latest(evaluated: Pa
     assert json.loads((copy / "eval.json").read_text()) == no_ema
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch that sees no GPU")
-def test_tools_refuse_a_device_torch_cannot_use_in_one_line(tmp_path: Path) -> None:
-    for tool in ("tools/sample.py", "tools/evaluate.py"):
-        proc = subprocess.run([sys.executable, tool, str(tmp_path), "--device", "cuda"],
-                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)  # fmt: skip
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-        assert proc.stderr.strip().splitlines()[-1].startswith("error: --device cuda: no such CUDA device")
-
-
-def test_sample_starts_data_chains_from_train_images_when_val_is_empty(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> None:
-    """make_shards' default --val-fraction (0.01) leaves a 200-image source no val image."""
+@pytest.fixture(scope="module")
+def no_val_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(shards, run dir): make_shards' default --val-fraction (0.01) leaves a 200-image source no val
+    image; a 1-step iterative VAE trained on them."""
     shards = tmp_path_factory.mktemp("no_val")
     run("tools/make_shards.py", "--source", "demo:200", "--out", str(shards), "--resolution", str(RESOLUTION),
         "--workers", "1", "--no-progress")  # fmt: skip
@@ -203,7 +194,21 @@ def test_sample_starts_data_chains_from_train_images_when_val_is_empty(
         "model.kind=iterative_vae", *TINY["iterative_vae"], "train.steps=1", "train.sample_every=100",
         "train.warmup=0",
     )  # fmt: skip
+    return shards, run_dir
+
+
+def test_sample_starts_data_chains_from_train_images_when_val_is_empty(no_val_run: tuple[Path, Path]) -> None:
+    shards, run_dir = no_val_run
     out = run_dir / "grids"
     proc = run("tools/sample.py", str(run_dir), "--n", "2", "--chain-steps", "1", "--out", str(out))
     assert f"{shards}: the val split is empty; data chains start from train images" in proc.stderr
     assert Image.open(out / "chain_data.png").size == (2 * (RESOLUTION + 2) + 2, 2 * (RESOLUTION + 2) + 2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch that sees no GPU")
+def test_tools_refuse_a_device_torch_cannot_use_in_one_line(no_val_run: tuple[Path, Path]) -> None:
+    for tool in ("tools/sample.py", "tools/evaluate.py"):
+        proc = subprocess.run([sys.executable, tool, str(no_val_run[1]), "--device", "cuda"],
+                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith("error: --device cuda: no such CUDA device")
