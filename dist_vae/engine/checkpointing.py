@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from tqdm import tqdm
 
 from dist_vae import checkpoint
 from dist_vae.checkpoint import (
@@ -121,7 +122,7 @@ class Checkpointer:
             write_requeue_marker(self.run_dir, step, signal_name or "peer")
             saved = complete_checkpoints(self.run_dir)
             where = f"checkpoint {saved[-1][1]}" if saved else "no checkpoint yet"
-            print(
+            tqdm.write(  # on a line of its own, not after the open progress bar
                 f"stopped by {signal_name or 'a signal to another rank'} at step {step}; {where}; "
                 "run the same command again to resume",
                 file=sys.stderr,
