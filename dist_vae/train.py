@@ -4,11 +4,12 @@ Run with plain `python` it is the single-process debug mode (CPU or one GPU). Th
 DeepSpeed ZeRO-1/2, CPU gloo) is chosen by the accelerate config file alone.
 
 Exit codes:
-  0  train.steps reached; RUN_DIR/done is written.
+  0  train.steps reached; RUN_DIR/done is written (a rerun of a finished run says so in one line).
   2  bad configuration, unusable data, a checkpoint that cannot be written (disk full, read-only run
      dir; the previous checkpoints are kept): one line `error: ...` naming the key or file.
   3  (`REQUEUE_EXIT_CODE`) stopped by SIGUSR1/SIGTERM after a checkpoint; RUN_DIR/requeue is written,
-     since multi-process launchers may report their own code instead.
+     since multi-process launchers may report their own code instead; one line
+     `stopped by SIGTERM at step N; checkpoint PATH; run the same command again to resume`.
   4  diverged: train.max_nonfinite_skips non-finite updates in a row. Nothing new is saved; one line
      `error: training diverged: N consecutive non-finite updates since step S; last good checkpoint: PATH`.
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None, preemption: PreemptionFlag) -> int:
-    from dist_vae.checkpoint import CheckpointWriteError
+    from dist_vae.checkpoint import CheckpointWriteError, checkpoint_root
     from dist_vae.config import load_config
     from dist_vae.errors import DistVaeError
 
@@ -72,10 +73,21 @@ def _run(argv: list[str] | None, preemption: PreemptionFlag) -> int:
             print(f"error: {exc}", file=sys.stderr)
         return DIVERGED_EXIT_CODE
     if trainer.accelerator.is_main_process:
-        print(f"samples:     {trainer.logger.samples_dir}")
-        print(f"tensorboard: tensorboard --logdir {trainer.logger.tensorboard_dir}")
-        print(f"checkpoints: {Path(cfg.run_dir) / 'checkpoints'}")
+        _print_outputs(
+            trainer.logger.samples_dir, trainer.logger.tensorboard_dir, checkpoint_root(Path(cfg.run_dir))
+        )
     return code
+
+
+def _print_outputs(samples: Path, tensorboard: Path, checkpoints: Path) -> None:
+    """Where the run's outputs are: only the ones that exist (a run stopped before its first sample
+    grid has none)."""
+    if samples.is_dir():
+        print(f"samples:     {samples}")
+    if tensorboard.is_dir():
+        print(f"tensorboard: tensorboard --logdir {tensorboard}")
+    if checkpoints.is_dir():
+        print(f"checkpoints: {checkpoints}")
 
 
 if __name__ == "__main__":

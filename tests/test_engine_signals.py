@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from dist_vae.checkpoint import COMPLETE, complete_checkpoints
+from dist_vae.checkpoint import COMPLETE, checkpoint_dir, complete_checkpoints
+from dist_vae.config import load_config
 from dist_vae.engine.preemption import REQUEUE_EXIT_CODE
 from tests.engine_util import ROOT, accelerate_cmd, check, env, python_cmd, run, train_args
 
@@ -26,7 +27,7 @@ def start_and_signal(
     """Start a long run, wait until it is training (a first checkpoint exists), send `sig` to it
     (to its whole process group, DataLoader workers included, when `group`, as Slurm does)."""
     proc = subprocess.Popen(
-        cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=group
+        cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=group
     )
     deadline = time.monotonic() + 180
     while not complete_checkpoints(run_dir) and proc.poll() is None and time.monotonic() < deadline:
@@ -54,10 +55,13 @@ def test_a_signal_to_the_whole_group_checkpoints_and_exits_with_requeue_code(
     """As Slurm does: the signal reaches the DataLoader worker too, which leaves it to the trainer."""
     cmd = python_cmd(tmp_path, demo_shards, *LONG, "data.num_workers=1")
     proc = start_and_signal(cmd, tmp_path, sig, group=True)
-    _, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=120)
     assert proc.returncode == REQUEUE_EXIT_CODE, err[-3000:]
     step = requeued_step(tmp_path)
     assert f"reason {sig.name}" in (tmp_path / "requeue").read_text()
+    stopped = f"stopped by {sig.name} at step {step}; checkpoint {checkpoint_dir(tmp_path, step)}; run the"
+    assert any(line.startswith(stopped) for line in err.splitlines()), err[-3000:]
+    assert "samples:" not in out and "checkpoints:" in out  # no sample grid was due: no path to one
     # The requeued job continues from there and finishes.
     check(run(python_cmd(tmp_path, demo_shards, *LONG[1:], "data.num_workers=1", f"train.steps={step + 2}")))
     assert (tmp_path / "done").is_file() and not (tmp_path / "requeue").exists()
@@ -100,3 +104,6 @@ def test_a_signal_during_start_up_exits_3_before_the_first_step(demo_shards: Pat
     assert proc.returncode == REQUEUE_EXIT_CODE, err[-3000:]
     assert requeued_step(tmp_path) == 2  # no step was taken, nothing new saved
     assert "reason SIGUSR1" in (tmp_path / "requeue").read_text()
+    assert f"stopped by SIGUSR1 at step 2; checkpoint {checkpoint_dir(tmp_path, 2)}" in err
+    # train.steps=400 trained nothing yet: config.yaml still says what trained step 2.
+    assert load_config(tmp_path / "config.yaml").train.steps == 2

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from tests.engine_util import free_port
@@ -164,3 +165,50 @@ def test_tools_name_what_is_missing_in_a_bad_run_dir(tmp_path: Path) -> None:
             timeout=120,
         )
         assert proc.returncode == 2 and "config.yaml" in proc.stderr
+
+
+@pytest.mark.slow
+def test_evaluations_with_other_options_are_kept_beside_the_latest(evaluated: Path, tmp_path: Path) -> None:
+    """An EMA evaluation survives a later --no-ema one; eval.json is a copy of the latest."""
+    copy = tmp_path / "run"
+    shutil.copytree(evaluated, copy)
+    proc = run("tools/evaluate.py", str(copy), *EVAL_ARGS, "--no-ema")
+    assert f"wrote {copy / 'eval' / 'noema-val-iw3.json'} and {copy / 'eval.json'}" in proc.stderr
+    ema, no_ema = (json.loads((copy / "eval" / f"{w}-val-iw3.json").read_text()) for w in ("ema", "noema"))
+    assert ema["ema"] is True and no_ema["ema"] is False
+    assert json.loads((copy / "eval.json").read_text()) == no_ema
+
+
+@pytest.fixture(scope="module")
+def no_val_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(shards, run dir): make_shards' default --val-fraction (0.01) leaves a 200-image source no val
+    image; a 1-step iterative VAE trained on them."""
+    shards = tmp_path_factory.mktemp("no_val")
+    run("tools/make_shards.py", "--source", "demo:200", "--out", str(shards), "--resolution", str(RESOLUTION),
+        "--workers", "1", "--no-progress")  # fmt: skip
+    assert json.loads((shards / "manifest.json").read_text())["splits"]["val"]["count"] == 0
+    run_dir = tmp_path_factory.mktemp("no_val_run")
+    run(
+        "dist_vae/train.py", "--config", "configs/debug.yaml", f"run_dir={run_dir}", f"data.path={shards}",
+        f"data.resolution={RESOLUTION}", "data.batch_size=4", "data.num_workers=0",
+        "model.kind=iterative_vae", *TINY["iterative_vae"], "train.steps=1", "train.sample_every=100",
+        "train.warmup=0",
+    )  # fmt: skip
+    return shards, run_dir
+
+
+def test_sample_starts_data_chains_from_train_images_when_val_is_empty(no_val_run: tuple[Path, Path]) -> None:
+    shards, run_dir = no_val_run
+    out = run_dir / "grids"
+    proc = run("tools/sample.py", str(run_dir), "--n", "2", "--chain-steps", "1", "--out", str(out))
+    assert f"{shards}: the val split is empty; data chains start from train images" in proc.stderr
+    assert Image.open(out / "chain_data.png").size == (2 * (RESOLUTION + 2) + 2, 2 * (RESOLUTION + 2) + 2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch that sees no GPU")
+def test_tools_refuse_a_device_torch_cannot_use_in_one_line(no_val_run: tuple[Path, Path]) -> None:
+    for tool in ("tools/sample.py", "tools/evaluate.py"):
+        proc = subprocess.run([sys.executable, tool, str(no_val_run[1]), "--device", "cuda"],
+                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith("error: --device cuda: no such CUDA device")

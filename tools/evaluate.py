@@ -1,9 +1,14 @@
-"""Evaluate a trained run over a whole split and write RUN_DIR/eval.json.
+"""Evaluate a trained run over a whole split and write RUN_DIR/eval/NAME.json and RUN_DIR/eval.json.
 
     python tools/evaluate.py RUN_DIR [--split val] [--iw-samples K] [--batch-size B] [--[no-]ema] [--out FILE]
     accelerate launch [--config_file configs/accelerate/ddp.yaml] tools/evaluate.py RUN_DIR ...
 
-eval.json: elbo_bpd (bits/dim of -ELBO over every image of the split), iw_bpd (importance-weighted
+NAME says the options, so that no evaluation replaces one made with others: the weights (`ema` or
+`noema`), the split, `iwK`, then `fidN` (`fidN-perstep`) and `seedS` when given; for example
+`eval/ema-val-iw16.json`. RUN_DIR/eval.json is a copy of the latest evaluation; `--out FILE` writes
+FILE alone. One line on stderr names the files written.
+
+The result: elbo_bpd (bits/dim of -ELBO over every image of the split), iw_bpd (importance-weighted
 with K samples), kl (nats/image), mi (I(x; z) in nats over mi_images images: at most log mi_images),
 active_units of latent_dim, and fuzziness: the Laplacian variance of data, of prior samples and of
 reconstructions (per generation step), the reconstructions' squared error, the decoder's spread
@@ -42,7 +47,7 @@ from dist_vae.metrics import accumulate, laplacian_variance, sample_spread, summ
 from dist_vae.metrics.inception import require_libraries
 from dist_vae.metrics.settings import EvalConfig
 from dist_vae.models.protocol import GenerativeModel, evaluating
-from dist_vae.processes import tool_state
+from dist_vae.processes import tool_device, tool_state
 from dist_vae.run_dir import load_run
 from dist_vae.sampling import markov_chain, prior_samples, reconstructions
 
@@ -96,6 +101,16 @@ def sample_quality(
         )  # fmt: skip
 
 
+def result_name(ema: bool, args: argparse.Namespace) -> str:
+    """The file name of one evaluation: its options, so that evaluations with other options are kept."""
+    parts = ["ema" if ema else "noema", args.split, f"iw{args.iw_samples}"]
+    if args.fid:
+        parts.append(f"fid{args.fid}" + ("-perstep" if args.per_step else ""))
+    if args.seed:
+        parts.append(f"seed{args.seed}")
+    return "-".join(parts) + ".json"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -125,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-step", action="store_true", help="FID of every generation step too")
     parser.add_argument("--fid-batch", type=int, default=50, help="images per generation/embedding chunk")
     parser.add_argument("--inception", default="", help="Inception TorchScript file (default: the wheel's)")
-    parser.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/eval.json")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: RUN_DIR/eval/NAME.json and RUN_DIR/eval.json"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--device", default=None, help="default: this process's GPU, else the CPU")
@@ -138,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.iw_samples}, {args.chain_steps}, {args.fuzz_samples} and {args.mi_images}"
         )
     state = tool_state()
-    device = torch.device(args.device) if args.device else state.device
     caps = {} if args.mi_images is None else {"mi_images": args.mi_images}
     try:
+        device = tool_device(args.device, state)
         run = load_run(args.run_dir, ema=args.ema, device=device)
         stream = ShardStream(
             run.cfg.data,
@@ -178,8 +195,15 @@ def main(argv: list[str] | None = None) -> int:
         ema=run.ema,
         processes=state.num_processes,
     )
-    path = args.out or args.run_dir / "eval.json"
-    write_text_atomic(path, json.dumps(result, indent=2) + "\n")
+    text = json.dumps(result, indent=2) + "\n"
+    paths = (
+        [args.out]
+        if args.out
+        else [args.run_dir / "eval" / result_name(run.ema, args), args.run_dir / "eval.json"]
+    )
+    for path in paths:
+        write_text_atomic(path, text)
+    print(f"wrote {' and '.join(map(str, paths))}", file=sys.stderr)
     print(json.dumps(result, indent=2))
     state.wait_for_everyone()
     return 0

@@ -7,7 +7,8 @@ Reads RUN_DIR/config.yaml and the newest complete checkpoint (its EMA weights wh
 Writes into --out (default RUN_DIR/samples/step-XXXXXXXX/): ancestral.png (n prior samples in one
 row; for a model that generates in several steps, such as the iterative VAE, one row per sample with
 its steps left to right), chain_data.png and chain_noise.png (one row per chain, x_0 .. x_K left to
-right; data chains start from val images, noise chains from U(-1, 1)).
+right; data chains start from val images, or from train images when the val split is empty (one line
+says so), noise chains from U(-1, 1)).
 Under several processes each draws its share of the n images and chains (seeded per process) and
 the main process writes the grids.
 """
@@ -25,33 +26,44 @@ import torch
 from accelerate.utils import gather_object
 
 from dist_vae.data.stream import ShardStream
-from dist_vae.errors import DistVaeError
+from dist_vae.errors import DataError, DistVaeError
 from dist_vae.files import image_grid, save_png_atomic
-from dist_vae.processes import share, tool_state
+from dist_vae.processes import share, tool_device, tool_state
 from dist_vae.run_dir import LoadedRun, load_run
 from dist_vae.sampling import markov_chain, prior_samples
 
 
-def val_images(run: LoadedRun, n: int) -> torch.Tensor:
-    """The first n images of the run's val split (fewer if the split is smaller)."""
-    images = []
-    for batch in ShardStream(run.cfg.data, "val", batch_size=n, training=False):
-        images.append(batch)
-        if sum(b.shape[0] for b in images) >= n:
-            break
-    return torch.cat(images)[:n]
+def chain_starts(run: LoadedRun, n: int) -> tuple[torch.Tensor, str]:
+    """The first n images of the val split (fewer if it is smaller) and "val"; the train split's and
+    "train" when val is empty, as make_shards' default --val-fraction leaves a small source."""
+    for split in ("val", "train"):
+        images: list[torch.Tensor] = []
+        for batch in ShardStream(run.cfg.data, split, batch_size=n, training=False):
+            images.append(batch)
+            if sum(b.shape[0] for b in images) >= n:
+                break
+        if images:
+            return torch.cat(images)[:n], split
+    raise DataError(f"{run.cfg.data.path} holds no images in its val or train split")
 
 
 def draw(
     run: LoadedRun, rows: range, n: int, chain_steps: int, seed: int, rank: int
 ) -> dict[str, torch.Tensor]:
-    """This process's rows of every grid, each [rows, cols, 3, R, R] on the CPU."""
+    """This process's rows of every grid, each [rows, cols, 3, R, R] on the CPU; rank 0 says in one
+    line when the data chains start from train images."""
     model, device = run.model, next(run.model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed + rank)
     side = model.resolution
     # Every process builds the same n starts (one seed) and keeps its rows.
     noise = torch.rand(n, 3, side, side, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-    starts = {"chain_data": val_images(run, n), "chain_noise": noise}
+    data, split = chain_starts(run, n)
+    if split != "val" and rank == 0:
+        print(
+            f"{run.cfg.data.path}: the val split is empty; data chains start from {split} images",
+            file=sys.stderr,
+        )
+    starts = {"chain_data": data, "chain_noise": noise}
     grids = {"ancestral": torch.stack(prior_samples(model, len(rows), generator), dim=1).cpu()}
     for name, start in starts.items():
         chain = markov_chain(model, start[rows.start : rows.stop].to(device), chain_steps, generator)
@@ -81,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     state = tool_state()
     if args.n < state.num_processes:
         parser.error(f"--n {args.n} is smaller than the {state.num_processes} processes")
-    device = torch.device(args.device) if args.device else state.device
     try:
+        device = tool_device(args.device, state)
         run = load_run(args.run_dir, ema=args.ema, device=device)
         rows = share(args.n, state.process_index, state.num_processes)
         mine = draw(run, rows, args.n, args.chain_steps, args.seed, state.process_index)

@@ -101,6 +101,19 @@ def _flatten(value: Any, prefix: str) -> dict[str, Any]:
     return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}.{key}").items()}
 
 
+# Keys that name where a run lives, not how it trains: a copied run directory differs in them alone.
+_PLACE_KEYS = ("run_dir", "resume")
+
+
+def config_changes(path: Path, cfg: Config) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (the checkpoint's value, this config's)} for every training key that differs."""
+    saved = read_json(path / STATE_FILE).get("meta", {}).get("config", {})
+    current = json.loads(_json(config_dict(cfg)))  # as state.json holds it: tuples become lists
+    old = {key: v for top, item in saved.items() for key, v in _flatten(item, top).items()}
+    new = {key: v for top, item in current.items() for key, v in _flatten(item, top).items()}
+    return {key: (old.get(key), v) for key, v in new.items() if old.get(key) != v and key not in _PLACE_KEYS}
+
+
 def check_resume(path: Path, cfg: Config) -> None:
     """Refuse (CheckpointError naming the first differing key) to continue `path` with a model or
     resolution other than the one it was trained with; run before anything is written."""

@@ -37,8 +37,10 @@ class Evaluation:
         return float(totals[0] / totals[1])
 
     def log_val_bpd(self, step: int) -> None:
-        """val/bpd (collective: every rank evaluates its share)."""
-        self.logger.scalars({"val/bpd": self.val_bpd(step)}, step)
+        """val/bpd (collective: every rank evaluates its share), also as one line on rank 0."""
+        bpd = self.val_bpd(step)
+        self.logger.scalars({"val/bpd": bpd}, step)
+        self.logger.line(f"step {step}: validation bits/dim {bpd:.4f}")
 
     def log_sample_quality(self, step: int) -> None:
         """eval/fid, eval/kid, eval/precision, eval/recall (collective: every rank embeds its share)."""

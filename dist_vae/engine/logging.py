@@ -6,6 +6,7 @@ branches on the rank to log.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,7 +27,8 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(str(self.tensorboard_dir))
-            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+            if start_step < total_steps:  # a finished run says so in one line, not with a full bar
+                self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self._writer is None:
@@ -34,12 +36,18 @@ class RunLogger:
         for name, value in values.items():
             self._writer.add_scalar(name, value, step)
 
-    def progress(self, step: int, loss: float | None) -> None:
+    def progress(self, step: int, bpd: float | None) -> None:
+        """Advance the bar to `step`; `bpd`: the training bits/dim of the last window, when logged."""
         if self._bar is None:
             return
         self._bar.update(step - self._bar.n)
-        if loss is not None:
-            self._bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+        if bpd is not None:
+            self._bar.set_postfix(bpd=f"{bpd:.4g}", refresh=False)
+
+    def line(self, text: str) -> None:
+        """One line on stderr that does not tear the progress bar."""
+        if self.enabled:
+            tqdm.write(text, file=sys.stderr)
 
     def samples(self, rows: Sequence[torch.Tensor], step: int) -> None:
         if self._writer is None:

@@ -25,6 +25,7 @@ from dist_vae.engine.evaluation import Evaluation
 from dist_vae.engine.logging import RunLogger
 from dist_vae.engine.preemption import PreemptionFlag
 from dist_vae.engine.resize import launched_world_size, resized_config
+from dist_vae.engine.run_config import ConfigChange
 from dist_vae.engine.step import UpdateStep, make_gate
 from dist_vae.engine.streams import Streams, check_data
 from dist_vae.engine.window import ScalarLog, Window
@@ -60,23 +61,36 @@ class Trainer:
         cfg, self.resize = resized_config(cfg, cfg.data.batch_size, resume_from, launched_world_size())
         self.cfg = cfg
         self.accelerator = start_accelerator(cfg, self.resize.world[1])
-        claim_run_dir(self.accelerator, cfg, resume_from)
+        change = claim_run_dir(self.accelerator, cfg, resume_from, self.resize.step)
         self.backend = build_backend(cfg, self.accelerator, self.resize.lr_scale)
         self.gate = make_gate(cfg)
         self.streams = Streams(cfg, self.accelerator)
-        self.checkpoints = Checkpointer(cfg, self.resize, self.backend, self.streams, self.gate)
+        self.checkpoints = Checkpointer(cfg, self.resize, self.backend, self.streams, self.gate, change)
         self.step = self.checkpoints.restore(resume_from) if resume_from is not None else 0
+        if self.accelerator.is_main_process:
+            self._announce(resume_from, change)
         self.logger = self._start_logger()
         self.update_step = UpdateStep(cfg, self.backend, self.gate, self.preemption)
         self.scalar_log = ScalarLog(self.backend, self.gate, self.streams, self.logger)
         evaluation = Evaluation(cfg, self.backend, self.streams, self.logger)
         self.cadence = Cadence(cfg, periodic_actions(cfg, evaluation, self.streams.validate))
 
+    def _announce(self, resume_from: Path | None, change: ConfigChange) -> None:
+        """Rank 0's lines before training: where it resumed, how a resize changed the batch, each
+        changed key, and that a finished run has nothing left to train."""
+        lines = [f"resumed from step {self.step} ({resume_from})"] if resume_from is not None else []
+        lines += [self.resize.line(), *change.lines()]
+        if self.step >= self.cfg.train.steps:
+            lines.append(
+                f"run already finished: step {self.step} of train.steps={self.cfg.train.steps}, nothing "
+                "to train; config.yaml is unchanged (raise train.steps to train on)"
+            )
+        for line in filter(None, lines):
+            print(line, file=sys.stderr)
+
     def _start_logger(self) -> RunLogger:
-        """Rank 0's logger, after the one line saying how a resize changed the batch."""
+        """Rank 0's logger (its progress bar only when there are steps to take)."""
         main = self.accelerator.is_main_process
-        if main and self.resize.line():
-            print(self.resize.line(), file=sys.stderr)
         logger = RunLogger(Path(self.cfg.run_dir), self.cfg.train.steps, self.step, enabled=main)
         logger.scalars(self.resize.scalars(), self.step)
         return logger

@@ -51,7 +51,7 @@ class ScalarLog:
         self.backend, self.gate, self.streams, self.logger = backend, gate, streams, logger
 
     def write(self, window: Window, step: int) -> float:
-        """Log the window at `step` (collective); the mean training loss, for the progress bar."""
+        """Log the window at `step` (collective); the mean training bits/dim, for the progress bar."""
         b = self.backend
         acc = b.accelerator
         names = sorted(window.scalars)
@@ -75,4 +75,4 @@ class ScalarLog:
         if acc.scaler is not None:
             values["train/loss_scale"] = acc.scaler.get_scale()
         self.logger.scalars(values, step)
-        return values["train/loss"]
+        return values["train/bpd"]

@@ -1,9 +1,9 @@
-"""Markdown tables for docs/results.md from finished run directories (TensorBoard logs + eval.json).
+"""Markdown tables for docs/results.md from finished run directories (TensorBoard logs + eval/*.json).
 
     python tools/results/tables.py runs/results
 
 Prints, for every PixelVAE run under the directory, the training KL and bits/dim at a few steps
-and its eval.json numbers; for every iterative run, the sharpness of its samples step by step.
+and its evaluation numbers; for every iterative run, the sharpness of its samples step by step.
 """
 
 from __future__ import annotations
@@ -40,15 +40,16 @@ def read_eval(path: Path) -> dict:
 
 
 def load(run: Path) -> tuple[str, EventAccumulator, dict]:
-    """The run's kind, TensorBoard scalars and evaluations: eval.json (val) and, when present,
-    eval_train.json (the train split: more images, so the MI estimate's log N ceiling is higher)."""
+    """The run's kind, TensorBoard scalars and the evaluations evaluate_demo_runs.sh made:
+    eval/ema-val-iw16.json and, when present, eval/ema-train-iw0.json (the train split: more images,
+    so the MI estimate's log N ceiling is higher)."""
     config = (run / "config.yaml").read_text()
     kind = "pixel_vae" if "kind: pixel_vae" in config else "iterative_vae"
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
-    evals = {"val": read_eval(run / "eval.json")}
-    if (run / "eval_train.json").is_file():
-        evals["train"] = read_eval(run / "eval_train.json")
+    evals = {"val": read_eval(run / "eval" / "ema-val-iw16.json")}
+    if (run / "eval" / "ema-train-iw0.json").is_file():
+        evals["train"] = read_eval(run / "eval" / "ema-train-iw0.json")
     return kind, events, evals
 
 
