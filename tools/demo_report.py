@@ -33,10 +33,10 @@ from dist_vae.run_dir import LoadedRun, load_run
 from dist_vae.sampling import prior_samples
 
 
-def write_grid(real: torch.Tensor, fake: torch.Tensor, cols: int, scale: int, path: Path) -> None:
-    """One row of val scenes, then the samples in rows of `cols`, enlarged `scale` times (nearest)."""
-    rows = [real[:cols], *fake[: len(fake) // cols * cols].split(cols)]
-    grid = image_grid(rows)
+def write_grid(real: torch.Tensor, fake: torch.Tensor, cols: int, rows: int, scale: int, path: Path) -> None:
+    """One row of val scenes, then `rows` rows of `cols` samples, enlarged `scale` times (nearest)."""
+    rows_of_images = [real[:cols], *fake[: rows * cols].split(cols)]
+    grid = image_grid(rows_of_images)
     save_png_atomic(grid.repeat(scale, axis=0).repeat(scale, axis=1), path)
 
 
@@ -58,7 +58,7 @@ def report(run: LoadedRun, args: argparse.Namespace) -> dict:
     generator = torch.Generator().manual_seed(args.seed)
     fake = prior_samples(run.model, len(real), generator)[-1].float().clamp(-1, 1)
     grid = args.grid or args.run_dir / "samples" / "demo_grid.png"
-    write_grid(real, fake, args.cols, args.scale, grid)
+    write_grid(real, fake, args.cols, args.rows, args.scale, grid)
     result = {"step": run.step, "ema": run.ema, "grid": str(grid), "probe_n": len(real)}
     result["probe"] = probe_report(probe, real, fake)
     result["probe"]["probe_fd_train_vs_val"] = probe_frechet_distance(probe, real, train)
@@ -99,12 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fid", type=int, default=100, help="N for FID (0: skip; >= 3 otherwise)")
     parser.add_argument("--probe-n", type=int, default=300, help="val images (and samples) the probe judges")
     parser.add_argument("--cols", type=int, default=8, help="images per grid row")
+    parser.add_argument("--rows", type=int, default=4, help="rows of samples in the grid")
     parser.add_argument("--scale", type=int, default=3, help="the grid's enlargement (nearest pixel)")
     parser.add_argument("--grid", type=Path, default=None, help="default: RUN_DIR/samples/demo_grid.png")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if (args.fid and args.fid < 3) or args.probe_n < args.cols or min(args.cols, args.scale) < 1:
-        parser.error("--fid must be 0 or >= 3, --probe-n >= --cols >= 1 and --scale >= 1")
+    if (
+        (args.fid and args.fid < 3)
+        or args.probe_n < args.rows * args.cols
+        or min(args.rows, args.cols, args.scale) < 1
+    ):
+        parser.error("--fid must be 0 or >= 3, --probe-n >= --rows x --cols, each >= 1, and --scale >= 1")
     try:
         result = report(load_run(args.run_dir), args)
     except DistVaeError as exc:
