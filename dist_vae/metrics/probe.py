@@ -226,3 +226,13 @@ def probe_frechet_distance(probe: FactorProbe, real: torch.Tensor, fake: torch.T
         for chunk in images.split(256):
             metric.update(((chunk.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8), real=is_real)
     return float(metric.compute())
+
+
+def probe_report(probe: FactorProbe, real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
+    """The probe's verdict on generated images against real ones: the probe Fréchet distance, and the
+    mean on-manifold scores of both sets (the real set's are the scale the generated ones are read on)."""
+    report = {"probe_fd": probe_frechet_distance(probe, real, fake)}
+    for name, images in (("real", real), ("fake", fake)):
+        for score_name, values in on_manifold(probe, images).items():
+            report[f"{name}_{score_name}"] = values.mean().item()
+    return report
