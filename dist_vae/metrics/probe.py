@@ -25,7 +25,7 @@ from torch import nn
 
 from dist_vae.data.index import DataError
 from dist_vae.data.scenes import FACTORS, read_labelled, render
-from dist_vae.files import write_bytes_atomic, write_text_atomic
+from dist_vae.files import to_uint8, write_bytes_atomic, write_text_atomic
 
 PROBE_DIR, WEIGHTS, META = "probe", "probe.safetensors", "probe.json"
 DISCRETE = [f for f in FACTORS if f.discrete]
@@ -63,17 +63,6 @@ class FactorProbe(nn.Module):
             logits.append(out[:, start : start + len(f.values)])
             start += len(f.values)
         return logits, out[:, start:]
-
-
-class ProbeFeatures(nn.Module):
-    """The probe's feature layer as torchmetrics' FrechetInceptionDistance takes it: uint8 in."""
-
-    def __init__(self, probe: FactorProbe) -> None:
-        super().__init__()
-        self.probe, self.num_features = probe, probe.num_features
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.probe.features(images.float() / 127.5 - 1.0).double()
 
 
 def encode_targets(factors: Sequence[Mapping[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,14 +207,16 @@ def on_manifold(probe: FactorProbe, images: torch.Tensor) -> dict[str, torch.Ten
 
 
 def probe_frechet_distance(probe: FactorProbe, real: torch.Tensor, fake: torch.Tensor) -> float:
-    """Fréchet distance between two image sets ([N, 3, R, R] in [-1, 1]) in the probe's features."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
+    """Fréchet distance between two image sets ([N, 3, R, R] in [-1, 1]) in the probe's features, the
+    images first quantised as a PNG of them holds them (as FID's are)."""
+    from dist_vae.metrics.fid import fid  # torchmetrics: the [metrics] extra
 
-    metric = FrechetInceptionDistance(feature=ProbeFeatures(probe.eval()), normalize=False)
-    for images, is_real in ((real, True), (fake, False)):
-        for chunk in images.split(256):
-            metric.update(((chunk.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8), real=is_real)
-    return float(metric.compute())
+    probe.eval()
+
+    def features(images: torch.Tensor) -> torch.Tensor:
+        return torch.cat(batched(probe.features, to_uint8(images).float() / 127.5 - 1.0)).double()
+
+    return fid(features(real), features(fake))
 
 
 def probe_report(probe: FactorProbe, real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
