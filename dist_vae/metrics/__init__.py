@@ -1,27 +1,8 @@
-"""Numbers that judge a trained model, each taking the model through the `GenerativeModel` protocol."""
+"""Numbers that judge a trained model, each taking the model through the `GenerativeModel` protocol.
 
-from dist_vae.metrics.likelihood import (
-    EvalPart,
-    accumulate,
-    active_units,
-    evaluate,
-    importance_weighted_log_likelihood,
-    laplacian_variance,
-    model_mutual_information,
-    mutual_information,
-    sample_spread,
-    summarize,
-)
+The package re-exports likelihood.py's names (its `__all__`); sample quality (FID and the factor
+probe) lives in its own modules, imported by name, since it needs the `[metrics]` extra.
+"""
 
-__all__ = [
-    "EvalPart",
-    "accumulate",
-    "active_units",
-    "evaluate",
-    "importance_weighted_log_likelihood",
-    "laplacian_variance",
-    "model_mutual_information",
-    "mutual_information",
-    "sample_spread",
-    "summarize",
-]
+from dist_vae.metrics.likelihood import *  # noqa: F403
+from dist_vae.metrics.likelihood import __all__ as __all__
