@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load, save
 from torch import nn
 
+from dist_vae.data.decode import to_unit_range
 from dist_vae.data.index import DataError
 from dist_vae.data.scenes import FACTORS, read_labelled, render
 from dist_vae.files import to_uint8, write_bytes_atomic, write_text_atomic
@@ -74,7 +75,7 @@ def encode_targets(factors: Sequence[Mapping[str, Any]]) -> tuple[torch.Tensor, 
 
 def to_input(images: np.ndarray) -> torch.Tensor:
     """uint8 [N, R, R, 3] -> float [N, 3, R, R] in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return to_unit_range(torch.from_numpy(images).permute(0, 3, 1, 2))
 
 
 @torch.no_grad()
@@ -214,7 +215,7 @@ def probe_frechet_distance(probe: FactorProbe, real: torch.Tensor, fake: torch.T
     probe.eval()
 
     def features(images: torch.Tensor) -> torch.Tensor:
-        return torch.cat(batched(probe.features, to_uint8(images).float() / 127.5 - 1.0)).double()
+        return torch.cat(batched(probe.features, to_unit_range(to_uint8(images)))).double()
 
     return fid(features(real), features(fake))
 
