@@ -48,6 +48,11 @@ def shard_folder(src: Path, out: Path, **kw: object) -> tuple[dict, dict[str, np
     return manifest, stored
 
 
+def save_noise(rng: np.random.Generator, path: Path, height: int, width: int) -> None:
+    """A PNG of uniform RGB noise: an ordinary 8-bit source image."""
+    Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)).save(path)
+
+
 def test_16_bit_png_is_scaled_to_8_bits(tmp_path: Path) -> None:
     ramp = np.tile(np.linspace(0, 65535, 64).round().astype(np.uint16), (64, 1))
     (tmp_path / "src").mkdir()
@@ -97,7 +102,7 @@ def test_broken_and_looping_symlinks_and_tiny_images_are_listed_as_skipped(tmp_p
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
     rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, size=(20, 30, 3), dtype=np.uint8)).save(src / "good.png")
+    save_noise(rng, src / "good.png", 20, 30)
     Image.fromarray(np.full((1, 1, 3), 90, dtype=np.uint8)).save(src / "dot.png")
     Image.fromarray(np.full((3, 40, 3), 90, dtype=np.uint8)).save(src / "sub" / "sliver.png")
     Image.fromarray(np.full((4, 4, 3), 90, dtype=np.uint8)).save(src / "sub" / "small.png")  # = RES / 4: kept
@@ -136,15 +141,15 @@ def test_a_changed_source_is_refused_with_what_changed(tmp_path: Path) -> None:
     src.mkdir()
     rng = np.random.default_rng(0)
     for i in range(6):
-        Image.fromarray(rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)).save(src / f"{i}.png")
+        save_noise(rng, src / f"{i}.png", 8, 8)
     args = ("--source", f"folder:{src}", "--out", str(out), "--resolution", "8", "--shard-size", "2")
     assert make_shards(*args).returncode == 0
     manifest = (out / "manifest.json").read_bytes()
     again = make_shards(*args)
     assert again.returncode == 0 and "train 6 images" in again.stdout  # unchanged source: nothing to do
 
-    Image.fromarray(rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)).save(src / "6.png")
-    Image.fromarray(rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)).save(src / "7.png")
+    save_noise(rng, src / "6.png", 8, 8)
+    save_noise(rng, src / "7.png", 8, 8)
     (src / "0.png").unlink()
     refused = make_shards(*args)
     assert refused.returncode == 2, refused.stderr
@@ -166,7 +171,7 @@ def test_a_killed_run_restarted_on_a_changed_source_is_refused(tmp_path: Path) -
     src.mkdir()
     rng = np.random.default_rng(1)
     for i in range(60):
-        Image.fromarray(rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8)).save(src / f"{i:02d}.png")
+        save_noise(rng, src / f"{i:02d}.png", 48, 64)
     args = ("--source", f"folder:{src}", "--out", str(out), "--resolution", "8", "--shard-size", "1")
     proc = subprocess.Popen(cli(*args, "--val-fraction", "0"), env=ENV)
     deadline = time.monotonic() + 60
