@@ -59,6 +59,9 @@ class TrainConfig:
     max_consecutive_skips: int = at_least(5, 0)  # after this many, the next update is applied anyway
     # This many non-finite updates in a row end the run: exit code 4, nothing new saved.
     max_nonfinite_skips: int = at_least(10, 1)
+    # fp16 loss scaling (the trainer's GradScaler, or DeepSpeed's loss_scale_window): the scale doubles
+    # after this many updates without overflow; an overflow halves it and skips the update.
+    loss_scale_growth_interval: int = at_least(2000, 1)
     compile: bool = False  # torch.compile the model (in place, before DDP/DeepSpeed wrap it)
     peak_flops: float | None = at_least(None, 0.0)  # FLOP/s of one device for perf/mfu; None: by name
     sample_count: int = at_least(16, 1)  # images in each sample grid

@@ -4,6 +4,9 @@ The engine has no test switches; this script (run directly or under `accelerate 
 real forward hooks to whatever model `build_model` returns, driven by environment variables:
   HARNESS_NAN_AT=3,5   multiply the training loss of those training forward calls (0-based) by NaN
   HARNESS_SPIKE_AT=4   multiply the training loss of those calls by 1000 (a gradient-norm spike)
+  HARNESS_OVERFLOW_AT=5  multiply the training loss by 1e20 in the forwards of those steps (the
+                       model's `step` argument, so a resumed run injects at the same update): finite
+                       in fp32, it overflows a loss-scaled fp16 backward
   HARNESS_RECORD=DIR   append a checksum of every training input batch to DIR/rank-<RANK>.txt
 """
 
@@ -24,6 +27,7 @@ from dist_vae.models.output import LossOutput  # noqa: E402
 
 NAN_AT = {int(i) for i in os.environ.get("HARNESS_NAN_AT", "").split(",") if i}
 SPIKE_AT = {int(i) for i in os.environ.get("HARNESS_SPIKE_AT", "").split(",") if i}
+OVERFLOW_AT = {int(i) for i in os.environ.get("HARNESS_OVERFLOW_AT", "").split(",") if i}
 RECORD = os.environ.get("HARNESS_RECORD")
 calls = {"n": 0}
 
@@ -50,6 +54,13 @@ def inject_bad_loss(module: torch.nn.Module, _args: tuple, output: object) -> ob
     return LossOutput(output.loss * factor, output.scalars, output.aux_losses)
 
 
+def inject_overflow(module: torch.nn.Module, _args: tuple, kwargs: dict, output: object) -> object:
+    if not (isinstance(output, LossOutput) and _is_top_model(module) and kwargs.get("step") in OVERFLOW_AT):
+        return None
+    return LossOutput(output.loss * 1e20, output.scalars, output.aux_losses)
+
+
 register_module_forward_pre_hook(record_inputs)
 register_module_forward_hook(inject_bad_loss)
+register_module_forward_hook(inject_overflow, with_kwargs=True)
 sys.exit(train.main(sys.argv[1:]))

@@ -70,13 +70,15 @@ def test_update_gate_counts_skips_and_notices_divergence() -> None:
     decisions = [gate.decide(step, norm, not math.isfinite(norm)) for step, norm in
                  enumerate([1.0, nan, 1.1, 0.9, 50.0, nan, nan, 1.0], 1)]  # fmt: skip
     assert decisions == ["", "nonfinite", "", "", "spike", "nonfinite", "nonfinite", ""]
-    assert gate.skipped == {"nonfinite": 3, "spike": 1} and not gate.diverged  # a finite update reset it
-    # fp16 loss-scale overflow (finite loss) is skipped and counted but is no sign of divergence.
+    assert gate.skipped == {"nonfinite": 3, "overflow": 0, "spike": 1} and not gate.diverged  # reset
+    # fp16 loss-scale overflow (finite loss) is skipped and counted apart: no sign of divergence.
     for step in range(9, 14):
-        assert gate.decide(step, math.inf, nonfinite=True, diverging=False) == "nonfinite"
-    assert not gate.diverged and gate.skipped["nonfinite"] == 8
-    for step in range(14, 17):
-        gate.decide(step, nan, nonfinite=True)
+        assert gate.decide(step, math.inf, nonfinite=True, diverging=False) == "overflow"
+    assert not gate.diverged and gate.skipped == {"nonfinite": 3, "overflow": 5, "spike": 1}
+    gate.decide(14, nan, nonfinite=True)
+    gate.decide(15, nan, nonfinite=True)
+    gate.decide(16, math.inf, nonfinite=True, diverging=False)  # neither counts nor breaks the run
+    gate.decide(17, nan, nonfinite=True)
     assert gate.diverged
     message = str(gate.divergence("/runs/x/checkpoints/step-00000008"))
     assert message == ("training diverged: 3 consecutive non-finite updates since step 14; "

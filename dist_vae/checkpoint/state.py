@@ -239,19 +239,27 @@ def restore_engine_counters(model: nn.Module, counters: dict[str, int] | None) -
         deepspeed_compat.restore_engine_counters(engine, counters)
 
 
-def scaler_state(acc: Accelerator, model: nn.Module) -> dict[str, Any] | None:
-    """The fp16 loss scale and its growth tracking: Accelerate's GradScaler or DeepSpeed's loss scaler."""
+def scaler_state(model: nn.Module, scaler: torch.amp.GradScaler | None) -> dict[str, Any] | None:
+    """The fp16 loss scale and its growth tracking: the trainer's GradScaler or DeepSpeed's loss scaler.
+    Every rank holds the same (its overflow check reads the all-reduced gradients), so it is global."""
     engine = deepspeed_engine(model)
     if engine is not None:
         return deepspeed_compat.loss_scaler_state(engine)
-    return (acc.scaler.state_dict() or None) if acc.scaler is not None else None
+    return scaler.state_dict() if scaler is not None else None
 
 
-def restore_scaler(acc: Accelerator, model: nn.Module, state: dict[str, Any] | None) -> None:
+def restore_scaler(
+    model: nn.Module, scaler: torch.amp.GradScaler | None, state: dict[str, Any] | None
+) -> None:
+    """Continue the saved scale and growth tracker under this run's configured hyperparameters (a
+    tracker past a shortened interval grows the scale at the next clean update). A DeepSpeed run's
+    scale (`cur_scale`) continues here with a fresh growth count."""
     if state is None:
         return
     engine = deepspeed_engine(model)
     if engine is not None:
         deepspeed_compat.restore_loss_scaler(engine, state)
-    elif acc.scaler is not None:
-        acc.scaler.load_state_dict(state)
+    elif scaler is not None:
+        tracker = min(int(state.get("_growth_tracker", 0)), scaler.get_growth_interval() - 1)
+        scale = float(state.get("scale", state.get("cur_scale", scaler.get_scale())))
+        scaler.load_state_dict({**scaler.state_dict(), "scale": scale, "_growth_tracker": tracker})

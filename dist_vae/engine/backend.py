@@ -7,6 +7,7 @@ is all DeepSpeed allows. How an update is made is the backend's (engine/update.p
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +89,13 @@ class Backend:
         """The weights evaluation and samples use: the EMA's when kept."""
         return self.ema.model if self.ema is not None else self.raw_model
 
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        """The forwards' mixed precision: fp16 autocast where the trainer owns the loss scaler (and so
+        the autocast: engine/distributed.py), else Accelerate's (bf16, or none)."""
+        if self.update_path.scaler is not None:
+            return torch.autocast(self.accelerator.device.type, dtype=torch.float16)
+        return self.accelerator.autocast()
+
     def set_lr(self, factor: float) -> None:
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = base * factor
@@ -109,7 +117,8 @@ def build_backend(cfg: Config, acc: Accelerator, lr_scale: float) -> Backend:
         model.compile()  # in place: parameter names, checkpoints and param_groups() stay as they are
     prepared, prepared_optimizer = acc.prepare(model, optimizer)
     raw_model = acc.unwrap_model(prepared)
-    update_path = make_update_path(acc, prepared, optimizer, t.grad_clip)  # the raw optimizer
+    growth = t.loss_scale_growth_interval if t.precision == "fp16" else None
+    update_path = make_update_path(acc, prepared, optimizer, t.grad_clip, growth)  # the raw optimizer
     return Backend(
         acc, prepared, raw_model, prepared_optimizer, update_path, ema, group_names, base_lrs, peak, per_image
     )

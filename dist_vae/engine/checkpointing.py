@@ -87,7 +87,7 @@ class Checkpointer:
         b = self.backend
         path = checkpoint.save_checkpoint(
             b.accelerator, self.run_dir, step, model=b.model, optimizer=b.optimizer, ema=b.ema,
-            scaler_state=scaler_state(b.accelerator, b.model), meta=self.meta(),
+            scaler_state=scaler_state(b.model, b.update_path.scaler), meta=self.meta(),
             keep=self.cfg.train.keep_checkpoints,
         )  # fmt: skip
         if self.pending is not None and b.accelerator.is_main_process:
@@ -101,7 +101,7 @@ class Checkpointer:
         loaded = checkpoint.load_checkpoint(
             b.accelerator, path, model=b.model, optimizer=b.optimizer, ema=b.ema
         )
-        restore_scaler(b.accelerator, b.model, loaded.scaler_state)
+        restore_scaler(b.model, b.update_path.scaler, loaded.scaler_state)
         self.streams.load_state_dict(loaded.meta)
         self.gate.load_state_dict(loaded.meta)
         return loaded.step

@@ -25,7 +25,7 @@ class Evaluation:
         acc, cfg = self.backend.accelerator, self.cfg
         totals = torch.zeros(2, dtype=torch.float64, device=acc.device)
         stream = self.streams.val()
-        with evaluating(self.backend.eval_model) as net, acc.autocast():
+        with evaluating(self.backend.eval_model) as net, self.backend.autocast():
             torch.manual_seed(cfg.seed + step)
             for i, x in enumerate(stream):
                 if i == cfg.train.eval_batches:
@@ -56,6 +56,6 @@ class Evaluation:
         if not acc.is_main_process:
             return
         generator = torch.Generator(acc.device).manual_seed(self.cfg.seed + step)
-        with evaluating(self.backend.eval_model) as net, acc.autocast():
+        with evaluating(self.backend.eval_model) as net, self.backend.autocast():
             rows = grid_samples(net, self.cfg.train.sample_count, generator=generator)
         self.logger.samples(rows, step)

@@ -10,7 +10,9 @@ next update is taken whatever its norm, so training cannot stall.
 
 Non-finite updates are always skipped, but a run that produces nothing else has diverged: after
 `max_nonfinite` in a row the trainer stops (`TrainingDiverged`, exit code 4) instead of skipping
-forever. Every rank sees the same norms, so every rank takes the same decisions.
+forever. Under fp16 a non-finite gradient of a finite loss is loss-scale overflow: skipped while the
+scaler halves its scale, counted apart ('overflow'), and no step towards that stop. Every rank sees
+the same norms, so every rank takes the same decisions.
 """
 
 from __future__ import annotations
@@ -60,21 +62,22 @@ class UpdateGate:
     def __init__(self, spikes: SpikeDetector, max_nonfinite: int) -> None:
         self.spikes = spikes
         self.max_nonfinite = max_nonfinite
-        self.skipped = {"nonfinite": 0, "spike": 0}
+        self.skipped = {"nonfinite": 0, "overflow": 0, "spike": 0}
         self.nonfinite_run = 0  # consecutive non-finite updates so far
         self.nonfinite_since = 0  # the step of the first of them
 
     def decide(self, step: int, norm: float, nonfinite: bool, diverging: bool = True) -> str:
-        """'' to apply the update that makes `step`, else why not ('nonfinite' or 'spike').
+        """'' to apply the update that makes `step`, else why not ('nonfinite', 'overflow', 'spike').
 
         `diverging=False` marks a non-finite update that is no sign of divergence (fp16 loss-scale
-        overflow with a finite loss): skipped and counted, but it ends a run of non-finite updates.
+        overflow with a finite loss): an 'overflow', which leaves the run of non-finite updates as it was.
         """
+        if nonfinite and not diverging:
+            self.skipped["overflow"] += 1
+            return "overflow"
         if nonfinite:
             self.skipped["nonfinite"] += 1
-            if not diverging:
-                self.nonfinite_run = 0
-            elif self.nonfinite_run == 0:
+            if self.nonfinite_run == 0:
                 self.nonfinite_run, self.nonfinite_since = 1, step
             else:
                 self.nonfinite_run += 1
@@ -104,5 +107,5 @@ class UpdateGate:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.spikes.load_state_dict(state["spikes"])
-        self.skipped = {key: int(state["skipped"][key]) for key in self.skipped}
+        self.skipped = {key: int(state["skipped"].get(key, 0)) for key in self.skipped}  # older: no overflow
         self.nonfinite_run, self.nonfinite_since = state["nonfinite_run"]

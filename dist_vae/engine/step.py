@@ -30,7 +30,7 @@ class Update:
 
     grad_norm: float  # the real value: NaN or inf for a non-finite update
     applied: bool
-    reason: str = ""  # 'nonfinite' or 'spike' when not applied
+    reason: str = ""  # 'nonfinite', 'overflow' (fp16 loss scale) or 'spike' when not applied
     preempted: bool = False  # some rank had been signalled (every rank agrees)
 
 
@@ -59,8 +59,9 @@ class UpdateStep:
         for i in range(t.accumulate):
             x = self._fetch(batches, window)
             with b.update_path.accumulating(sync=i == t.accumulate - 1):
-                out = b.model(x, step=step)
-                total = out.total()
+                with b.autocast():
+                    out = b.model(x, step=step)
+                    total = out.total()
                 b.update_path.backward(total)
             loss = loss + total.detach()
             window.add("loss", out.loss)
@@ -94,7 +95,7 @@ class UpdateStep:
         diverging = bool(bad_loss) or self.cfg.train.precision != "fp16"
         reason = self.gate.decide(step + 1, agreed_norm, bool(nonfinite), diverging)
         if reason:
-            b.update_path.discard(reason == "nonfinite")
+            b.update_path.discard(reason in ("nonfinite", "overflow"))
         else:
             b.update_path.apply()
             if b.ema is not None:

@@ -4,9 +4,10 @@ The trainer's loop is the same everywhere: backpropagate the accumulated micro-b
 global gradient norm, decide (engine/skip.py) whether to apply the update, then `apply()` or
 `discard()`. The backends differ only in how those four things are done:
 
-- `TorchUpdate` (single process and DDP): Accelerate's `no_sync` and loss scaling, torch's norm and
-  clipping, the raw optimizer's step. Calling the raw optimizer (not Accelerate's wrapper) keeps
-  per-step Python work out of the loop.
+- `TorchUpdate` (single process and DDP): Accelerate's `no_sync`, torch's norm and clipping, the raw
+  optimizer's step. Calling the raw optimizer (not Accelerate's wrapper) keeps per-step Python work
+  out of the loop. Under fp16 it drives its own `torch.amp.GradScaler` on CPU and GPU alike
+  (Accelerate 1.x makes none on CPU): scale the loss, unscale before the norm, step and update.
 - `DeepSpeedUpdate` (ZeRO-1/2): the engine's backward with the accumulation boundary set by us, so
   the engine never steps on its own; the ZeRO optimizer's global norm of the reduced gradient
   partitions before stepping, then either the engine's own step (which clips and steps) or the same
@@ -31,6 +32,8 @@ from dist_vae.errors import BackendError
 
 
 class UpdatePath(Protocol):
+    scaler: torch.amp.GradScaler | None  # the trainer's fp16 loss scaler (DeepSpeed keeps its own)
+
     def accumulating(self, sync: bool) -> contextlib.AbstractContextManager[None]:
         """Context for one micro-batch's forward and backward; `sync` marks the window's last one."""
 
@@ -51,11 +54,15 @@ class TorchUpdate:
     """Single process and DDP."""
 
     def __init__(
-        self, acc: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, clip: float
+        self,
+        acc: Accelerator,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        clip: float,
+        scaler: torch.amp.GradScaler | None,
     ) -> None:
-        self.acc, self.model, self.optimizer, self.clip = acc, model, optimizer, clip
+        self.acc, self.model, self.optimizer, self.clip, self.scaler = acc, model, optimizer, clip, scaler
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.scaler = acc.scaler
         self._grads: list[torch.Tensor] = []
         self._norm = torch.zeros(())
 
@@ -64,7 +71,7 @@ class TorchUpdate:
         return contextlib.nullcontext() if sync else self.acc.no_sync(self.model)
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.acc.backward(loss)  # divides by train.accumulate; scales for fp16
+        self.acc.backward(loss if self.scaler is None else self.scaler.scale(loss))  # / train.accumulate
 
     def grad_norm(self) -> torch.Tensor:
         if self.scaler is not None:
@@ -110,6 +117,7 @@ class DeepSpeedUpdate:
             )
         deepspeed_compat.check_supported(self.zero, self.engine)
         self.fp16 = self.engine.fp16_enabled()
+        self.scaler = None  # under fp16 the engine scales the loss itself
 
     @contextlib.contextmanager
     def accumulating(self, sync: bool) -> Iterator[None]:
@@ -133,9 +141,17 @@ class DeepSpeedUpdate:
 
 
 def make_update_path(
-    acc: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, clip: float
+    acc: Accelerator,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    clip: float,
+    loss_scale_growth: int | None,
 ) -> UpdatePath:
-    """`model` as prepared by Accelerate, `optimizer` the raw torch one it wraps."""
+    """`model` as prepared by Accelerate, `optimizer` the raw torch one it wraps. `loss_scale_growth`:
+    under fp16, the updates without overflow after which the loss scale doubles; None without fp16."""
     if acc.distributed_type == DistributedType.DEEPSPEED:
         return DeepSpeedUpdate(acc)
-    return TorchUpdate(acc, model, optimizer, clip)
+    scaler = None
+    if loss_scale_growth is not None:
+        scaler = torch.amp.GradScaler(acc.device.type, growth_interval=loss_scale_growth)
+    return TorchUpdate(acc, model, optimizer, clip, scaler)

@@ -72,7 +72,7 @@ class ScalarLog:
             values[f"skipped/{reason}"] = count
         for kind, count in self.streams.skipped().items():
             values[f"data/skipped_{kind}"] = count
-        if acc.scaler is not None:
-            values["train/loss_scale"] = acc.scaler.get_scale()
+        if b.update_path.scaler is not None:
+            values["train/loss_scale"] = b.update_path.scaler.get_scale()
         self.logger.scalars(values, step)
         return values["train/bpd"]
