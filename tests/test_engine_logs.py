@@ -18,11 +18,11 @@ from dist_vae.models import build_model
 from dist_vae.train import main
 from tests.engine_util import assert_same, check, checkpoint_contents, python_cmd, run, train_args
 
-NO_DATA_SKIPS = {"shards": 0, "samples": 0}
+OTHER_SKIPS = {"shards": 0, "samples": 0, "overflow": 0}  # no data faults, no fp16 overflow
 SCALARS = [
     "train/loss", "train/bpd", "train/kl", "train/rec", "train/grad_norm", "lr/main", "perf/img_per_s",
-    "perf/data_wait_fraction", "perf/img_per_s_per_rank", "skipped/nonfinite", "skipped/spike", "val/bpd",
-    "data/skipped_shards", "data/skipped_samples",
+    "perf/data_wait_fraction", "perf/img_per_s_per_rank", "skipped/nonfinite", "skipped/overflow",
+    "skipped/spike", "val/bpd", "data/skipped_shards", "data/skipped_samples",
 ]  # fmt: skip
 PEAK = 1e12  # train.peak_flops: a CPU has no datasheet figure
 
@@ -41,10 +41,10 @@ def bad_run(demo_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 def test_nan_and_spike_updates_are_skipped_and_counted(bad_run: Path) -> None:
     assert [step for step, _ in complete_checkpoints(bad_run)] == list(range(1, 9))
     ckpt = {step: checkpoint_contents(path) for step, path in complete_checkpoints(bad_run)}
-    assert ckpt[1]["state.json"]["meta"]["skipped"] == {**NO_DATA_SKIPS, "nonfinite": 0, "spike": 0}
-    assert ckpt[2]["state.json"]["meta"]["skipped"] == {**NO_DATA_SKIPS, "nonfinite": 1, "spike": 0}
-    assert ckpt[6]["state.json"]["meta"]["skipped"] == {**NO_DATA_SKIPS, "nonfinite": 1, "spike": 0}
-    assert ckpt[8]["state.json"]["meta"]["skipped"] == {**NO_DATA_SKIPS, "nonfinite": 1, "spike": 1}
+    assert ckpt[1]["state.json"]["meta"]["skipped"] == {**OTHER_SKIPS, "nonfinite": 0, "spike": 0}
+    assert ckpt[2]["state.json"]["meta"]["skipped"] == {**OTHER_SKIPS, "nonfinite": 1, "spike": 0}
+    assert ckpt[6]["state.json"]["meta"]["skipped"] == {**OTHER_SKIPS, "nonfinite": 1, "spike": 0}
+    assert ckpt[8]["state.json"]["meta"]["skipped"] == {**OTHER_SKIPS, "nonfinite": 1, "spike": 1}
     for before, after in [(1, 2), (6, 7)]:  # a skipped update leaves weights, moments and EMA as they were
         for file in ("model.safetensors", "optimizer.safetensors", "ema.safetensors"):
             assert_same(ckpt[before][file], ckpt[after][file])
