@@ -117,7 +117,7 @@ class DeepSpeedUpdate:
             )
         deepspeed_compat.check_supported(self.zero, self.engine)
         self.fp16 = self.engine.fp16_enabled()
-        self.scaler = None  # under fp16 the engine scales the loss itself
+        self.scaler: torch.amp.GradScaler | None = None  # under fp16 the engine scales the loss itself
 
     @contextlib.contextmanager
     def accumulating(self, sync: bool) -> Iterator[None]:
