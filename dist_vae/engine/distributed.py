@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
@@ -23,9 +24,11 @@ def make_accelerator(cfg: Config) -> Accelerator:
         raise ConfigError("bad value 'fp16' for 'train.precision': fp16 needs a GPU; use bf16 or fp32 on CPU")
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     cpu = not torch.cuda.is_available() and not deepspeed
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if needs_gloo() else []
+    # The timeout ends a collective whose peer died or hangs (DeepSpeed's init_distributed gets it too).
+    timeout = timedelta(seconds=cfg.train.collective_timeout)
+    group = InitProcessGroupKwargs(timeout=timeout, **({"backend": "gloo"} if needs_gloo() else {}))
     accelerator = Accelerator(
-        cpu=cpu, mixed_precision=_PRECISION[cfg.train.precision], kwargs_handlers=handlers
+        cpu=cpu, mixed_precision=_PRECISION[cfg.train.precision], kwargs_handlers=[group]
     )
     # The launcher's environment may carry its own accumulation count; the run config decides.
     accelerator.gradient_accumulation_steps = cfg.train.accumulate
