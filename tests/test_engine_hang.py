@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -86,3 +87,38 @@ def test_rank_sleeping_in_a_step_dumps_stacks_exits_and_rerun_resumes(
     err = (tmp_path / "rerun" / "rank-0.txt").read_text()
     assert [p.returncode for p in procs] == [0, 0], err[-4000:]
     assert "resumed from step 4" in err
+
+
+def test_work_between_steps_has_its_own_bound_and_a_late_exception_keeps_the_hang_code(
+    tmp_path: Path,
+) -> None:
+    """Evaluation or saving that outlasts train.action_timeout is a hang too. The main thread's exception
+    after the dump (a peer that exited first breaks this rank's collective) must not replace exit 5."""
+    script = (
+        "import time; from pathlib import Path; from dist_vae.engine.watchdog import Watchdog\n"
+        f"w = Watchdog(Path({str(tmp_path)!r}), 3, None, 1.0)\n"
+        "with w.watching(2), w.between_steps(3):\n"
+        "    time.sleep(2.0)\n"
+        "    raise RuntimeError('Connection closed by peer')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env(), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == HANG_EXIT_CODE, done.stderr
+    assert done.stderr.startswith(
+        "error: rank 3: evaluation, sampling or saving at step 3 unfinished (train.action_timeout=1)"
+    )
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert "line 4 in <module>" in hang_file(tmp_path, 3).read_text()
+
+
+def test_a_rank_whose_peer_never_starts_is_refused_after_collective_timeout(
+    demo_shards: Path, tmp_path: Path
+) -> None:
+    ranks = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}  # fmt: skip
+    cmd = python_cmd(tmp_path / "run", demo_shards, "train.collective_timeout=3")
+    done = subprocess.run(cmd, env=env(**ranks), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-4000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the process group did not form within train.collective_timeout=3 s"), last

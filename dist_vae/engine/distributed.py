@@ -10,6 +10,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 from dist_vae.config import Config, ConfigError
+from dist_vae.errors import BackendError
 from dist_vae.processes import needs_gloo
 
 _PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -27,9 +28,16 @@ def make_accelerator(cfg: Config) -> Accelerator:
     # The timeout ends a collective whose peer died or hangs (DeepSpeed's init_distributed gets it too).
     timeout = timedelta(seconds=cfg.train.collective_timeout)
     group = InitProcessGroupKwargs(timeout=timeout, **({"backend": "gloo"} if needs_gloo() else {}))
-    accelerator = Accelerator(
-        cpu=cpu, mixed_precision=_PRECISION[cfg.train.precision], kwargs_handlers=[group]
-    )
+    try:
+        accelerator = Accelerator(
+            cpu=cpu, mixed_precision=_PRECISION[cfg.train.precision], kwargs_handlers=[group]
+        )
+    except torch.distributed.DistError as exc:  # a rank that never joined: one line, not a traceback
+        key = f"train.collective_timeout={cfg.train.collective_timeout:g}"
+        raise BackendError(
+            f"the process group did not form within {key} s ({str(exc).splitlines()[0]}); check that "
+            "every rank started and MASTER_ADDR:MASTER_PORT is reachable from all of them"
+        ) from exc
     # The launcher's environment may carry its own accumulation count; the run config decides.
     accelerator.gradient_accumulation_steps = cfg.train.accumulate
     if accelerator.distributed_type == DistributedType.DEEPSPEED:

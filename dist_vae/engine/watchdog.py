@@ -52,7 +52,8 @@ class Watchdog:
         self.rank, self.path = rank, hang_file(run_dir, rank)
         self.hang_timeout, self.action_timeout = hang_timeout, action_timeout
         self.fired = threading.Event()
-        self._stopped = threading.Event()
+        self._stopped = False
+        self._changed = threading.Condition()
         self._durations: deque[float] = deque(maxlen=TIMED_STEPS)
         self._started = self._deadline = time.monotonic()
         self._what = ""  # what the current deadline bounds, for the message
@@ -77,7 +78,9 @@ class Watchdog:
                 threading.Event().wait()
             raise
         finally:
-            self._stopped.set()
+            with self._changed:
+                self._stopped = True
+                self._changed.notify()
 
     @contextlib.contextmanager
     def between_steps(self, step: int) -> Iterator[None]:
@@ -87,7 +90,7 @@ class Watchdog:
         self._durations.append(now - self._started)
         key = f"train.action_timeout={self.action_timeout:g}"
         self._what = f"evaluation, sampling or saving at step {step} unfinished ({key})"
-        self._started, self._deadline = now, now + self.action_timeout
+        self._set_deadline(now, self.action_timeout)
         yield
         self._next_step(step)
 
@@ -100,14 +103,20 @@ class Watchdog:
                 f"train.hang_timeout unset: max({MIN_STEP_TIMEOUT_S:g} s, {MEDIAN_FACTOR} x median step time)"
             )
         self._what = f"no step boundary after step {step} ({key})"
-        now = time.monotonic()
-        self._started, self._deadline = now, now + self.step_timeout()
+        self._set_deadline(time.monotonic(), self.step_timeout())
+
+    def _set_deadline(self, now: float, timeout: float) -> None:
+        with self._changed:  # wake the watcher: the new deadline may be earlier than the one it waits for
+            self._started, self._deadline = now, now + timeout
+            self._changed.notify()
 
     def _watch(self) -> None:
-        # The deadline only moves later: wake at the one seen, then check again.
-        while not self._stopped.wait(max(0.0, self._deadline - time.monotonic())):
-            if time.monotonic() >= self._deadline:
-                self._fire()
+        with self._changed:
+            while not self._stopped:
+                left = self._deadline - time.monotonic()
+                if left <= 0:
+                    self._fire()
+                self._changed.wait(left)
 
     def _fire(self) -> None:
         self.fired.set()
