@@ -5,7 +5,8 @@
 #                        NODES and GPUS_PER_NODE into --nodes and --gres and putting the log in RUN_DIR;
 #   inside the job       (sbatch started it): runs one accelerate launcher per node (cluster/node.sh) and
 #                        carries the job through preemption: warning signal -> every trainer process
-#                        checkpoints and exits -> `scontrol requeue` -> the requeued job resumes (resume=auto).
+#                        checkpoints and exits -> `scontrol requeue` -> the requeued job resumes (resume=auto),
+#                        and through crashes and hangs (a bounded number of requeues each).
 # Settings (environment variables; the script's defaults apply where unset):
 #   CONFIG, DATA, RUN_DIR, ACCEL_CONFIG  trainer config, shard directory, run directory, accelerate config
 #   EXTRA                space-separated key=value overrides passed to dist_vae/train.py
@@ -20,6 +21,8 @@
 #   SETUP                a file sourced by the batch shell before launching (module load, conda activate)
 #   MAIN_ADDR, MAIN_PORT rendezvous address and port (first node of the job, 20000 + job id % 10000)
 #   MAX_CRASH_REQUEUES   how often one job is requeued after a crash (1)
+#   MAX_HANG_REQUEUES    how often one job is requeued after a hang: a trainer's watchdog wrote
+#                        RUN_DIR/hang/rank-R.txt (exit 5) (2)
 #   WARNING_REPEAT       seconds between repeats of the warning until the launchers exit (30)
 #   LAUNCH_ARGS          extra arguments for `accelerate launch`
 
@@ -29,6 +32,8 @@ set -euo pipefail
 REQUEUE_MARKER="requeue"
 DONE_MARKER="done"
 DIVERGED_MARKER="diverged"
+HANG_DIR="hang" # rank-R.txt: the stacks a hung rank wrote before exiting with HANG_EXIT
+HANG_EXIT=5
 
 log() { printf '[cluster %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 die() {
@@ -50,6 +55,7 @@ check_inputs() {
 	[[ ${GPUS_PER_NODE:-0} =~ ^[0-9]+$ ]] || die "GPUS_PER_NODE=$GPUS_PER_NODE: expected an integer >= 0"
 	[[ ${PROCS_PER_NODE:-0} =~ ^[0-9]+$ ]] || die "PROCS_PER_NODE=$PROCS_PER_NODE: expected an integer >= 0"
 	[[ ${MAX_CRASH_REQUEUES:-1} =~ ^[0-9]+$ ]] || die "MAX_CRASH_REQUEUES=$MAX_CRASH_REQUEUES: expected an integer >= 0"
+	[[ ${MAX_HANG_REQUEUES:-2} =~ ^[0-9]+$ ]] || die "MAX_HANG_REQUEUES=$MAX_HANG_REQUEUES: expected an integer >= 0"
 	[[ ${WARNING_REPEAT:-30} =~ ^[1-9][0-9]*$ ]] || die "WARNING_REPEAT=$WARNING_REPEAT: expected seconds >= 1"
 }
 
@@ -111,9 +117,30 @@ on_term() {
 		"SIGTERM too, so trainers checkpoint if they can"
 }
 
-# After the launchers exit: finished, preempted (requeue), or crashed (requeue at most MAX_CRASH_REQUEUES).
+# Stack files the trainers' watchdogs wrote during this run of the job, one a line.
+hang_files() {
+	if [[ -d $RUN_DIR/$HANG_DIR ]]; then find "$RUN_DIR/$HANG_DIR" -name 'rank-*.txt' -newer "$STAMP" | sort; fi
+}
+
+# Requeue after a crash or a hang unless this job was already requeued MAX times for it (counted by job
+# id in RUN_DIR/slurm-KIND-requeues, which survives the requeue).
+requeue_bounded() {
+	local kind=$1 past=$2 max_name=$3 status=$4 file count
+	file=$RUN_DIR/slurm-$kind-requeues
+	count=$(grep -c "^$SLURM_JOB_ID " "$file" 2>/dev/null || true)
+	count=${count:-0}
+	if ((count < ${!max_name})); then
+		echo "$SLURM_JOB_ID $(date -u +%FT%TZ) status=$status" >>"$file"
+		requeue "$kind $((count + 1)) of at most ${!max_name}"
+	fi
+	log "$past (status $status) and already requeued $count time(s) after a $kind" \
+		"($max_name=${!max_name}): not requeueing"
+}
+
+# After the launchers exit: finished, preempted (requeue), hung (requeue at most MAX_HANG_REQUEUES) or
+# crashed (requeue at most MAX_CRASH_REQUEUES).
 decide() {
-	local status=$1 crashes_file crashes
+	local status=$1 hung
 	if [[ -n $REPEATER ]]; then kill "$REPEATER" 2>/dev/null || true; fi
 	log "launchers exited with status $status; newest complete checkpoint: $(newest_checkpoint)"
 	if fresh "$DONE_MARKER"; then
@@ -140,14 +167,13 @@ decide() {
 		log "trainer checkpointed after a signal sent to it directly ($RUN_DIR/$REQUEUE_MARKER)"
 		requeue "preempted"
 	fi
-	crashes_file=$RUN_DIR/slurm-crash-requeues
-	crashes=$(grep -c "^$SLURM_JOB_ID " "$crashes_file" 2>/dev/null || true)
-	if ((${crashes:-0} < MAX_CRASH_REQUEUES)); then
-		echo "$SLURM_JOB_ID $(date -u +%FT%TZ) status=$status" >>"$crashes_file"
-		requeue "crash $((${crashes:-0} + 1)) of at most $MAX_CRASH_REQUEUES"
+	hung=$(hang_files)
+	if [[ -n $hung ]]; then
+		log "trainer hung (its watchdog stopped it); stacks of all threads: $(tr '\n' ' ' <<<"$hung")"
+		requeue_bounded hang hung MAX_HANG_REQUEUES "$status"
+		exit "$HANG_EXIT"
 	fi
-	log "crashed (status $status) and already requeued $((${crashes:-0})) time(s) after a crash" \
-		"(MAX_CRASH_REQUEUES=$MAX_CRASH_REQUEUES): not requeueing"
+	requeue_bounded crash crashed MAX_CRASH_REQUEUES "$status"
 	exit "$((status == 0 ? 1 : status))"
 }
 
@@ -160,6 +186,7 @@ run_job() {
 	GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}
 	PROCS_PER_NODE=${PROCS_PER_NODE:-$GPUS_PER_NODE}
 	MAX_CRASH_REQUEUES=${MAX_CRASH_REQUEUES:-1}
+	MAX_HANG_REQUEUES=${MAX_HANG_REQUEUES:-2}
 	WARNING_REPEAT=${WARNING_REPEAT:-30}
 	check_inputs
 	# A range lets Slurm choose (a requeued job may get fewer or more nodes); a number must match.

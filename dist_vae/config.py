@@ -65,6 +65,15 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (in place, before DDP/DeepSpeed wrap it)
     peak_flops: float | None = at_least(None, 0.0)  # FLOP/s of one device for perf/mfu; None: by name
     sample_count: int = at_least(16, 1)  # images in each sample grid
+    # Hang watchdog (engine/watchdog.py), in seconds: a step that reaches no boundary within
+    # hang_timeout (None: the larger of 15 minutes and 50x the median of the last 100 step times;
+    # 15 minutes before any step is timed), or evaluation, sampling and saving at one boundary that
+    # take longer than action_timeout, dump every thread's stack to RUN_DIR/hang/rank-R.txt, exit 5.
+    hang_timeout: float | None = at_least(None, 1.0)
+    action_timeout: float = at_least(14400.0, 1.0)
+    # init_process_group's timeout: a collective waiting this long for a dead peer raises instead of
+    # blocking forever.
+    collective_timeout: float = at_least(1800.0, 1.0)
 
 
 def default_model_config() -> Any:

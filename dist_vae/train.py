@@ -6,12 +6,16 @@ DeepSpeed ZeRO-1/2, CPU gloo) is chosen by the accelerate config file alone.
 Exit codes:
   0  train.steps reached; RUN_DIR/done is written (a rerun of a finished run says so in one line).
   2  bad configuration, unusable data, a checkpoint that cannot be written (disk full, read-only run
-     dir; the previous checkpoints are kept): one line `error: ...` naming the key or file.
+     dir; the previous checkpoints are kept), a process group that did not form within
+     train.collective_timeout: one line `error: ...` naming the key or file.
   3  (`REQUEUE_EXIT_CODE`) stopped by SIGUSR1/SIGTERM after a checkpoint; RUN_DIR/requeue is written,
      since multi-process launchers may report their own code instead; one line
      `stopped by SIGTERM at step N; checkpoint PATH; run the same command again to resume`.
   4  diverged: train.max_nonfinite_skips non-finite updates in a row. Nothing new is saved; one line
      `error: training diverged: N consecutive non-finite updates since step S; last good checkpoint: PATH`.
+  5  (`HANG_EXIT_CODE`) hung: no step boundary within train.hang_timeout, or evaluation/sampling/saving
+     past train.action_timeout (engine/watchdog.py). Each rank writes RUN_DIR/hang/rank-R.txt (the
+     stacks of all its threads) and prints one line `error: rank R: ...; stacks of all threads in PATH`.
 
 Signals (checked by tests/test_engine_signals.py): SIGUSR1 and SIGTERM only set a flag, installed
 before anything else starts (a signal while the process group forms or a checkpoint loads still

@@ -8,12 +8,15 @@ real forward hooks to whatever model `build_model` returns, driven by environmen
                        model's `step` argument, so a resumed run injects at the same update): finite
                        in fp32, it overflows a loss-scaled fp16 backward
   HARNESS_RECORD=DIR   append a checksum of every training input batch to DIR/rank-<RANK>.txt
+  HARNESS_SLEEP_AT=1:4:600  rank 1 sleeps 600 s in `sleep_inside_step` before its training forward
+                       call 4 (0-based): a hang inside a step, while the other ranks wait in its collective
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,6 +32,7 @@ NAN_AT = {int(i) for i in os.environ.get("HARNESS_NAN_AT", "").split(",") if i}
 SPIKE_AT = {int(i) for i in os.environ.get("HARNESS_SPIKE_AT", "").split(",") if i}
 OVERFLOW_AT = {int(i) for i in os.environ.get("HARNESS_OVERFLOW_AT", "").split(",") if i}
 RECORD = os.environ.get("HARNESS_RECORD")
+SLEEP_RANK, SLEEP_AT, SLEEP_S = (int(v) for v in os.environ.get("HARNESS_SLEEP_AT", "-1:-1:0").split(":"))
 calls = {"n": 0}
 
 
@@ -41,6 +45,13 @@ def record_inputs(module: torch.nn.Module, args: tuple) -> None:
         rank = os.environ.get("RANK", "0")
         with open(Path(RECORD) / f"rank-{rank}.txt", "a") as f:
             f.write(f"{float(args[0].double().sum()):.6f}\n")
+    if calls["n"] == SLEEP_AT and int(os.environ.get("RANK", "0")) == SLEEP_RANK and _is_top_model(module):
+        sleep_inside_step()
+
+
+def sleep_inside_step() -> None:
+    """The frame a hang test looks for in the stack file."""
+    time.sleep(SLEEP_S)
 
 
 def inject_bad_loss(module: torch.nn.Module, _args: tuple, output: object) -> object:

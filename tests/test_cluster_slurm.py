@@ -4,17 +4,22 @@ The cluster has two nodes (two slurmd on this host). Job 1 runs to the end on on
 Job 2 runs on both nodes, gets the preemption warning the way `--signal=B:USR1@N` delivers it (to the batch
 shell only: `scancel --signal=USR1 --batch`), checkpoints, requeues itself, resumes and finishes. Job 3
 crashes and is requeued once (MAX_CRASH_REQUEUES), then given up. Job 4 is cancelled and stays cancelled.
+Job 5 hangs (one trainer process stopped with SIGSTOP, so the other waits in a collective until its watchdog
+ends it), is requeued (MAX_HANG_REQUEUES) and finishes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.data_fixtures import make_demo_shards
@@ -314,3 +319,55 @@ def test_requeue_onto_fewer_nodes_continues_the_run(slurm: LocalSlurm, shards: P
     assert re.search(r"world size 2 -> 1", log), log[-6000:]
     assert (run_dir / "done").exists()
     print("\n".join(line for line in log.splitlines() if line.startswith("[cluster") or "world size" in line))
+
+
+def trainer_process(run_dir: Path, rank: int) -> psutil.Process:
+    """The trainer process of `rank` in the run (not its launcher, which has no RANK)."""
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if f"run_dir={run_dir}" in cmdline and "train.py" in cmdline:
+            with contextlib.suppress(psutil.Error):
+                if proc.environ().get("RANK") == str(rank):
+                    return proc
+    raise AssertionError(f"no trainer process of rank {rank} for {run_dir}")
+
+
+@pytest.mark.slow
+def test_hang_is_requeued_and_the_run_resumes(slurm: LocalSlurm, shards: Path, tmp_path: Path) -> None:
+    steps = 30
+    run_dir = tmp_path / "run"
+    extra = f"train.steps={steps} train.checkpoint_every=5 train.hang_timeout=10 {QUIET}"
+    job_id = submit_self(job_env(slurm.env, shards, run_dir, extra, MAX_HANG_REQUEUES="1"), tmp_path)
+    wait_for_first_checkpoint(slurm, job_id, run_dir)
+    # A frozen peer: rank 1 stops where it is, and rank 0 waits for it in the step's collective.
+    stopped = trainer_process(run_dir, 1)
+    stopped.send_signal(signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "hang" / "rank-0.txt").exists():
+            assert time.monotonic() < deadline, f"no hang file after 120 s:\n{job_log(run_dir, job_id)}"
+            time.sleep(0.2)
+    finally:  # let it run on (its own watchdog ends it) rather than wait for the launcher's SIGKILL
+        with contextlib.suppress(psutil.NoSuchProcess):
+            stopped.send_signal(signal.SIGCONT)
+    info = slurm.wait_job(
+        job_id,
+        lambda i: i["JobState"] in FINAL_STATES and (i["Restarts"] != "0" or i["JobState"] != "COMPLETED"),
+        300,
+    )
+    log = job_log(run_dir, job_id)
+    assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("COMPLETED", "1", "0:0"), (
+        f"{info}\n{log}"
+    )
+    assert_in_order(
+        log,
+        [
+            r"error: rank 0: no step boundary after step \d+ \(train.hang_timeout=10\)",
+            r"trainer hung \(its watchdog stopped it\); stacks of all threads: .*hang/rank-0.txt",
+            rf"requeueing job {job_id} \(hang 1 of at most 1\); the next run resumes from step-\d+",
+            rf"job {job_id}, run 2 \(restart count 1\)",
+            r"resuming from newest complete checkpoint: step-0*[1-9]\d*$",
+            rf"launchers exited with status 0; newest complete checkpoint: step-{steps:08d}",
+        ],
+    )
+    assert (run_dir / "done").exists()

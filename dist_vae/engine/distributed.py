@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 from dist_vae.config import Config, ConfigError
+from dist_vae.errors import BackendError
 from dist_vae.processes import needs_gloo
 
 
@@ -34,12 +36,21 @@ def make_accelerator(cfg: Config) -> Accelerator:
     if deepspeed and cfg.train.precision == "fp16":
         check_deepspeed_fp16()
     cpu = not torch.cuda.is_available() and not deepspeed
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if needs_gloo() else []
     # fp16 goes to Accelerate only under DeepSpeed, whose fp16 optimizer keeps its own loss scaler.
     # Elsewhere Accelerate 1.x makes no GradScaler and no autocast on CPU (it would silently train
     # fp32), so the trainer owns both on every device (Backend.autocast, update.py's TorchUpdate).
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16" if deepspeed else "no"}[cfg.train.precision]
-    accelerator = Accelerator(cpu=cpu, mixed_precision=precision, kwargs_handlers=handlers)
+    # The timeout ends a collective whose peer died or hangs (DeepSpeed's init_distributed gets it too).
+    timeout = timedelta(seconds=cfg.train.collective_timeout)
+    group = InitProcessGroupKwargs(timeout=timeout, **({"backend": "gloo"} if needs_gloo() else {}))
+    try:
+        accelerator = Accelerator(cpu=cpu, mixed_precision=precision, kwargs_handlers=[group])
+    except torch.distributed.DistError as exc:  # a rank that never joined: one line, not a traceback
+        key = f"train.collective_timeout={cfg.train.collective_timeout:g}"
+        raise BackendError(
+            f"the process group did not form within {key} s ({str(exc).splitlines()[0]}); check that "
+            "every rank started and MASTER_ADDR:MASTER_PORT is reachable from all of them"
+        ) from exc
     # The launcher's environment may carry its own accumulation count; the run config decides.
     accelerator.gradient_accumulation_steps = cfg.train.accumulate
     if accelerator.distributed_type == DistributedType.DEEPSPEED:

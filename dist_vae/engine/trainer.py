@@ -8,6 +8,7 @@ The Trainer composes parts with one job each, built in this order by `Trainer._a
   step.py           one update: micro-batches, the skip decision, apply or discard
   window.py         the running sums between log points and the scalars a log point writes
   cadence.py        when to log, evaluate, sample (evaluation.py) and save
+  watchdog.py       stacks and exit code 5 when a step, or the work between two, takes too long
 so that `fit` below is the loop and nothing else.
 """
 
@@ -28,6 +29,7 @@ from dist_vae.engine.resize import launched_world_size, resized_config
 from dist_vae.engine.run_config import ConfigChange
 from dist_vae.engine.step import UpdateStep, make_gate
 from dist_vae.engine.streams import Streams, check_data
+from dist_vae.engine.watchdog import Watchdog
 from dist_vae.engine.window import ScalarLog, Window
 from dist_vae.metrics.during_training import check_fid_ready
 
@@ -74,6 +76,8 @@ class Trainer:
         self.scalar_log = ScalarLog(self.backend, self.gate, self.streams, self.logger)
         evaluation = Evaluation(cfg, self.backend, self.streams, self.logger)
         self.cadence = Cadence(cfg, periodic_actions(cfg, evaluation, self.streams.validate))
+        rank, t = self.accelerator.process_index, cfg.train
+        self.watchdog = Watchdog(Path(cfg.run_dir), rank, t.hang_timeout, t.action_timeout)
 
     def _announce(self, resume_from: Path | None, change: ConfigChange) -> None:
         """Rank 0's lines before training: where it resumed, how a resize changed the batch, each
@@ -97,31 +101,33 @@ class Trainer:
 
     def fit(self) -> int:
         """Train to train.steps (exit code 0) or until preempted (REQUEUE_EXIT_CODE); raises
-        TrainingDiverged after train.max_nonfinite_skips non-finite updates in a row."""
+        TrainingDiverged after train.max_nonfinite_skips non-finite updates in a row. A hang ends the
+        process from the watchdog's thread (HANG_EXIT_CODE)."""
         try:
-            if self.update_step.preempted():  # signalled during start-up: nothing new to save
-                return self.checkpoints.requeue(self.step, self.preemption.signal_name)
-            batches, window = iter(self.streams.train), Window()
-            while self.step < self.cfg.train.steps:
-                if self.before_step is not None:
-                    self.before_step(self.step)
-                update = self.update_step(self.step, batches, window)
-                self.step += 1
-                if self.cadence.log_due(self.step, self.gate.diverged):
-                    self.logger.progress(self.step, self.scalar_log.write(window, self.step))
-                    window = Window()
-                else:
-                    self.logger.progress(self.step, None)
-                if self.gate.diverged:  # every rank decided the same: all stop here, saving nothing
-                    raise self.checkpoints.diverged(self.step)
-                with window.pause():
-                    self.cadence.run_actions(self.step)
-                    if self.cadence.save_due(self.step, update.preempted):
-                        self.checkpoints.save(self.step)
-                if update.preempted:
+            with self.watchdog.watching(self.step):
+                if self.update_step.preempted():  # signalled during start-up: nothing new to save
                     return self.checkpoints.requeue(self.step, self.preemption.signal_name)
-            self.checkpoints.done(self.step)
-            return 0
+                batches, window = iter(self.streams.train), Window()
+                while self.step < self.cfg.train.steps:
+                    if self.before_step is not None:
+                        self.before_step(self.step)
+                    update = self.update_step(self.step, batches, window)
+                    self.step += 1
+                    if self.cadence.log_due(self.step, self.gate.diverged):
+                        self.logger.progress(self.step, self.scalar_log.write(window, self.step))
+                        window = Window()
+                    else:
+                        self.logger.progress(self.step, None)
+                    if self.gate.diverged:  # every rank decided the same: all stop here, saving nothing
+                        raise self.checkpoints.diverged(self.step)
+                    with window.pause(), self.watchdog.between_steps(self.step):
+                        self.cadence.run_actions(self.step)
+                        if self.cadence.save_due(self.step, update.preempted):
+                            self.checkpoints.save(self.step)
+                    if update.preempted:
+                        return self.checkpoints.requeue(self.step, self.preemption.signal_name)
+                self.checkpoints.done(self.step)
+                return 0
         finally:
             self.preemption.restore()
             self.logger.close()

@@ -1,0 +1,138 @@
+"""Hang watchdog: a rank that reaches no step boundary in time writes every thread's stack and exits.
+
+A daemon thread waits on a monotonic deadline that the trainer moves forward at each step boundary
+(`between_steps`). Waiting needs no help from the main thread, so a rank stuck in C code (a gloo or NCCL
+collective, a sleep, a DataLoader wait) is still caught. On expiry the rank writes the Python stacks
+of all its threads (faulthandler) to `RUN_DIR/hang/rank-R.txt`, prints one line and leaves with
+`HANG_EXIT_CODE` through `os._exit` (the main thread cannot be asked to unwind). Checkpoints are
+written atomically, so a rank dying in a save leaves only a temporary that the next start removes;
+DataLoader workers die with it (PR_SET_PDEATHSIG, data/workers.py).
+
+Every rank's watchdog fires on its own: the rank that hangs and the ranks blocked in a collective
+waiting for it. Step boundaries are synchronised by the step's all-reduce, so their deadlines fall
+within moments of each other; each waits `GRACE_S` after its dump before exiting so that no peer's
+collective fails (and unwinds its stack) before that peer has dumped too.
+
+Bounds: a step gets `train.hang_timeout` seconds or, unset, the larger of `MIN_STEP_TIMEOUT_S` and
+`MEDIAN_FACTOR` times the median of the recent step times (15 minutes until steps have been timed).
+Evaluation, sampling and checkpoint saving run between steps and may rightly take longer: while
+they run (`between_steps`) the bound is `train.action_timeout` instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import os
+import statistics
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+
+HANG_EXIT_CODE = 5
+HANG_DIR = "hang"
+MIN_STEP_TIMEOUT_S = 900.0
+MEDIAN_FACTOR = 50
+TIMED_STEPS = 100  # the median is over this many recent steps
+GRACE_S = 5.0
+
+
+def hang_file(run_dir: Path, rank: int) -> Path:
+    return run_dir / HANG_DIR / f"rank-{rank}.txt"
+
+
+class Watchdog:
+    """`with watchdog.watching(step):` around the loop, `with watchdog.between_steps(step):` around
+    the work at each step boundary."""
+
+    def __init__(self, run_dir: Path, rank: int, hang_timeout: float | None, action_timeout: float) -> None:
+        self.rank, self.path = rank, hang_file(run_dir, rank)
+        self.hang_timeout, self.action_timeout = hang_timeout, action_timeout
+        self.fired = threading.Event()
+        self._stopped = False
+        self._changed = threading.Condition()
+        self._durations: deque[float] = deque(maxlen=TIMED_STEPS)
+        self._started = self._deadline = time.monotonic()
+        self._what = ""  # what the current deadline bounds, for the message
+
+    def step_timeout(self) -> float:
+        if self.hang_timeout is not None:
+            return self.hang_timeout
+        median = statistics.median(self._durations) if self._durations else 0.0
+        return max(MIN_STEP_TIMEOUT_S, MEDIAN_FACTOR * median)
+
+    @contextlib.contextmanager
+    def watching(self, step: int) -> Iterator[None]:
+        """Watch from `step` on. An exception that reaches here after the watchdog fired (a peer left a
+        collective) waits for the exit the watchdog is about to make, so the exit code stays the hang's."""
+        self._next_step(step)
+        thread = threading.Thread(target=self._watch, name="hang-watchdog", daemon=True)
+        thread.start()
+        try:
+            yield
+        except BaseException:
+            if self.fired.is_set():
+                threading.Event().wait()
+            raise
+        finally:
+            with self._changed:
+                self._stopped = True
+                self._changed.notify()
+
+    @contextlib.contextmanager
+    def between_steps(self, step: int) -> Iterator[None]:
+        """The step boundary after update `step`: evaluation, sampling and checkpoint saving run inside,
+        bounded by train.action_timeout, and their time is not counted as step time."""
+        now = time.monotonic()
+        self._durations.append(now - self._started)
+        key = f"train.action_timeout={self.action_timeout:g}"
+        self._what = f"evaluation, sampling or saving at step {step} unfinished ({key})"
+        self._set_deadline(now, self.action_timeout)
+        yield
+        self._next_step(step)
+
+    def _next_step(self, step: int) -> None:
+        """Update `step + 1` begins: it has `step_timeout()` seconds to reach its boundary."""
+        if self.hang_timeout is not None:
+            key = f"train.hang_timeout={self.hang_timeout:g}"
+        else:
+            key = (
+                f"train.hang_timeout unset: max({MIN_STEP_TIMEOUT_S:g} s, {MEDIAN_FACTOR} x median step time)"
+            )
+        self._what = f"no step boundary after step {step} ({key})"
+        self._set_deadline(time.monotonic(), self.step_timeout())
+
+    def _set_deadline(self, now: float, timeout: float) -> None:
+        with self._changed:  # wake the watcher: the new deadline may be earlier than the one it waits for
+            self._started, self._deadline = now, now + timeout
+            self._changed.notify()
+
+    def _watch(self) -> None:
+        with self._changed:
+            while not self._stopped:
+                left = self._deadline - time.monotonic()
+                if left <= 0:
+                    self._fire()
+                self._changed.wait(left)
+
+    def _fire(self) -> None:
+        self.fired.set()
+        what = f"rank {self.rank}: {self._what} for {time.monotonic() - self._started:.0f} s"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "w") as f:
+            f.write(f"{what}; pid {os.getpid()}; time {time.time():.0f}\n\n")
+            f.flush()
+            faulthandler.dump_traceback(f, all_threads=True)
+            f.flush()
+            os.fsync(f.fileno())
+        print(
+            f"error: {what}; stacks of all threads in {self.path}; "
+            f"exit {HANG_EXIT_CODE}: run the same command again to resume from the newest checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
+        time.sleep(GRACE_S)
+        os._exit(HANG_EXIT_CODE)
