@@ -9,6 +9,7 @@ real forward hooks to whatever model `build_model` returns, driven by environmen
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -47,7 +48,7 @@ def inject_bad_loss(module: torch.nn.Module, _args: tuple, output: object) -> ob
     factor = float("nan") if index in NAN_AT else 1000.0 if index in SPIKE_AT else None
     if factor is None:
         return None
-    return LossOutput(output.loss * factor, output.scalars, output.aux_losses)
+    return dataclasses.replace(output, loss=output.loss * factor)
 
 
 register_module_forward_pre_hook(record_inputs)
