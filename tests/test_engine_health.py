@@ -24,7 +24,7 @@ from tests.model_fixtures import noise_template, template_plus_noise
 
 HEALTH = ["health/active_units", "health/active_units_relative", "health/kl_per_unit_min",
           "health/kl_per_unit_median", "health/posterior_variance"]  # fmt: skip
-STEPS, LOG_EVERY, COLLAPSE_LOGS = 120, 10, HealthConfig().collapse_logs
+STEPS, LOG_EVERY, COLLAPSE_LOGS = 150, 10, HealthConfig().collapse_logs
 # The model and optimiser of test_the_elbo_collapses_the_code_when_the_decoder_can_model_the_data_alone.
 COLLAPSE_RUN = [
     "data.resolution=8", "data.batch_size=16", "data.num_workers=0", "data.random_flip=false",
