@@ -76,6 +76,15 @@ class TrainConfig:
     collective_timeout: float = at_least(1800.0, 1.0)
 
 
+@dataclass
+class HealthConfig:
+    """The posterior-collapse alarm (engine/health.py); the health/* logs are always written."""
+
+    kl_threshold: float = at_least(0.01, 0.0)  # nats; a unit whose mean KL is below it carries ~nothing
+    collapse_logs: int = at_least(3, 0)  # collapsed log points in a row before the warning; 0: never warn
+    units_buffer: int = at_least(256, 2)  # newest posterior means (rank 0's images) for active units
+
+
 def default_model_config() -> Any:
     """The model section a config that names no kind gets: the registry's default kind's defaults."""
     return model_config_class(default_model_kind())()
@@ -90,6 +99,7 @@ class Config:
     model: Any = field(default_factory=default_model_config)  # the config dataclass of model.kind
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
 
 
 # Keys that once existed: a config still using one gets told what replaced it.

@@ -14,6 +14,7 @@ real forward hooks to whatever model `build_model` returns, driven by environmen
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -62,7 +63,7 @@ def inject_bad_loss(module: torch.nn.Module, _args: tuple, output: object) -> ob
     factor = float("nan") if index in NAN_AT else 1000.0 if index in SPIKE_AT else None
     if factor is None:
         return None
-    return LossOutput(output.loss * factor, output.scalars, output.aux_losses)
+    return dataclasses.replace(output, loss=output.loss * factor)
 
 
 def inject_overflow(module: torch.nn.Module, _args: tuple, kwargs: dict, output: object) -> object:

@@ -34,3 +34,15 @@ def fit(
         opt.step()
         history.append({"loss": out.loss.item(), **{k: v.item() for k, v in out.scalars.items()}})
     return history
+
+
+def noise_template(generator: torch.Generator) -> torch.Tensor:
+    """The fixed 8x8 image [1, 3, 8, 8] of the posterior-collapse case, in [-0.6, 0.6]."""
+    return torch.rand(1, 3, 8, 8, generator=generator) * 1.2 - 0.6
+
+
+def template_plus_noise(n: int, template: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One fixed image plus independent pixel noise, on the 8-bit grid: nothing in an image that a
+    decoder modelling each pixel from the ones before it could not model alone."""
+    x = (template + 0.25 * torch.randn(n, 3, 8, 8, generator=generator)).clamp(-1, 1)
+    return torch.round((x + 1) * 127.5) / 127.5 - 1

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from dist_vae.data.shards import ShardSettings, build_shards
@@ -61,6 +62,21 @@ def test_16_bit_png_is_scaled_to_8_bits(tmp_path: Path) -> None:
     _, stored = shard_folder(tmp_path / "src", tmp_path / "out")
     grey = stored["ramp.png"].astype(float)
     assert abs(grey.mean() - 127.5) < 3  # was 251: every value above 255 clipped to white
+    assert grey[:, 0].mean() < 10 and grey[:, -1].mean() > 245
+    assert (np.diff(grey.mean(axis=(0, 2))) >= 0).all()
+
+
+@pytest.mark.parametrize("top", [65535, 2**31 - 1])
+def test_32_bit_integer_tiff_is_scaled_to_8_bits_by_its_range(tmp_path: Path, top: int) -> None:
+    """Mode I (32-bit signed): values within 0..65535 are 16-bit data, others span the int32 range."""
+    ramp = np.tile(np.linspace(0, top, 64).round().astype(np.int64), (64, 1)).astype(np.int32)
+    (tmp_path / "src").mkdir()
+    Image.fromarray(ramp).save(tmp_path / "src" / "ramp.tif")
+    assert Image.open(tmp_path / "src" / "ramp.tif").mode == "I"
+    manifest, stored = shard_folder(tmp_path / "src", tmp_path / "out")
+    assert manifest["skipped"]["count"] == 0
+    grey = stored["ramp.tif"].astype(float)
+    assert abs(grey.mean() - 127.5) < 3  # mode I had been clipped at 255: mean 251.6 in both cases
     assert grey[:, 0].mean() < 10 and grey[:, -1].mean() > 245
     assert (np.diff(grey.mean(axis=(0, 2))) >= 0).all()
 

@@ -8,7 +8,7 @@ from dist_vae.metrics import mutual_information
 from dist_vae.models import build_model
 from dist_vae.models.pixel_vae import Encoder, PixelVAE, PixelVAEConfig
 from dist_vae.sampling import prior_samples
-from tests.model_fixtures import fit, one_thread  # noqa: F401
+from tests.model_fixtures import fit, noise_template, one_thread, template_plus_noise  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -104,13 +104,6 @@ def test_training_lowers_bpd_and_the_elbo_squeezes_the_code() -> None:
     assert report["none"]["kl_last50"] > 1.5 * report["elbo"]["kl_last50"]
 
 
-def template_plus_noise(n: int, template: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One fixed image plus independent pixel noise, on the 8-bit grid: nothing in an image that a
-    decoder modelling each pixel from the ones before it could not model alone."""
-    x = (template + 0.25 * torch.randn(n, 3, 8, 8, generator=generator)).clamp(-1, 1)
-    return torch.round((x + 1) * 127.5) / 127.5 - 1
-
-
 @pytest.mark.slow
 def test_the_elbo_collapses_the_code_when_the_decoder_can_model_the_data_alone() -> None:
     """The seed's argument, checked where its premise holds: when p(x|z) can model the data without
@@ -120,7 +113,7 @@ def test_the_elbo_collapses_the_code_when_the_decoder_can_model_the_data_alone()
         model = tiny(reg, latent_dim=8, nr_filters=16, n_stages=2, encoder_channels=16)
         opt = torch.optim.Adam(model.parameters(), lr=2e-3)
         g = torch.Generator().manual_seed(1)
-        template = torch.rand(1, 3, 8, 8, generator=g) * 1.2 - 0.6
+        template = noise_template(g)
         # A fresh batch every step: no finite set for z to index.
         fresh = functools.partial(template_plus_noise, 16, template, g)
         kl = [h["kl"] for h in fit(model, fresh, opt, 250)]

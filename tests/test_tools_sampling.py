@@ -205,6 +205,19 @@ def test_sample_starts_data_chains_from_train_images_when_val_is_empty(no_val_ru
     assert Image.open(out / "chain_data.png").size == (2 * (RESOLUTION + 2) + 2, 2 * (RESOLUTION + 2) + 2)
 
 
+def test_evaluate_refuses_an_empty_split_in_one_line(no_val_run: tuple[Path, Path], tmp_path: Path) -> None:
+    shards, run_dir = no_val_run
+    out = tmp_path / "eval.json"
+    cmd = [sys.executable, "tools/evaluate.py", str(run_dir), "--iw-samples", "0", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {shards}: the val split is empty; nothing to evaluate (use --split train, or remake the "
+        "shards with a larger --val-fraction)"
+    )
+    assert not out.exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch that sees no GPU")
 def test_tools_refuse_a_device_torch_cannot_use_in_one_line(no_val_run: tuple[Path, Path]) -> None:
     for tool in ("tools/sample.py", "tools/evaluate.py"):

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from dist_vae.data.config import DataConfig
 from dist_vae.data.stream import ShardStream
-from dist_vae.errors import DistVaeError
+from dist_vae.errors import DataError, DistVaeError
 from dist_vae.files import write_text_atomic
 from dist_vae.metrics import accumulate, laplacian_variance, sample_spread, summarize
 from dist_vae.metrics.inception import require_libraries
@@ -167,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size or run.cfg.data.batch_size,
             training=False,
         )
+        if stream.total == 0:
+            raise DataError(
+                f"{run.cfg.data.path}: the {args.split} split is empty; nothing to evaluate (use --split "
+                "train, or remake the shards with a larger --val-fraction)"
+            )
         torch.manual_seed(args.seed + state.process_index)  # the ELBO's own posterior sample
         generator = torch.Generator(device).manual_seed(args.seed + state.process_index)
         quiet = args.no_progress or not state.is_main_process

@@ -35,7 +35,7 @@ class SkipImage(Exception):
 
 
 def sniff_format(data: bytes) -> str | None:
-    """'webp', 'jpeg' or 'png' from the magic bytes, None for anything else.
+    """'webp', 'jpeg', 'png' or 'tiff' from the magic bytes, None for anything else.
 
     LSUN's own readme says JPEG while its LMDBs hold WebP, so the bytes, not the source, decide.
     """
@@ -45,6 +45,8 @@ def sniff_format(data: bytes) -> str | None:
         return "jpeg"
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         return "png"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):  # little- and big-endian TIFF (16- and 32-bit greys, scans)
+        return "tiff"
     return None
 
 

@@ -69,6 +69,8 @@ class UpdateStep:
                 window.add(name, value)
             for name, value in out.aux_losses.items():
                 window.add(f"aux/{name}", value)
+            if out.code is not None:
+                window.codes.append(out.code)
             window.micro_batches += 1
         update = self._decide(step, loss)
         window.steps += 1

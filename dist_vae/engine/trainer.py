@@ -7,6 +7,7 @@ The Trainer composes parts with one job each, built in this order by `Trainer._a
   streams.py        the train and val ShardStreams and the bad-data counts
   step.py           one update: micro-batches, the skip decision, apply or discard
   window.py         the running sums between log points and the scalars a log point writes
+  health.py         whether the code is in use (health/* scalars) and the posterior-collapse warning
   cadence.py        when to log, evaluate, sample (evaluation.py) and save
   watchdog.py       stacks and exit code 5 when a step, or the work between two, takes too long
 so that `fit` below is the loop and nothing else.
@@ -23,6 +24,7 @@ from dist_vae.engine.backend import build_backend, start_accelerator
 from dist_vae.engine.cadence import Cadence, periodic_actions
 from dist_vae.engine.checkpointing import Checkpointer, claim_run_dir, resume_path
 from dist_vae.engine.evaluation import Evaluation
+from dist_vae.engine.health import CodeHealth
 from dist_vae.engine.logging import RunLogger
 from dist_vae.engine.preemption import PreemptionFlag
 from dist_vae.engine.resize import launched_world_size, resized_config
@@ -73,7 +75,8 @@ class Trainer:
             self._announce(resume_from, change)
         self.logger = self._start_logger()
         self.update_step = UpdateStep(cfg, self.backend, self.gate, self.preemption)
-        self.scalar_log = ScalarLog(self.backend, self.gate, self.streams, self.logger)
+        health = CodeHealth(cfg.health, self.logger)
+        self.scalar_log = ScalarLog(self.backend, self.gate, self.streams, self.logger, health)
         evaluation = Evaluation(cfg, self.backend, self.streams, self.logger)
         self.cadence = Cadence(cfg, periodic_actions(cfg, evaluation, self.streams.validate))
         rank, t = self.accelerator.process_index, cfg.train

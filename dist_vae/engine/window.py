@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 import torch
 
 from dist_vae.engine.backend import Backend
+from dist_vae.engine.health import CodeHealth, per_unit
 from dist_vae.engine.logging import RunLogger
 from dist_vae.engine.skip import UpdateGate
 from dist_vae.engine.streams import Streams
+from dist_vae.models.output import CodeStats
 
 
 @dataclass
@@ -23,6 +25,7 @@ class Window:
     """Running sums between two log points (device tensors, read once at the log point)."""
 
     scalars: dict[str, torch.Tensor] = field(default_factory=dict)
+    codes: list[CodeStats] = field(default_factory=list)  # each micro-batch's use of the code
     micro_batches: int = 0
     steps: int = 0
     grad_norm: float = 0.0  # sum of the norms the skip decision read anyway; NaN/inf propagate
@@ -45,10 +48,14 @@ class Window:
 
 
 class ScalarLog:
-    """Writes a window's means, rates, learning rates and skip counts to TensorBoard (rank 0)."""
+    """Writes a window's means, rates, learning rates, skip counts and code health to TensorBoard
+    (rank 0)."""
 
-    def __init__(self, backend: Backend, gate: UpdateGate, streams: Streams, logger: RunLogger) -> None:
+    def __init__(
+        self, backend: Backend, gate: UpdateGate, streams: Streams, logger: RunLogger, health: CodeHealth
+    ) -> None:
         self.backend, self.gate, self.streams, self.logger = backend, gate, streams, logger
+        self.health = health
 
     def write(self, window: Window, step: int) -> float:
         """Log the window at `step` (collective); the mean training bits/dim, for the progress bar."""
@@ -56,7 +63,8 @@ class ScalarLog:
         acc = b.accelerator
         names = sorted(window.scalars)
         means = torch.stack([window.scalars[n] / window.micro_batches for n in names]).to(acc.device)
-        means = acc.reduce(means, "mean")
+        units = per_unit(window.codes, acc.device)
+        means, units = acc.reduce(torch.cat([means, units]), "mean").split([len(names), units.numel()])
         elapsed = time.perf_counter() - window.started - window.paused
         rank_images = window.micro_batches * self.streams.batch_size
         values = {f"train/{n}": v for n, v in zip(names, means.tolist(), strict=True)}
@@ -72,6 +80,7 @@ class ScalarLog:
             values[f"skipped/{reason}"] = count
         for kind, count in self.streams.skipped().items():
             values[f"data/skipped_{kind}"] = count
+        values.update(self.health.values(window.codes, units, step))
         if b.update_path.scaler is not None:
             values["train/loss_scale"] = b.update_path.scaler.get_scale()
         self.logger.scalars(values, step)

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dist_vae.models.iterative_nets import Encoder, Generator, level_width
-from dist_vae.models.output import LossOutput
+from dist_vae.models.output import CodeStats, LossOutput
 from dist_vae.models.protocol import Posterior
 from dist_vae.models.regularizers import diag_normal_log_density, gaussian_kl
 from dist_vae.schema import ConfigError, at_least, choice
@@ -198,7 +198,16 @@ class IterativeVAE(nn.Module):
         scalars["kl_weight"] = torch.tensor(beta, device=loss.device)
         nll = (-self._log_likelihood(outputs[-1].sse.detach(), dims) + total_kl).mean() / dims
         scalars["bpd"] = nll / math.log(2.0)
-        return LossOutput(loss=loss, scalars=scalars)
+        return LossOutput(loss=loss, scalars=scalars, code=self._code_stats(outputs, beta))
+
+    def _code_stats(self, outputs: Sequence[StepOutput], beta: float) -> CodeStats:
+        """Every ladder latent of every step is one unit: D = T x sum(latent_dims), in `posterior()`'s
+        order, so a step or a level that stopped carrying information shows as its own units. The means
+        of steps 2..T are those of q(z_t | x, canvas_{t-1}) along the sampled path the loss used."""
+        mean = torch.cat([o.mean for o in outputs], dim=1)
+        logvar = torch.cat([o.logvar for o in outputs], dim=1)
+        regularizer = f"ELBO, KL weight {beta:.3g} (model.kl_warmup={self.kl_warmup:g})"
+        return CodeStats.of_gaussian(mean, logvar, regularizer)
 
     def _log_likelihood(self, sse: torch.Tensor, dims: int) -> torch.Tensor:
         """log P(x | z) in nats per image [B] of the 8-bit data under N(canvas_T, sigma^2 I), from the

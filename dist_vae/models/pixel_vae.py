@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from dist_vae.models import logistic_mixture
-from dist_vae.models.output import LossOutput
+from dist_vae.models.output import CodeStats, LossOutput
 from dist_vae.models.pixelcnnpp import PixelCNNpp
 from dist_vae.models.pixelcnnpp_cache import cached_decode
 from dist_vae.models.protocol import Posterior, evaluating
@@ -172,7 +172,8 @@ class PixelVAE(nn.Module):
             scalars["reg"] = divergence.detach()
         if "critic" in aux:
             scalars["critic_loss"] = aux["critic"].detach()
-        return LossOutput(loss=objective / dims, scalars=scalars, aux_losses=aux)
+        code = CodeStats.of_gaussian(mean, logvar, f"model.reg={self.reg}")
+        return LossOutput(loss=objective / dims, scalars=scalars, aux_losses=aux, code=code)
 
     @torch.no_grad()
     def generate(

@@ -33,7 +33,8 @@ class GenerativeModel(Protocol):
     """A latent-variable image model on [B, 3, resolution, resolution] images in [-1, 1].
 
     `forward(x, step)` returns a LossOutput whose scalars hold 'bpd' (bits/dim the logs and the
-    trainer's evaluation report), 'kl' (nats per image) and, when 'bpd' is not -ELBO's, 'elbo_bpd'.
+    trainer's evaluation report), 'kl' (nats per image) and, when 'bpd' is not -ELBO's, 'elbo_bpd';
+    its optional `code` (CodeStats: per-unit KL, posterior means and variances) feeds the health logs.
     Inference methods run in the caller's mode: wrap them in `evaluating(model)`.
     """
 

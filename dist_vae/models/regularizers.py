@@ -21,10 +21,15 @@ from torch.func import functional_call
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
+def gaussian_kl_per_unit(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, 1)) of every unit in nats, [B, D] (fp32)."""
+    mean, logvar = mean.float(), logvar.float()
+    return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar)
+
+
 def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, exp(logvar)) || N(0, I)) in nats per row, [B]."""
-    mean, logvar = mean.float(), logvar.float()
-    return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).sum(dim=1)
+    return gaussian_kl_per_unit(mean, logvar).sum(dim=1)
 
 
 def diag_normal_log_density(
