@@ -14,9 +14,10 @@ Not yet written: claim 2 (Markov chains from data and noise, K = 0..8, FID and t
 on-manifold scores per step) and claim 3 (iterative T = 8 vs T = 1 vs a one-step Gaussian VAE).
 
 Budget (full mode, 2 cores, one thread per run, two runs at a time): the demo PixelVAE trains at
-~0.5 s/step at 32 px, batch 16 (measured on the demo shards), so 5 runs x 3,000 steps take ~25 min
-per lane, ~40 min for claim 1 with its evaluations; --quick (16 px, 60 steps) runs end to end in a
-few minutes and proves the stages work, not the claims.
+~0.55 s/step at 32 px, batch 16 (docs/results.md: 3 runs x 2,000 steps in ~55 min on one lane), so
+5 runs x 1,500 steps take ~35 min over two lanes, plus ~2 min per run to evaluate the train split:
+~45 min for claim 1, not yet measured end to end. --quick (16 px, 60 steps) ran end to end in 351 s
+(83 CPU-seconds) on a 2-core machine loaded by other jobs; it proves the stages work, not the claims.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from dist_vae.run_dir import load_run
 
 ROOT = Path(__file__).resolve().parent.parent
 REGS = ("elbo", "none", "mmd", "stein", "adversarial")
-FULL = {"scenes": 12000, "side": 32, "steps": 3000, "read_out": 4000}
+FULL = {"scenes": 12000, "side": 32, "steps": 1500, "read_out": 4000}
 QUICK = {"scenes": 600, "side": 16, "steps": 60, "read_out": 300}
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
