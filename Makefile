@@ -19,13 +19,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -qq -e ".[dev,deepspeed,metrics]"
 	touch $@
 
-# Procedural bedrooms (32 px), their factor probe (trained once, cached beside the shards), a small
+# Procedural bedrooms (16 px), their factor probe (trained once, cached beside the shards), a small
 # iterative VAE, then the report: the sample grid's path, FID and the probe's scores against val.
 demo: env
-	$(BIN)/python tools/make_shards.py --source scenes:3000 --out $(SCENES) --resolution 32 --val-fraction 0.1 --workers 2 --no-progress
-	test -f $(SCENES)/probe/probe.json || $(BIN)/python tools/probe.py train $(SCENES) --limit 800 --epochs 4
+	$(BIN)/python tools/make_shards.py --source scenes:3000 --out $(SCENES) --resolution 16 --val-fraction 0.1 --workers 2 --no-progress
+	test -f $(SCENES)/probe/probe.json || $(BIN)/python tools/probe.py train $(SCENES) --limit 1200 --epochs 6
 	$(BIN)/python dist_vae/train.py --config configs/demo_scenes.yaml run_dir=$(RUN_DIR) data.path=$(SCENES)
-	$(BIN)/python tools/demo_report.py $(RUN_DIR) --fid 100
+	$(BIN)/python tools/demo_report.py $(RUN_DIR) --fid 100 --scale 6
 
 # Two pytest workers, one per core; a file's tests stay on one worker (they share module fixtures).
 test: env

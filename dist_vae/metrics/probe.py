@@ -95,10 +95,14 @@ def score(probe: FactorProbe, images: torch.Tensor, factors: Sequence[Mapping[st
         pred = torch.cat([o[0][i] for o in outs]).argmax(1)
         report[f"{f.name}/accuracy"] = (pred == classes[:, i]).float().mean().item()
     for i, f in enumerate(CONTINUOUS):
-        y = scaled[:, i]
-        residual = (pred_scaled[:, i] - y).square().sum()
-        report[f"{f.name}/r2"] = (1.0 - residual / (y - y.mean()).square().sum().clamp_min(1e-12)).item()
+        report[f"{f.name}/r2"] = r_squared(pred_scaled[:, i], scaled[:, i])
     return report
+
+
+def r_squared(pred: torch.Tensor, y: torch.Tensor) -> float:
+    """1 - residual / total sum of squares: 1 exact, 0 no better than predicting the mean."""
+    residual = (pred - y).square().sum()
+    return (1.0 - residual / (y - y.mean()).square().sum().clamp_min(1e-12)).item()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,149 @@
+"""The seed's claims on procedural scenes, rebuilt from nothing by one resumable command (issue 21).
+
+    python tools/scenes_study.py [--out runs/scenes_study] [--quick]
+
+Stages (each skips what is finished: a trained run's `done`, a written result JSON):
+  shards   --source scenes:N at 32 px (16 px with --quick) and their factor probe
+  claim 1  latent use: PixelVAE (configs/demo_pixelvae.yaml) with reg = elbo, none, mmd, stein,
+           adversarial. Per run, on the EMA weights: KL and I(x; z) over up to 4,096 train images
+           (tools/evaluate.py; the estimate is capped by log N = 8.3 nats, not by a small val split),
+           active units, and a linear read-out of every factor from the posterior means
+           (dist_vae/metrics/latent_probe.py; accuracy or R² on val). Writes OUT/claim1.json and
+           OUT/claim1.md (the table for docs/results.md).
+Not yet written: claim 2 (Markov chains from data and noise, K = 0..8, FID and the probe's
+on-manifold scores per step) and claim 3 (iterative T = 8 vs T = 1 vs a one-step Gaussian VAE).
+
+Budget (full mode, 2 cores, one thread per run, two runs at a time): the demo PixelVAE trains at
+~0.55 s/step at 32 px, batch 16 (docs/results.md: 3 runs x 2,000 steps in ~55 min on one lane), so
+5 runs x 1,500 steps take ~35 min over two lanes, plus ~2 min per run to evaluate the train split:
+~45 min for claim 1, not yet measured end to end. --quick (16 px, 60 steps) ran end to end in 351 s
+(83 CPU-seconds) on a 2-core machine loaded by other jobs; it proves the stages work, not the claims.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from dist_vae.data.scenes import read_labelled
+from dist_vae.data.shards import ShardSettings, build_shards
+from dist_vae.files import write_text_atomic
+from dist_vae.metrics.latent_probe import linear_factor_scores, posterior_means
+from dist_vae.metrics.probe import PROBE_DIR, TrainSettings, to_input, train_probe
+from dist_vae.run_dir import load_run
+
+ROOT = Path(__file__).resolve().parent.parent
+REGS = ("elbo", "none", "mmd", "stein", "adversarial")
+FULL = {"scenes": 12000, "side": 32, "steps": 1500, "read_out": 4000}
+QUICK = {"scenes": 600, "side": 16, "steps": 60, "read_out": 300}
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def tool(*args: str, log: Path) -> None:
+    """One of the project's CLIs, its console in `log`; a failure stops the study with that log's path."""
+    with log.open("a") as console:
+        code = subprocess.run(
+            [sys.executable, *args], cwd=ROOT, env=ENV, stdout=console, stderr=console
+        ).returncode
+    if code:
+        sys.exit(f"scenes_study.py: error: {args[0]} exited {code}; see {log}")
+
+
+def make_data(out: Path, size: dict[str, int]) -> Path:
+    shards = out / "shards"
+    if not (shards / "manifest.json").is_file():
+        build_shards(ShardSettings(f"scenes:{size['scenes']}", size["side"], val_fraction=0.1), shards)
+    if not (shards / PROBE_DIR / "probe.json").is_file():
+        train_probe(shards, TrainSettings(epochs=6, limit=1200 if size is FULL else None))
+    return shards
+
+
+def claim1_run(out: Path, shards: Path, size: dict[str, int], reg: str) -> dict:
+    """Train (or resume) one PixelVAE, then its numbers; cached in RUN/claim1.json."""
+    run_dir = out / f"pixelvae_{reg}"
+    result_file = run_dir / "claim1.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    steps = size["steps"]
+    tool(
+        "dist_vae/train.py", "--config", "configs/demo_pixelvae.yaml", f"run_dir={run_dir}",
+        f"data.path={shards}", f"data.resolution={size['side']}", f"model.reg={reg}", f"train.steps={steps}",
+        f"train.checkpoint_every={steps}", f"train.eval_every={steps}", f"train.sample_every={steps}",
+        f"train.warmup={min(100, steps // 4)}", "train.sample_count=4", log=run_dir / "train.log",
+    )  # fmt: skip
+    evaluation = run_dir / "eval-train-iw0.json"
+    tool(
+        "tools/evaluate.py", str(run_dir), "--ema", "--split", "train", "--iw-samples", "0",
+        "--fuzz-samples", "2", "--chain-steps", "0", "--no-progress", "--out", str(evaluation),
+        log=run_dir / "evaluate.log",
+    )  # fmt: skip
+    numbers = json.loads(evaluation.read_text())
+    model = load_run(run_dir, ema=True).model
+    train_images, train_factors = read_labelled(shards, "train", size["read_out"])
+    val_images, val_factors = read_labelled(shards, "val")
+    z_train, z_val = (
+        posterior_means(model, to_input(train_images)),
+        posterior_means(model, to_input(val_images)),
+    )
+    result = {
+        "reg": reg,
+        "step": numbers["step"],
+        "kl": numbers["kl"],
+        "mi": numbers["mi"],
+        "mi_images": numbers["mi_images"],
+        "active_units": numbers["active_units"],
+        "latent_dim": numbers["latent_dim"],
+        "elbo_bpd": numbers["elbo_bpd"],
+        "read_out": linear_factor_scores(z_train, train_factors, z_val, val_factors),
+    }
+    write_text_atomic(result_file, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def claim1_table(rows: list[dict]) -> str:
+    factors = list(rows[0]["read_out"])
+    head = ["reg", "-ELBO bpd", "KL (nats)", "I(x; z) (nats, N)", "active / dims", *factors]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            r["reg"], f"{r['elbo_bpd']:.3f}", f"{r['kl']:.2f}", f"{r['mi']:.2f} ({r['mi_images']})",
+            f"{r['active_units']} / {r['latent_dim']}", *(f"{r['read_out'][f]:.2f}" for f in factors),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "scenes_study")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: proves the stages, not the claims")
+    parser.add_argument("--lanes", type=int, default=2, help="runs trained at once (one thread each)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    size = QUICK if args.quick else FULL
+    out = args.out.resolve()
+    shards = make_data(out, size)
+    with ThreadPoolExecutor(args.lanes) as pool:
+        rows = list(pool.map(lambda reg: claim1_run(out, shards, size, reg), REGS))
+    write_text_atomic(out / "claim1.json", json.dumps(rows, indent=2) + "\n")
+    table = claim1_table(rows)
+    write_text_atomic(out / "claim1.md", table)
+    print(table, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
