@@ -46,6 +46,7 @@ bench: env
 # On a GPU machine: one table of img/s, memory and MFU (about 5 minutes on an H200).
 bench-gpu: env
 	$(BIN)/python tools/bench/gpu.py
+	$(BIN)/python tools/bench/speed.py --device cuda --threads 16
 
 lint: env
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

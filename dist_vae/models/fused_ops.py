@@ -45,9 +45,9 @@ class _PaddedConcatElu(torch.autograd.Function):
         start = 0
         for x in xs:
             inner[:, start : start + x.shape[1]].copy_(x)
-            torch.neg(x, out=inner[:, channels + start : channels + start + x.shape[1]])
+            inner[:, channels + start : channels + start + x.shape[1]].copy_(x).neg_()  # no out=: dynamo
             start += x.shape[1]
-        F.elu(_interior(buffer, padding), inplace=True)
+        F.elu(inner, inplace=True)
         if keep is not None:
             inner.mul_(keep).div_(1.0 - dropout)
         ctx.padding, ctx.dropout = padding, dropout

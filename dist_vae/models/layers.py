@@ -240,13 +240,12 @@ class GatedResnet(nn.Module):
     def _block(
         self, x: torch.Tensor, z: torch.Tensor | None, keep: torch.Tensor | None, *skips: torch.Tensor
     ) -> torch.Tensor:
-        # In-place sums: a convolution's backward does not read its output.
         h = self.conv_in.on_concat_elu(x)
         if self.skip is not None:
-            h.add_(self.skip(padded_concat_elu(skips)))
+            h = h + self.skip(padded_concat_elu(skips))
         h = self.conv_out.on_concat_elu(h, keep, self.dropout)
         if self.cond is not None:
-            h.add_(self.cond(z)[:, :, None, None])
+            h = h + self.cond(z)[:, :, None, None]
         return gated_sum(x, h)
 
     def forward(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -148,6 +149,7 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.steps, args.threads, args.device)
         return
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a stopped run still removes its worktree
     load = os.getloadavg()[0]
     print(f"{args.device}, {args.threads} threads, median of {args.steps} steps, {args.rounds} alternating "
           f"rounds; load average {load:.1f} on {os.cpu_count()} CPUs at the start")  # fmt: skip
