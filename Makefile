@@ -41,10 +41,12 @@ bench: env
 	$(BIN)/python tools/bench/iterative.py
 	$(BIN)/python tools/bench/pixelcnnpp.py
 	$(BIN)/python tools/bench/fid.py
+	$(BIN)/python tools/bench/speed.py
 
 # On a GPU machine: one table of img/s, memory and MFU (about 5 minutes on an H200).
 bench-gpu: env
 	$(BIN)/python tools/bench/gpu.py
+	$(BIN)/python tools/bench/speed.py --device cuda --threads 16
 
 lint: env
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from dist_vae.models.fused_ops import padded_concat_elu
+
 
 def concat_elu(x: torch.Tensor) -> torch.Tensor:
     """ELU of x and -x side by side: keeps both signs' information at twice the channels."""
@@ -113,6 +115,12 @@ class ShiftedConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, self.padding))
+
+    def on_concat_elu(
+        self, x: torch.Tensor, keep: torch.Tensor | None = None, dropout: float = 0.0
+    ) -> torch.Tensor:
+        """forward(concat_elu(x) * keep / (1 - dropout)), its input built in one padded buffer."""
+        return self.conv(padded_concat_elu((x,), self.padding, keep, dropout))
 
     def frozen(self) -> FrozenConv:
         return FrozenConv(self.conv, top=self.padding[2], left=self.padding[0])
@@ -215,7 +223,7 @@ class GatedResnet(nn.Module):
     def __init__(
         self,
         filters: int,
-        conv: type[nn.Module],
+        conv: type[ShiftedConv2d],
         n_skip: int = 0,
         cond_dim: int | None = None,
         dropout: float = 0.0,
@@ -232,13 +240,10 @@ class GatedResnet(nn.Module):
     def _block(
         self, x: torch.Tensor, z: torch.Tensor | None, keep: torch.Tensor | None, *skips: torch.Tensor
     ) -> torch.Tensor:
-        h = self.conv_in(concat_elu(x))
+        h = self.conv_in.on_concat_elu(x)
         if self.skip is not None:
-            h = h + self.skip(concat_elu(torch.cat(skips, dim=1)))
-        h = concat_elu(h)
-        if keep is not None:
-            h = h * keep / (1.0 - self.dropout)
-        h = self.conv_out(h)
+            h = h + self.skip(padded_concat_elu(skips))
+        h = self.conv_out.on_concat_elu(h, keep, self.dropout)
         if self.cond is not None:
             h = h + self.cond(z)[:, :, None, None]
         return gated_sum(x, h)
