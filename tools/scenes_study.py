@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 REGS = ("elbo", "none", "mmd", "stein", "adversarial")
 FULL = {"scenes": 12000, "side": 32, "steps": 1500, "read_out": 4000}
 QUICK = {"scenes": 600, "side": 16, "steps": 60, "read_out": 300}
-FULL["chains"] = 64
+FULL["chains"] = 48
 QUICK["chains"] = 16
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
