@@ -46,6 +46,8 @@ ROOT = Path(__file__).resolve().parent.parent
 REGS = ("elbo", "none", "mmd", "stein", "adversarial")
 FULL = {"scenes": 12000, "side": 32, "steps": 1500, "read_out": 4000}
 QUICK = {"scenes": 600, "side": 16, "steps": 60, "read_out": 300}
+FULL |= {"inject_steps": 300, "inject_n": 100}
+QUICK |= {"inject_steps": 40, "inject_n": 16}
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
@@ -131,11 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "scenes_study")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: proves the stages, not the claims")
     parser.add_argument("--lanes", type=int, default=2, help="runs trained at once (one thread each)")
+    parser.add_argument("--only", choices=("claim1", "claim3"), help="run one claim's stage")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     size = QUICK if args.quick else FULL
     out = args.out.resolve()
     shards = make_data(out, size)
+    if args.only == "claim3":
+        from tools.scenes_study_injection import run
+
+        print(run(out, shards, size, args.quick), end="")
+        return 0
     with ThreadPoolExecutor(args.lanes) as pool:
         rows = list(pool.map(lambda reg: claim1_run(out, shards, size, reg), REGS))
     write_text_atomic(out / "claim1.json", json.dumps(rows, indent=2) + "\n")
