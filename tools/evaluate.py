@@ -43,7 +43,7 @@ from dist_vae.data.config import DataConfig
 from dist_vae.data.stream import ShardStream
 from dist_vae.errors import DataError, DistVaeError
 from dist_vae.files import write_text_atomic
-from dist_vae.metrics import accumulate, laplacian_variance, sample_spread, summarize
+from dist_vae.metrics import accumulate, laplacian_variance, sample_spread_per_step, summarize
 from dist_vae.metrics.inception import require_libraries
 from dist_vae.metrics.settings import EvalConfig
 from dist_vae.models.protocol import GenerativeModel, evaluating
@@ -76,8 +76,7 @@ def fuzziness(
     result["reconstruction_mse_per_step"] = [(r.to(data) - data).square().mean().item() for r in recons]
     with evaluating(model):
         z = model.prior_sample(2, generator)
-        samples = torch.stack([model.decode(z, generator)[-1] for _ in range(draws)], dim=1)
-    result["decoder_spread"] = sample_spread(samples)
+    result["decoder_spread"] = sample_spread_per_step(model, z, draws, generator)[-1]
     noise = torch.rand(data.shape, generator=generator, device=generator.device).to(data) * 2 - 1
     chains = {name: markov_chain(model, start, chain_steps, generator) for name, start in
               (("data", data), ("noise", noise))}  # fmt: skip

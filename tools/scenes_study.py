@@ -1,6 +1,6 @@
 """The seed's claims on procedural scenes, rebuilt from nothing by one resumable command (issue 21).
 
-    python tools/scenes_study.py [--out runs/scenes_study] [--quick]
+    python tools/scenes_study.py [--out runs/scenes_study] [--quick] [--only claim1|claim2|claim3]
 
 Stages (each skips what is finished: a trained run's `done`, a written result JSON):
   shards   --source scenes:N at 32 px (16 px with --quick) and their factor probe
@@ -10,8 +10,10 @@ Stages (each skips what is finished: a trained run's `done`, a written result JS
            active units, and a linear read-out of every factor from the posterior means
            (dist_vae/metrics/latent_probe.py; accuracy or R² on val). Writes OUT/claim1.json and
            OUT/claim1.md (the table for docs/results.md).
-Not yet written: claim 2 (Markov chains from data and noise, K = 0..8, FID and the probe's
-on-manifold scores per step) and claim 3 (iterative T = 8 vs T = 1 vs a one-step Gaussian VAE).
+  claim 2  Markov chains from data and from noise, K = 0..8, on claim 1's elbo and mmd runs: FID and
+           the probe's on-manifold scores per step, against ancestral samples (scenes_study_chains.py).
+  claim 3  iterative VAE T = 8 vs T = 1 vs a one-step VAE with one code, same total code size: FID,
+           edge sharpness and decoder spread per step (scenes_study_injection.py).
 
 Budget (full mode, 2 cores, one thread per run, two runs at a time): the demo PixelVAE trains at
 ~0.55 s/step at 32 px, batch 16 (docs/results.md: 3 runs x 2,000 steps in ~55 min on one lane), so
@@ -47,8 +49,8 @@ ROOT = Path(__file__).resolve().parent.parent
 REGS = ("elbo", "none", "mmd", "stein", "adversarial")
 FULL = {"scenes": 12000, "side": 32, "steps": 1500, "read_out": 4000}
 QUICK = {"scenes": 600, "side": 16, "steps": 60, "read_out": 300}
-FULL["chains"] = 48
-QUICK["chains"] = 16
+FULL |= {"chains": 48, "inject_steps": 400, "inject_n": 100}
+QUICK |= {"chains": 16, "inject_steps": 40, "inject_n": 16}
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "scenes_study")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: proves the stages, not the claims")
     parser.add_argument(
-        "--only", choices=("claim1", "claim2"), help="one claim (claim 2 reads claim 1's runs)"
+        "--only", choices=("claim1", "claim2", "claim3"), help="one claim (claim 2 reads claim 1's runs)"
     )
     parser.add_argument("--lanes", type=int, default=2, help="runs trained at once (one thread each)")
     args = parser.parse_args(argv)
@@ -142,17 +144,21 @@ def main(argv: list[str] | None = None) -> int:
     size = QUICK if args.quick else FULL
     out = args.out.resolve()
     shards = make_data(out, size)
-    if args.only != "claim2":
+    from tools.scenes_study_injection import run as claim3  # here: it imports this module's `tool`
+
+    if args.only in (None, "claim1"):
         with ThreadPoolExecutor(args.lanes) as pool:
             rows = list(pool.map(lambda reg: claim1_run(out, shards, size, reg), REGS))
         write_text_atomic(out / "claim1.json", json.dumps(rows, indent=2) + "\n")
         table = claim1_table(rows)
         write_text_atomic(out / "claim1.md", table)
         print(table, end="")
-    if args.only != "claim1":
+    if args.only in (None, "claim2"):
         table = scenes_study_chains.run(out, shards, size, args.quick)
         write_text_atomic(out / "claim2.md", table)
         print(table, end="")
+    if args.only in (None, "claim3"):
+        print(claim3(out, shards, size, args.quick), end="")
     return 0
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "model_mutual_information",
     "mutual_information",
     "sample_spread",
+    "sample_spread_per_step",
     "summarize",
 ]
 
@@ -149,6 +150,17 @@ def sample_spread(draws: torch.Tensor) -> float:
     if draws.dim() != 5 or draws.shape[1] < 2:
         raise ValueError(f"draws must be [n_codes, n_draws >= 2, 3, H, W], got {tuple(draws.shape)}")
     return draws.float().std(dim=1).mean().item()
+
+
+@torch.no_grad()
+def sample_spread_per_step(
+    model: GenerativeModel, z: torch.Tensor, draws: int, generator: torch.Generator | None = None
+) -> list[float]:
+    """`sample_spread` of every generation step's output for the fixed codes z: `draws` decodings of
+    each code, so a model whose later steps add detail shows where its randomness enters."""
+    with evaluating(model):
+        decoded = [model.decode(z, generator) for _ in range(draws)]
+    return [sample_spread(torch.stack(step, dim=1)) for step in zip(*decoded, strict=True)]
 
 
 @dataclass

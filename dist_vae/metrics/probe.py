@@ -202,11 +202,17 @@ def predict(probe: FactorProbe, images: torch.Tensor) -> tuple[list[dict[str, An
     return factors, torch.stack([p.max(1).values for p in probs]).mean(0)
 
 
+def rerender(probe: FactorProbe, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scenes ([N, 3, R, R] in [-1, 1]) rendered from the factors the probe reads in images, and
+    its confidence [N]: the exact geometry a generated image is judged against."""
+    factors, confidence = predict(probe, images)
+    return to_input(np.stack([render(f, probe.resolution) for f in factors])), confidence
+
+
 def on_manifold(probe: FactorProbe, images: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per image: the probe's confidence, and the RMS pixel error (pixels in [0, 1]) between the
     image and the scene re-rendered from the factors the probe reads in it."""
-    factors, confidence = predict(probe, images)
-    rerendered = to_input(np.stack([render(f, probe.resolution) for f in factors]))
+    rerendered, confidence = rerender(probe, images)
     error = ((images.float() - rerendered) / 2.0).square().mean(dim=(1, 2, 3)).sqrt()
     return {"confidence": confidence, "render_error": error}
 
