@@ -125,6 +125,20 @@ def wait_for_first_checkpoint(slurm: LocalSlurm, job_id: str, run_dir: Path) -> 
         time.sleep(0.2)
 
 
+def wait_requeued_once_and_completed(slurm: LocalSlurm, job_id: str, run_dir: Path) -> str:
+    """Wait until the job ends after its requeue; assert it completed once requeued; its log."""
+    info = slurm.wait_job(
+        job_id,
+        lambda i: i["JobState"] in FINAL_STATES and (i["Restarts"] != "0" or i["JobState"] != "COMPLETED"),
+        300,
+    )
+    log = job_log(run_dir, job_id)
+    assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("COMPLETED", "1", "0:0"), (
+        f"{info}\n{log}"
+    )
+    return log
+
+
 def test_scripts_pass_bash_n_and_shellcheck() -> None:
     assert {p.name for p in SCRIPTS} >= {"launch.sh", "node.sh", "lsun_256.sh", "lsun_64_pixelvae.sh"}
     for script in SCRIPTS:
@@ -208,15 +222,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes(
     # What `#SBATCH --signal=B:USR1@600` does at the time limit minus 10 minutes.
     slurm.run("scancel", "--signal=USR1", "--batch", job_id)
 
-    info = slurm.wait_job(
-        job_id,
-        lambda i: i["JobState"] in FINAL_STATES and (i["Restarts"] != "0" or i["JobState"] != "COMPLETED"),
-        300,
-    )
-    log = job_log(run_dir, job_id)
-    assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("COMPLETED", "1", "0:0"), (
-        f"{info}\n{log}"
-    )
+    log = wait_requeued_once_and_completed(slurm, job_id, run_dir)
     _, marker, requeue, _, resumed, finished = assert_in_order(
         log,
         [
@@ -350,15 +356,7 @@ def test_hang_is_requeued_and_the_run_resumes(slurm: LocalSlurm, shards: Path, t
     finally:  # let it run on (its own watchdog ends it) rather than wait for the launcher's SIGKILL
         with contextlib.suppress(psutil.NoSuchProcess):
             stopped.send_signal(signal.SIGCONT)
-    info = slurm.wait_job(
-        job_id,
-        lambda i: i["JobState"] in FINAL_STATES and (i["Restarts"] != "0" or i["JobState"] != "COMPLETED"),
-        300,
-    )
-    log = job_log(run_dir, job_id)
-    assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("COMPLETED", "1", "0:0"), (
-        f"{info}\n{log}"
-    )
+    log = wait_requeued_once_and_completed(slurm, job_id, run_dir)
     assert_in_order(
         log,
         [

@@ -73,19 +73,26 @@ def make_data(out: Path, size: dict[str, int]) -> Path:
     return shards
 
 
+def train_run(run_dir: Path, config: str, shards: Path, side: int, steps: int, *overrides: str) -> None:
+    """Train (or resume) one study run; it checkpoints, evaluates and samples once, at its end."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tool(
+        "dist_vae/train.py", "--config", config, f"run_dir={run_dir}", f"data.path={shards}",
+        f"data.resolution={side}", f"train.steps={steps}", f"train.checkpoint_every={steps}",
+        f"train.eval_every={steps}", f"train.sample_every={steps}", *overrides, log=run_dir / "train.log",
+    )  # fmt: skip
+
+
 def claim1_run(out: Path, shards: Path, size: dict[str, int], reg: str) -> dict:
     """Train (or resume) one PixelVAE, then its numbers; cached in RUN/claim1.json."""
     run_dir = out / f"pixelvae_{reg}"
     result_file = run_dir / "claim1.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
-    run_dir.mkdir(parents=True, exist_ok=True)
     steps = size["steps"]
-    tool(
-        "dist_vae/train.py", "--config", "configs/demo_pixelvae.yaml", f"run_dir={run_dir}",
-        f"data.path={shards}", f"data.resolution={size['side']}", f"model.reg={reg}", f"train.steps={steps}",
-        f"train.checkpoint_every={steps}", f"train.eval_every={steps}", f"train.sample_every={steps}",
-        f"train.warmup={min(100, steps // 4)}", "train.sample_count=4", log=run_dir / "train.log",
+    train_run(
+        run_dir, "configs/demo_pixelvae.yaml", shards, size["side"], steps,
+        f"model.reg={reg}", f"train.warmup={min(100, steps // 4)}", "train.sample_count=4",
     )  # fmt: skip
     evaluation = run_dir / "eval-train-iw0.json"
     tool(

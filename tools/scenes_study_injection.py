@@ -44,7 +44,7 @@ from dist_vae.metrics.sharpness import edge_sharpness
 from dist_vae.models.protocol import GenerativeModel, evaluating
 from dist_vae.run_dir import load_run
 from dist_vae.sampling import prior_samples, reconstructions
-from tools.scenes_study import tool
+from tools.scenes_study import train_run
 
 MODELS = {
     "T8": ["model.refine_steps=8", "model.latent_dims=[4,4]"],
@@ -107,14 +107,10 @@ def run_one(out: Path, shards: Path, size: dict, name: str) -> dict:
     result_file = run_dir / "claim3.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
-    run_dir.mkdir(parents=True, exist_ok=True)
     steps = size["inject_steps"]
-    tool(
-        "dist_vae/train.py", "--config", "configs/demo_scenes.yaml", f"run_dir={run_dir}",
-        f"data.path={shards}", f"data.resolution={size['side']}", *MODELS[name], f"train.steps={steps}",
-        f"train.checkpoint_every={steps}", f"train.eval_every={steps}", f"train.sample_every={steps}",
-        f"train.log_every={max(1, steps // 10)}",
-        log=run_dir / "train.log",
+    train_run(
+        run_dir, "configs/demo_scenes.yaml", shards, size["side"], steps,
+        *MODELS[name], f"train.log_every={max(1, steps // 10)}",
     )  # fmt: skip
     model = load_run(run_dir, ema=True).model
     images, _ = read_labelled(shards, "val", size["inject_n"])
