@@ -43,10 +43,10 @@ bench: env
 	$(BIN)/python tools/bench/fid.py
 	$(BIN)/python tools/bench/speed.py
 
-# On a GPU machine: one table of img/s, memory and MFU (about 5 minutes on an H200).
+# On a GPU machine: img/s, memory and MFU, then the step time against bf2ea00 on the GPU
+# (tools/bench/speed.py, run by gpu.py) with what each step allocates and launches, before and after.
 bench-gpu: env
 	$(BIN)/python tools/bench/gpu.py
-	$(BIN)/python tools/bench/speed.py --device cuda --threads 16
 
 lint: env
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,5 +1,6 @@
 """tools/bench/gpu.py --tiny: every case runs on the CPU and the table holds finite numbers (MFU
-against a peak given on the command line, as the CPU has none in the table)."""
+against a peak given on the command line, as the CPU has none in the table); with --versus-baseline
+(the default on a GPU) it appends speed.py's before/after against bf2ea00 on the same device."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools" / "bench"))
 
 from gpu import cases  # noqa: E402
+from speed import BASELINE  # noqa: E402
 
 
 @pytest.mark.slow
@@ -24,6 +26,7 @@ def test_tiny_gpu_bench_prints_every_row_with_finite_numbers() -> None:
     ).stdout  # fmt: skip
     lines = out.splitlines()
     assert "process group gloo, world size 1: init + all_reduce ok" in out, out
+    assert "against bf2ea00" not in out  # the before/after runs on a GPU or when asked
     header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["model", "px"])
     rows = [line.split() for line in lines[header + 1 :]]
     expected = [
@@ -43,3 +46,22 @@ def test_tiny_gpu_bench_prints_every_row_with_finite_numbers() -> None:
         assert int(batch) > 0 and math.isfinite(float(rate)) and float(rate) > 0, row
         assert math.isfinite(float(memory)) and float(memory) > 0, row
         assert math.isfinite(float(mfu)) and float(mfu) > 0, row  # counted FLOPs over the given peak
+
+
+def test_versus_baseline_prints_speed_before_after_on_the_same_device() -> None:
+    has_baseline = subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{BASELINE}^{{commit}}"])
+    if has_baseline.returncode != 0:
+        pytest.skip(f"this checkout has no git history up to {BASELINE}")
+    speed_args = ["--speed-args", "--rounds 1 --steps 1 --threads 1 --cases iterative-demo"]
+    out = subprocess.run(
+        [sys.executable, "tools/bench/gpu.py", "--tiny", "--budget", "0", "--versus-baseline", *speed_args],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
+    ).stdout  # fmt: skip
+    lines = out.splitlines()
+    title = f"step time, this tree against {BASELINE} (tools/bench/speed.py)"
+    assert title in lines and lines[lines.index(title) + 1].startswith("cpu, 1 threads"), out
+    timed, counted = (line.split() for line in lines if line.startswith("iterative-demo"))
+    old, new, ratio, target = (float(v) for v in timed[1:5])
+    assert old > 0 and new > 0 and math.isclose(ratio, old / new, rel_tol=0.05) and target == 1.3, timed
+    assert counted[2] == counted[5] == counted[8] == "->", counted
+    assert all(float(v) > 0 for v in counted[1::3] + counted[3::3]), counted

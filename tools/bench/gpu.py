@@ -1,4 +1,5 @@
-"""GPU check: img/s, peak memory and MFU of both models, and one NCCL process group. Prints one table.
+"""GPU check: img/s, peak memory and MFU of both models, one NCCL process group, and the step time
+against main bf2ea00 (issue 23). Prints two tables.
 
     PYTHONPATH=. python tools/bench/gpu.py            # on a GPU machine: about 5 minutes on an H200
     PYTHONPATH=. python tools/bench/gpu.py --tiny     # anywhere: tiny models on the CPU in seconds
@@ -11,6 +12,12 @@ listed as not run. MFU = FLOPs per image (dist_vae/flops.py, no recompute) x img
 --tiny swaps in tiny models at 8 and 16 px, fp32 and bf16, gloo for NCCL, torch.compile's "eager"
 backend (dynamo is exercised, inductor's minutes of code generation are not) and the process's
 peak RSS for memory; there is no MFU without a peak.
+
+Then, on a GPU (or with --versus-baseline), tools/bench/speed.py's before/after on the same device:
+each case's step time in this tree against bf2ea00 (checked out into a temporary git worktree, or
+--speed-args '--baseline-tree DIR' where the copy has no git history) with its target, and per step
+what the fused ops spare the device: allocations, MB allocated and kernel launches. --speed-args
+passes further options to it (e.g. '--rounds 1 --cases pixelcnnpp-64').
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import os
 import resource
+import shlex
 import socket
 import sys
 import time
@@ -28,6 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import speed  # tools/bench/speed.py, beside this file
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -177,6 +187,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per case (default 5, tiny 1)")
     parser.add_argument("--budget", type=float, default=270.0, help="seconds after which no case starts")
     parser.add_argument("--peak-flops", type=float, default=None, help="FLOP/s for MFU on an unlisted device")
+    parser.add_argument(
+        "--versus-baseline",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"then speed.py's step times against {speed.BASELINE} (default: on a GPU)",
+    )
+    parser.add_argument("--speed-args", default="", help="more speed.py options, e.g. '--rounds 1'")
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     steps = args.steps or (1 if args.tiny else 5)
@@ -195,6 +212,11 @@ def main(argv: list[str] | None = None) -> None:
             cells = run_case(case, device, backend, steps, args.tiny, args.peak_flops)
         row = [*case.labels(), *cells]
         print("".join(f"{c:>14}" if i == 0 else f"{c:>9}" for i, c in enumerate(row)), flush=True)
+    versus = device.type == "cuda" if args.versus_baseline is None else args.versus_baseline
+    if versus:
+        print(f"\nstep time, this tree against {speed.BASELINE} (tools/bench/speed.py)", flush=True)
+        threads = str(len(os.sched_getaffinity(0)))
+        speed.main(["--device", device.type, "--threads", threads, *shlex.split(args.speed_args)])
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
     PYTHONPATH=. python tools/bench/speed.py [--rounds 3] [--steps 3] [--threads 2] [--cases ...]
 
 bf2ea00 is checked out into a temporary git worktree (removed afterwards), so no old code lives in
-this tree. Each case is timed in fresh subprocesses that alternate between the two trees round by
+this tree; where the git history is missing (a copy of the tree on a GPU machine), pass a checkout
+made elsewhere with --baseline-tree (`git archive bf2ea00 | tar -x -C DIR`). tools/bench/gpu.py runs
+this on the GPU. Each case is timed in fresh subprocesses that alternate between the two trees round by
 round (each imports its own tree's dist_vae through PYTHONPATH, takes one warm-up step, then times
 --steps steps and reports their median); the ratio printed is the median over rounds of
 old / new (> 1: this tree is faster), beside the issue's target. On a shared machine the absolute
@@ -18,15 +20,17 @@ and at configs/lsun_256_iterative.yaml with batch 1 (gradient checkpointing on).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -137,46 +141,67 @@ def run_tree(tree: Path, case: list[str], args: argparse.Namespace) -> dict[str,
     return json.loads(out.strip().splitlines()[-1])
 
 
-def main() -> None:
+@contextlib.contextmanager
+def baseline_tree(given: Path | None) -> Iterator[Path]:
+    """The bf2ea00 tree: --baseline-tree as given, else a temporary git worktree removed afterwards."""
+    if given is not None:
+        yield given
+        return
+    tmp = tempfile.mkdtemp()
+    tree = Path(tmp) / BASELINE
+    git = ["git", "-C", str(ROOT), "worktree"]
+    added = subprocess.run(
+        [*git, "add", "--detach", "-q", str(tree), BASELINE], capture_output=True, text=True
+    )
+    if added.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = added.stderr.strip()
+        sys.exit(f"speed.py: error: cannot check out {BASELINE} into a git worktree ({why}); without the "
+                 f"repository's history pass --baseline-tree DIR (a `git archive {BASELINE}`)")  # fmt: skip
+    try:
+        yield tree
+    finally:
+        subprocess.run([*git, "remove", "--force", str(tree)], check=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--device", default="cpu", help="cuda on a GPU machine (make bench-gpu)")
+    parser.add_argument(
+        "--baseline-tree", type=Path, help=f"a checkout of {BASELINE} to use instead of a worktree"
+    )
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker, args.steps, args.threads, args.device)
         return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a stopped run still removes its worktree
-    load = os.getloadavg()[0]
-    print(f"{args.device}, {args.threads} threads, median of {args.steps} steps, {args.rounds} alternating "
-          f"rounds; load average {load:.1f} on {os.cpu_count()} CPUs at the start")  # fmt: skip
-    print(f"{'case':<24}{BASELINE + ' s':>12}{'this s':>10}{'ratio':>8}{'target':>8}  per round")
     removed = []
-    with tempfile.TemporaryDirectory() as tmp:
-        baseline = Path(tmp) / BASELINE
-        git = ["git", "-C", str(ROOT), "worktree"]
-        subprocess.run([*git, "add", "--detach", "-q", str(baseline), BASELINE], check=True)
-        try:
-            for name in args.cases:
-                case, target = CASES[name]
-                runs: dict[Path, list[dict[str, float]]] = {baseline: [], ROOT: []}
-                for r in range(args.rounds):  # alternate which tree goes first
-                    for tree in (baseline, ROOT) if r % 2 == 0 else (ROOT, baseline):
-                        runs[tree].append(run_tree(tree, case, args))
-                old, new = ([run["seconds"] for run in runs[t]] for t in (baseline, ROOT))
-                ratios = [o / n for o, n in zip(old, new, strict=True)]
-                each = " ".join(f"{x:.2f}" for x in ratios)
-                print(f"{name:<24}{statistics.median(old):>12.3f}{statistics.median(new):>10.3f}"
-                      f"{statistics.median(ratios):>8.2f}{target:>8.2f}  {each}", flush=True)  # fmt: skip
-                before, after = runs[baseline][-1], runs[ROOT][-1]
-                removed.append(f"{name:<24}" + "".join(
-                    f"{before[k]:>11.0f} ->{after[k]:>7.0f}" for k in ("allocations", "alloc_mb", "launches")
-                ))  # fmt: skip
-        finally:
-            subprocess.run([*git, "remove", "--force", str(baseline)], check=True)
+    with baseline_tree(args.baseline_tree) as baseline:
+        load = f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at the start"
+        print(f"{args.device}, {args.threads} threads, median of {args.steps} steps, {args.rounds} "
+              f"alternating rounds; {load}")  # fmt: skip
+        print(f"{'case':<24}{BASELINE + ' s':>12}{'this s':>10}{'ratio':>8}{'target':>8}  per round")
+        for name in args.cases:
+            case, target = CASES[name]
+            runs: dict[Path, list[dict[str, float]]] = {baseline: [], ROOT: []}
+            for r in range(args.rounds):  # alternate which tree goes first
+                for tree in (baseline, ROOT) if r % 2 == 0 else (ROOT, baseline):
+                    runs[tree].append(run_tree(tree, case, args))
+            old, new = ([run["seconds"] for run in runs[t]] for t in (baseline, ROOT))
+            ratios = [o / n for o, n in zip(old, new, strict=True)]
+            each = " ".join(f"{x:.2f}" for x in ratios)
+            print(f"{name:<24}{statistics.median(old):>12.3f}{statistics.median(new):>10.3f}"
+                  f"{statistics.median(ratios):>8.2f}{target:>8.2f}  {each}", flush=True)  # fmt: skip
+            before, after = runs[baseline][-1], runs[ROOT][-1]
+            removed.append(f"{name:<24}" + "".join(
+                f"{before[k]:>11.0f} ->{after[k]:>7.0f}" for k in ("allocations", "alloc_mb", "launches")
+            ))  # fmt: skip
     launches = "kernels" if args.device.startswith("cuda") else "aten ops"
     print(f"\nper step, {BASELINE} -> this tree (device-independent: what a GPU is spared too)")
     print(f"{'case':<24}{'allocations':>20}{'MB allocated':>20}{launches:>20}")
