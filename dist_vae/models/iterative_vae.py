@@ -27,14 +27,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import (
-    CheckpointPolicy,
-    SelectiveCheckpointContext,
-    checkpoint,
-    create_selective_checkpoint_contexts,
-)
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
-from dist_vae.models.iterative_nets import Encoder, Generator, level_width
+from dist_vae.models.iterative_nets import Encoder, Generator, keep_coarse_convolutions, level_width
 from dist_vae.models.output import CodeStats, LossOutput
 from dist_vae.models.protocol import Posterior
 from dist_vae.models.regularizers import diag_normal_log_density, gaussian_kl
@@ -66,21 +61,6 @@ def level_sizes(resolution: int) -> list[int]:
             f"bad resolution {resolution} for model.kind=iterative_vae; expected a power of two >= {COARSEST}"
         )
     return [resolution >> i for i in range(int(math.log2(resolution // COARSEST)) + 1)]
-
-
-def _keep_coarse_convolutions(
-    resolution: int, ctx: SelectiveCheckpointContext, op: object, *args: object, **kwargs: object
-) -> CheckpointPolicy:
-    """Checkpointing policy: keep the outputs of convolutions whose input is at most a quarter of the
-    image's side, recompute everything else.
-
-    Every level costs about the same convolution FLOPs (4x fewer pixels, 2x the channels, squared) but
-    half the memory of the one above it, so the levels from a quarter of the side down hold most of
-    the step's FLOPs (at 256 px: ~60%) in under a tenth of its activations. The backward then reruns
-    only their cheap elementwise work; the recomputed values are bitwise those of the forward.
-    """
-    keep = op is torch.ops.aten.convolution.default and args[0].shape[-1] * 4 <= resolution  # type: ignore[attr-defined]
-    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 @dataclass
@@ -180,14 +160,14 @@ class IterativeVAE(nn.Module):
 
         Greedy mode detaches the canvas handed to the next step, so step t's loss trains step t alone.
         With checkpointing each step but the last is recomputed in backward (noise is drawn outside, so
-        identically), all but its coarse convolutions (`_keep_coarse_convolutions`). The last step's
+        identically), all but its coarse convolutions (`keep_coarse_convolutions`). The last step's
         backward comes first, right after its forward: recomputing it would save no memory, since
         backward holds one step's activations at a time anyway.
         """
         self._check_input(x)
         canvas = torch.zeros_like(x)
         outputs = []
-        policy = functools.partial(_keep_coarse_convolutions, self.resolution)
+        policy = functools.partial(keep_coarse_convolutions, self.resolution)
         for t, step in enumerate(self.steps):
             noise = eps[t] if eps is not None else torch.randn(x.shape[0], self.latent_size, device=x.device)
             previous = canvas.detach() if self.mode == "greedy" else canvas
