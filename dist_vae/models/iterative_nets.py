@@ -3,7 +3,6 @@ p(canvas_t | z_t, canvas_{t-1}), built from GroupNorm residual stages over a pyr
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -25,18 +24,6 @@ def level_width(size: int, channels: int) -> int:
     return max(1, min(4 * channels, channels * 64 // size))
 
 
-@functools.cache
-def _fold_matrix(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[9, 16]: which of a 3x3 kernel's taps sum into each tap of the 4x4 stride-2 transposed kernel.
-
-    Along each axis, output pixel 2i reads upsampled rows 2i-1..2i+1, i.e. rows i-1, i, i of h (taps
-    0 | 1+2), and pixel 2i+1 reads rows i, i, i+1 (taps 0+1 | 2); in the transposed kernel's order
-    these are the taps [2, 1+2, 0+1, 0].
-    """
-    fold = torch.tensor([[0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]], dtype=dtype)
-    return torch.einsum("pr,qs->rspq", fold, fold).reshape(9, 16).to(device)
-
-
 def upsample_conv(h: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """conv(nearest 2x upsampling of h) for a 3x3, padding-1 conv, without the upsampled map.
 
@@ -45,10 +32,13 @@ def upsample_conv(h: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     instead of 9, and no 4x-sized input written and read back. Equal up to summation order (1e-15
     relative in float64); the parameters stay the 3x3 conv's, so checkpoints load unchanged.
     """
-    out_ch, in_ch = conv.weight.shape[:2]
-    with torch.autocast(h.device.type, enabled=False):  # fold the fp32 weights exactly, then cast
-        folded = conv.weight.flatten(2) @ _fold_matrix(conv.weight.dtype, conv.weight.device)
-    weight = folded.view(out_ch, in_ch, 4, 4).transpose(0, 1)
+    # Along each axis, output pixel 2i reads rows i-1, i, i of h (taps 0 | 1+2) and pixel 2i+1 rows
+    # i, i, i+1 (taps 0+1 | 2): the sums of neighbouring taps of the zero-padded kernel, [0, 0+1, 1+2, 2],
+    # flipped into the transposed convolution's order. No constant tensor: works on fake tensors too.
+    with torch.autocast(h.device.type, enabled=False):  # fold the fp32 weights, then let conv cast
+        w = F.pad(conv.weight, (1, 1, 1, 1))
+        folded = F.avg_pool2d(w.flatten(0, 1)[:, None], 2, stride=1).mul(4.0)  # 2x2 sums; 4 is exact
+    weight = folded.view(*conv.weight.shape[:2], 4, 4).flip(2, 3).transpose(0, 1)
     return F.conv_transpose2d(h, weight, conv.bias, stride=2, padding=1)
 
 
