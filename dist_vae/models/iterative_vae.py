@@ -19,6 +19,7 @@ of earlier steps are auxiliary losses that shape the refinement and are not part
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,9 +27,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
-from dist_vae.models.iterative_nets import Encoder, Generator, level_width
+from dist_vae.models.iterative_nets import Encoder, Generator, keep_coarse_convolutions, level_width
 from dist_vae.models.output import CodeStats, LossOutput
 from dist_vae.models.protocol import Posterior
 from dist_vae.models.regularizers import diag_normal_log_density, gaussian_kl
@@ -157,17 +158,23 @@ class IterativeVAE(nn.Module):
     def unroll(self, x: torch.Tensor, eps: Sequence[torch.Tensor] | None = None) -> list[StepOutput]:
         """Run the T steps on x with z_t = mean + std * eps[t] (eps drawn here when not given).
 
-        Greedy mode detaches the canvas handed to the next step, so step t's loss trains step t alone;
-        with checkpointing each step is recomputed in backward (noise is drawn outside, so identically).
+        Greedy mode detaches the canvas handed to the next step, so step t's loss trains step t alone.
+        With checkpointing each step but the last is recomputed in backward (noise is drawn outside, so
+        identically), all but its coarse convolutions (`keep_coarse_convolutions`). The last step's
+        backward comes first, right after its forward: recomputing it would save no memory, since
+        backward holds one step's activations at a time anyway.
         """
         self._check_input(x)
         canvas = torch.zeros_like(x)
         outputs = []
+        policy = functools.partial(keep_coarse_convolutions, self.resolution)
         for t, step in enumerate(self.steps):
             noise = eps[t] if eps is not None else torch.randn(x.shape[0], self.latent_size, device=x.device)
             previous = canvas.detach() if self.mode == "greedy" else canvas
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                out = checkpoint(step, x, previous, noise, use_reentrant=False)
+            recompute = t < len(self.steps) - 1 and torch.is_grad_enabled()
+            if self.gradient_checkpointing and recompute:
+                contexts = functools.partial(create_selective_checkpoint_contexts, policy)
+                out = checkpoint(step, x, previous, noise, use_reentrant=False, context_fn=contexts)
             else:
                 out = step(x, previous, noise)
             outputs.append(out)
