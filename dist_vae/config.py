@@ -62,7 +62,9 @@ class TrainConfig:
     # fp16 loss scaling (the trainer's GradScaler, or DeepSpeed's loss_scale_window): the scale doubles
     # after this many updates without overflow; an overflow halves it and skips the update.
     loss_scale_growth_interval: int = at_least(2000, 1)
-    compile: bool = False  # torch.compile the model (in place, before DDP/DeepSpeed wrap it)
+    # torch.compile the model in place. auto: on a GPU, before DDP/DeepSpeed wrap it; on the CPU only
+    # when the run's remaining steps pay back the compile time (engine/compile_choice.py).
+    compile: str = choice("auto", "auto", "on", "off")
     peak_flops: float | None = at_least(None, 0.0)  # FLOP/s of one device for perf/mfu; None: by name
     sample_count: int = at_least(16, 1)  # images in each sample grid
     # Hang watchdog (engine/watchdog.py), in seconds: a step that reaches no boundary within
@@ -115,6 +117,18 @@ def _check_removed(layer: Any, origin: str) -> None:
         node = OmegaConf.select(layer, parent) if parent else layer
         if isinstance(node, DictConfig) and leaf in node:
             raise ConfigError(f"{origin}: key '{key}' was removed; {instead}")
+
+
+# Keys that were booleans and are now switches: an old config.yaml or override saying true/false
+# (YAML also reads on/off as true/false) still loads.
+_SWITCHES = ("train.compile",)
+
+
+def _booleans_as_switches(layer: Any) -> None:
+    for key in _SWITCHES:
+        value = str(OmegaConf.select(layer, key)).lower()  # a bool, or a quoted 'true'/'false'
+        if value in ("true", "false"):
+            OmegaConf.update(layer, key, "on" if value == "true" else "off")
 
 
 def _error_from_omegaconf(exc: OmegaConfBaseException, origin: str, merged: DictConfig) -> ConfigError:
@@ -176,6 +190,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         layers.append((f"override {item!r}", OmegaConf.from_dotlist([item]), False))
     for origin, layer, is_file in layers:
         _check_removed(layer, origin)
+        _booleans_as_switches(layer)
         kind = _layer_kind(layer, origin)
         if kind is not None and kind != merged.model.kind:
             merged.model = OmegaConf.structured(model_config_class(kind))

@@ -68,7 +68,7 @@ def test_an_old_config_with_train_batch_size_is_told_what_replaced_it(tmp_path: 
     with pytest.raises(ConfigError, match=removed):
         load_config(old)
     cfg = load_config(None, ["train.compile=true", "train.peak_flops=1e12"])
-    assert (cfg.train.compile, cfg.train.peak_flops, cfg.train.max_nonfinite_skips) == (True, 1e12, 10)
+    assert (cfg.train.compile, cfg.train.peak_flops, cfg.train.max_nonfinite_skips) == ("on", 1e12, 10)
     assert load_config(None).train.peak_flops is None
     with pytest.raises(ConfigError, match=r"'data\.shuffle_buffer' was removed; use data\.shuffle_group"):
         load_config(None, ["data.shuffle_buffer=100"])

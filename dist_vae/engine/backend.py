@@ -8,6 +8,7 @@ is all DeepSpeed allows. How an update is made is the backend's (engine/update.p
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +102,12 @@ class Backend:
             group["lr"] = base * factor
 
 
+def compiles_before_wrap(cfg: Config, device: torch.device) -> bool:
+    """train.compile=on, or auto on a GPU (where compiling pays back quickly); auto elsewhere is decided
+    once the first steps are timed (engine/compile_choice.py)."""
+    return cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
+
+
 def build_backend(cfg: Config, acc: Accelerator, lr_scale: float) -> Backend:
     """Identical initial weights on every rank, counted (FLOPs) and compiled before they are wrapped."""
     t = cfg.train
@@ -113,7 +120,9 @@ def build_backend(cfg: Config, acc: Accelerator, lr_scale: float) -> Backend:
     # perf/mfu's numerator, counted once on fake tensors (seconds) before compile and wrapping.
     peak = peak_flops(acc.device, _DTYPES[t.precision], t.peak_flops)
     per_image = flops_per_image(model, cfg.data.resolution) if peak else 0.0
-    if t.compile:
+    if compiles_before_wrap(cfg, acc.device):
+        if t.compile == "auto" and acc.is_main_process:
+            print("train.compile=auto on a GPU: compile", file=sys.stderr, flush=True)
         model.compile()  # in place: parameter names, checkpoints and param_groups() stay as they are
     prepared, prepared_optimizer = acc.prepare(model, optimizer)
     raw_model = acc.unwrap_model(prepared)

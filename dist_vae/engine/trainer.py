@@ -10,6 +10,7 @@ The Trainer composes parts with one job each, built in this order by `Trainer._a
   health.py         whether the code is in use (health/* scalars) and the posterior-collapse warning
   cadence.py        when to log, evaluate, sample (evaluation.py) and save
   watchdog.py       stacks and exit code 5 when a step, or the work between two, takes too long
+  compile_choice.py train.compile=auto on the CPU: time the first updates, compile if the rest pays
 so that `fit` below is the loop and nothing else.
 """
 
@@ -23,6 +24,7 @@ from dist_vae.config import Config
 from dist_vae.engine.backend import build_backend, start_accelerator
 from dist_vae.engine.cadence import Cadence, periodic_actions
 from dist_vae.engine.checkpointing import Checkpointer, claim_run_dir, resume_path
+from dist_vae.engine.compile_choice import AutoCompile
 from dist_vae.engine.evaluation import Evaluation
 from dist_vae.engine.health import CodeHealth
 from dist_vae.engine.logging import RunLogger
@@ -81,6 +83,7 @@ class Trainer:
         self.cadence = Cadence(cfg, periodic_actions(cfg, evaluation, self.streams.validate))
         rank, t = self.accelerator.process_index, cfg.train
         self.watchdog = Watchdog(Path(cfg.run_dir), rank, t.hang_timeout, t.action_timeout)
+        self.auto_compile = AutoCompile(cfg, self.backend, self.step, self.watchdog)
 
     def _announce(self, resume_from: Path | None, change: ConfigChange) -> None:
         """Rank 0's lines before training: where it resumed, how a resize changed the batch, each
@@ -114,7 +117,8 @@ class Trainer:
                 while self.step < self.cfg.train.steps:
                     if self.before_step is not None:
                         self.before_step(self.step)
-                    update = self.update_step(self.step, batches, window)
+                    with self.auto_compile.timed(self.step):
+                        update = self.update_step(self.step, batches, window)
                     self.step += 1
                     if self.cadence.log_due(self.step, self.gate.diverged):
                         self.logger.progress(self.step, self.scalar_log.write(window, self.step))
@@ -124,6 +128,7 @@ class Trainer:
                     if self.gate.diverged:  # every rank decided the same: all stop here, saving nothing
                         raise self.checkpoints.diverged(self.step)
                     with window.pause(), self.watchdog.between_steps(self.step):
+                        self.auto_compile.settle(self.step)
                         self.cadence.run_actions(self.step)
                         if self.cadence.save_due(self.step, update.preempted):
                             self.checkpoints.save(self.step)

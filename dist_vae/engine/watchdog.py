@@ -16,7 +16,8 @@ collective fails (and unwinds its stack) before that peer has dumped too.
 Bounds: a step gets `train.hang_timeout` seconds or, unset, the larger of `MIN_STEP_TIMEOUT_S` and
 `MEDIAN_FACTOR` times the median of the recent step times (15 minutes until steps have been timed).
 Evaluation, sampling and checkpoint saving run between steps and may rightly take longer: while
-they run (`between_steps`) the bound is `train.action_timeout` instead.
+they run (`between_steps`) the bound is `train.action_timeout` instead. A step known to be slow (the
+first compiled one: engine/compile_choice.py) is given more through `extend_next_step`.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class Watchdog:
         self._durations: deque[float] = deque(maxlen=TIMED_STEPS)
         self._started = self._deadline = time.monotonic()
         self._what = ""  # what the current deadline bounds, for the message
+        self._extension = 0.0  # seconds the next step gets on top of step_timeout()
 
     def step_timeout(self) -> float:
         if self.hang_timeout is not None:
@@ -94,16 +96,24 @@ class Watchdog:
         yield
         self._next_step(step)
 
+    def extend_next_step(self, seconds: float) -> None:
+        """Give the next step (only) `seconds` more than `step_timeout()`; called between steps."""
+        self._extension = seconds
+
     def _next_step(self, step: int) -> None:
-        """Update `step + 1` begins: it has `step_timeout()` seconds to reach its boundary."""
+        """Update `step + 1` begins: it has `step_timeout()` seconds (and any extension) to reach its
+        boundary."""
         if self.hang_timeout is not None:
             key = f"train.hang_timeout={self.hang_timeout:g}"
         else:
             key = (
                 f"train.hang_timeout unset: max({MIN_STEP_TIMEOUT_S:g} s, {MEDIAN_FACTOR} x median step time)"
             )
+        if self._extension:
+            key += f", + {self._extension:.0f} s for this step"
         self._what = f"no step boundary after step {step} ({key})"
-        self._set_deadline(time.monotonic(), self.step_timeout())
+        self._set_deadline(time.monotonic(), self.step_timeout() + self._extension)
+        self._extension = 0.0
 
     def _set_deadline(self, now: float, timeout: float) -> None:
         with self._changed:  # wake the watcher: the new deadline may be earlier than the one it waits for
