@@ -62,6 +62,13 @@ def test_counting_operations_leaves_the_random_streams_alone() -> None:
     assert operations > 100 and estimate == operations * SECONDS_PER_OPERATION["pixel_vae"]
 
 
+def test_the_iterative_vae_is_estimated_on_the_two_steps_it_compiles() -> None:
+    """Steps 2..T compile to one shared graph, so T beyond 2 must not raise the estimate."""
+    tiny = [*TINY["iterative_vae"], "data.resolution=16"]
+    counts = [compile_seconds(load_config(None, [*tiny, f"model.refine_steps={t}"]))[1] for t in (1, 2, 6)]
+    assert counts[0] < counts[1] == counts[2]
+
+
 def test_a_short_cpu_run_prints_one_eager_decision_and_none_when_off(
     demo_shards: Path, tmp_path: Path
 ) -> None:
