@@ -144,7 +144,8 @@ def claim1_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
-            r["reg"], r["decoder"], f"{r['elbo_bpd']:.3f}", f"{r['kl']:.2f}", f"{r['mi']:.2f} ({r['mi_images']})",
+            r["reg"], r["decoder"], f"{r['elbo_bpd']:.3f}", f"{r['kl']:.2f}",
+            f"{r['mi']:.2f} ({r['mi_images']})",
             f"{r['active_units']} / {r['latent_dim']}", *(f"{r['read_out'][f]:.2f}" for f in factors),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")

@@ -64,7 +64,8 @@ def chains_of_run(
         chain = markov_chain(model, start, STEPS, generator)
         result[name] = [scores(probe, extractor, real, real_features, x) for x in chain]
         strip = [torch.stack([x[i] for x in chain]) for i in range(min(STRIP_ROWS, len(start)))]
-        save_png_atomic(image_grid(strip), pictures / f"claim2_{run_dir.name.removeprefix('pixelvae_')}_{name}.png")
+        picture = f"claim2_{run_dir.name.removeprefix('pixelvae_')}_{name}.png"
+        save_png_atomic(image_grid(strip), pictures / picture)
     write_text_atomic(result_file, json.dumps(result, indent=2) + "\n")
     return result
 
