@@ -84,7 +84,8 @@ def train_run(run_dir: Path, config: str, shards: Path, side: int, steps: int, *
     tool(
         "dist_vae/train.py", "--config", config, f"run_dir={run_dir}", f"data.path={shards}",
         f"data.resolution={side}", f"train.steps={steps}", f"train.checkpoint_every={steps}",
-        f"train.eval_every={steps}", f"train.sample_every={steps}", *overrides, log=run_dir / "train.log",
+        f"train.eval_every={steps}", f"train.sample_every={steps}", "train.compile=off", *overrides,
+        log=run_dir / "train.log",
     )  # fmt: skip
 
 
