@@ -16,11 +16,11 @@ Stages (each skips what is finished: a trained run's `done`, a written result JS
   claim 3  iterative VAE T = 8 vs T = 1 vs a one-step VAE with one code, same total code size: FID,
            edge sharpness and decoder spread per step (scenes_study_injection.py).
 
-Budget (full mode, 2 cores, one thread per run, two runs at a time): the demo PixelVAE trains at
-~0.55 s/step at 32 px, batch 16 (docs/results.md: 3 runs x 2,000 steps in ~55 min on one lane), so
-5 runs x 1,500 steps take ~35 min over two lanes, plus ~2 min per run to evaluate the train split:
-~45 min for claim 1, not yet measured end to end. --quick (16 px, 60 steps) ran end to end in 351 s
-(83 CPU-seconds) on a 2-core machine loaded by other jobs; it proves the stages work, not the claims.
+Measured (full mode, from nothing, 2 cores, two runs at a time with one thread each; a niced
+helper running tests beside it): 64 min 39 s in all. Shards and probe 33 s; claim 1 41 min 27 s (small
+decoder ~0.24 s/step, large ~0.68 s/step, then ~1-2 min of evaluation per run); claim 2 7 min 32 s;
+claim 3 15 min 7 s. A second run gave claim 1's numbers to the last digit printed. --quick (16 px,
+60 steps) proves the stages work, not the claims.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from tools import scenes_study_chains
 ROOT = Path(__file__).resolve().parent.parent
 REGS = ("elbo", "none", "mmd", "stein", "adversarial")
 # The demo decoder (one gated resnet per stage, 2 stages) sees too little context to draw a room by
-# itself, so z pays for itself even under the ELBO; the larger one (2.6x the step cost) is the test.
+# itself, so z pays for itself even under the ELBO; the larger one (2.8x the step cost) is the test.
 DECODERS = {"small": (), "large": ("model.nr_resnet=3", "model.n_stages=3")}
 LARGE_REGS = ("elbo", "mmd")
 FULL = {"scenes": 12000, "side": 32, "steps": 1500, "read_out": 4000}

@@ -7,13 +7,9 @@ ancestral samples (z ~ p(z)) as the reference row. Per row, against the first N 
 (dist_vae/metrics/probe.py). Writes RUN/claim2.json per run, OUT/claim2.json, and chain strips
 (rows = chains, columns = K) as OUT/pictures/claim2_{reg}_{data,noise}.png.
 
-Budget (full mode, N = FULL["chains"] = 48 chains per start, 32 px, one thread per process): the
-issue's ~0.4 s per 32 px decode (not re-measured; batched decoding measured 0.019 s/img at 16 px,
-batch 16, so 0.4 s is likely pessimistic) gives 2 starts x 8 steps x 48 + 48 ancestral = 816 decodes,
-~5.4 min per run; Inception measured 0.20 s/img (one thread, loaded machine) on 48 x (2 x 9 + 2) = 960
-images per run, ~3.2 min: ~8.6 min per run, ~17 min for elbo and mmd. --quick (16 px, N = 16, both
-runs) took 283 s wall. FID at N = 48 (2,048-d features) is biased far upward: read it across rows.
-Not measured at full size; no test covers this module yet (it needs trained runs).
+Measured (full mode: N = FULL["chains"] = 48 chains per start, 32 px, the two runs side by side, one
+thread each): 7 min 32 s for both. FID at N = 48 (2,048-d features) is biased far upward: read it
+across rows.
 """
 
 from __future__ import annotations
