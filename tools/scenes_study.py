@@ -5,21 +5,22 @@
 Stages (each skips what is finished: a trained run's `done`, a written result JSON):
   shards   --source scenes:N at 32 px (16 px with --quick) and their factor probe
   claim 1  latent use: PixelVAE (configs/demo_pixelvae.yaml) with reg = elbo, none, mmd, stein,
-           adversarial. Per run, on the EMA weights: KL and I(x; z) over up to 4,096 train images
+           adversarial, and elbo and mmd again with a larger decoder (3 gated resnets per stage, 3
+           stages). Per run, on the EMA weights: KL and I(x; z) over up to 4,096 train images
            (tools/evaluate.py; the estimate is capped by log N = 8.3 nats, not by a small val split),
            active units, and a linear read-out of every factor from the posterior means
            (dist_vae/metrics/latent_probe.py; accuracy or R² on val). Writes OUT/claim1.json and
            OUT/claim1.md (the table for docs/results.md).
-  claim 2  Markov chains from data and from noise, K = 0..8, on claim 1's elbo and mmd runs: FID and
+  claim 2  Markov chains from data and from noise, K = 0..8, on claim 1's large elbo and mmd runs: FID and
            the probe's on-manifold scores per step, against ancestral samples (scenes_study_chains.py).
   claim 3  iterative VAE T = 8 vs T = 1 vs a one-step VAE with one code, same total code size: FID,
            edge sharpness and decoder spread per step (scenes_study_injection.py).
 
-Budget (full mode, 2 cores, one thread per run, two runs at a time): the demo PixelVAE trains at
-~0.55 s/step at 32 px, batch 16 (docs/results.md: 3 runs x 2,000 steps in ~55 min on one lane), so
-5 runs x 1,500 steps take ~35 min over two lanes, plus ~2 min per run to evaluate the train split:
-~45 min for claim 1, not yet measured end to end. --quick (16 px, 60 steps) ran end to end in 351 s
-(83 CPU-seconds) on a 2-core machine loaded by other jobs; it proves the stages work, not the claims.
+Measured (full mode, from nothing, 2 cores, two runs at a time with one thread each; a niced
+helper running tests beside it): 64 min 39 s in all. Shards and probe 33 s; claim 1 41 min 27 s (small
+decoder ~0.24 s/step, large ~0.68 s/step, then ~1-2 min of evaluation per run); claim 2 7 min 32 s;
+claim 3 15 min 7 s. A second run gave claim 1's numbers to the last digit printed. --quick (16 px,
+60 steps) proves the stages work, not the claims.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch
 
 from dist_vae.data.scenes import read_labelled
 from dist_vae.data.shards import ShardSettings, build_shards
-from dist_vae.files import write_text_atomic
+from dist_vae.files import write_bytes_atomic, write_text_atomic
 from dist_vae.metrics.latent_probe import linear_factor_scores, posterior_means
 from dist_vae.metrics.probe import PROBE_DIR, TrainSettings, to_input, train_probe
 from dist_vae.run_dir import load_run
@@ -47,6 +48,10 @@ from tools import scenes_study_chains
 
 ROOT = Path(__file__).resolve().parent.parent
 REGS = ("elbo", "none", "mmd", "stein", "adversarial")
+# The demo decoder (one gated resnet per stage, 2 stages) sees too little context to draw a room by
+# itself, so z pays for itself even under the ELBO; the larger one (2.8x the step cost) is the test.
+DECODERS = {"small": (), "large": ("model.nr_resnet=3", "model.n_stages=3")}
+LARGE_REGS = ("elbo", "mmd")
 FULL = {"scenes": 12000, "side": 32, "steps": 1500, "read_out": 4000}
 QUICK = {"scenes": 600, "side": 16, "steps": 60, "read_out": 300}
 FULL |= {"chains": 48, "inject_steps": 400, "inject_n": 100}
@@ -79,13 +84,18 @@ def train_run(run_dir: Path, config: str, shards: Path, side: int, steps: int, *
     tool(
         "dist_vae/train.py", "--config", config, f"run_dir={run_dir}", f"data.path={shards}",
         f"data.resolution={side}", f"train.steps={steps}", f"train.checkpoint_every={steps}",
-        f"train.eval_every={steps}", f"train.sample_every={steps}", *overrides, log=run_dir / "train.log",
+        f"train.eval_every={steps}", f"train.sample_every={steps}", "train.compile=off", *overrides,
+        log=run_dir / "train.log",
     )  # fmt: skip
 
 
-def claim1_run(out: Path, shards: Path, size: dict[str, int], reg: str) -> dict:
+def run_name(reg: str, decoder: str) -> str:
+    return f"pixelvae_{reg}" if decoder == "small" else f"pixelvae_{decoder}_{reg}"
+
+
+def claim1_run(out: Path, shards: Path, size: dict[str, int], reg: str, decoder: str) -> dict:
     """Train (or resume) one PixelVAE, then its numbers; cached in RUN/claim1.json."""
-    run_dir = out / f"pixelvae_{reg}"
+    run_dir = out / run_name(reg, decoder)
     result_file = run_dir / "claim1.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
@@ -93,7 +103,12 @@ def claim1_run(out: Path, shards: Path, size: dict[str, int], reg: str) -> dict:
     train_run(
         run_dir, "configs/demo_pixelvae.yaml", shards, size["side"], steps,
         f"model.reg={reg}", f"train.warmup={min(100, steps // 4)}", "train.sample_count=4",
+        *DECODERS[decoder],
     )  # fmt: skip
+    pictures = out / "pictures"
+    pictures.mkdir(exist_ok=True)
+    grid = (run_dir / "samples" / f"step-{steps:08d}.png").read_bytes()
+    write_bytes_atomic(pictures / f"claim1_{run_dir.name.removeprefix('pixelvae_')}.png", grid)
     evaluation = run_dir / "eval-train-iw0.json"
     tool(
         "tools/evaluate.py", str(run_dir), "--ema", "--split", "train", "--iw-samples", "0",
@@ -110,6 +125,7 @@ def claim1_run(out: Path, shards: Path, size: dict[str, int], reg: str) -> dict:
     )
     result = {
         "reg": reg,
+        "decoder": decoder,
         "step": numbers["step"],
         "kl": numbers["kl"],
         "mi": numbers["mi"],
@@ -125,11 +141,12 @@ def claim1_run(out: Path, shards: Path, size: dict[str, int], reg: str) -> dict:
 
 def claim1_table(rows: list[dict]) -> str:
     factors = list(rows[0]["read_out"])
-    head = ["reg", "-ELBO bpd", "KL (nats)", "I(x; z) (nats, N)", "active / dims", *factors]
+    head = ["reg", "decoder", "-ELBO bpd", "KL (nats)", "I(x; z) (nats, N)", "active / dims", *factors]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
-            r["reg"], f"{r['elbo_bpd']:.3f}", f"{r['kl']:.2f}", f"{r['mi']:.2f} ({r['mi_images']})",
+            r["reg"], r["decoder"], f"{r['elbo_bpd']:.3f}", f"{r['kl']:.2f}",
+            f"{r['mi']:.2f} ({r['mi_images']})",
             f"{r['active_units']} / {r['latent_dim']}", *(f"{r['read_out'][f]:.2f}" for f in factors),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
@@ -155,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.only in (None, "claim1"):
         with ThreadPoolExecutor(args.lanes) as pool:
-            rows = list(pool.map(lambda reg: claim1_run(out, shards, size, reg), REGS))
+            runs = [(reg, "large") for reg in LARGE_REGS] + [(reg, "small") for reg in REGS]
+            rows = list(pool.map(lambda run: claim1_run(out, shards, size, *run), runs))
         write_text_atomic(out / "claim1.json", json.dumps(rows, indent=2) + "\n")
         table = claim1_table(rows)
         write_text_atomic(out / "claim1.md", table)

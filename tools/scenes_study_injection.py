@@ -18,12 +18,8 @@ Per model, on the EMA weights, for every generation step t (prior samples: the c
 Writes OUT/claim3.json, OUT/claim3.md and OUT/pictures/claim3_{model}_{ancestral,recon}.png (one row
 per step, the data on top).
 
-Budget (full mode: 32 px, 400 steps, N = 100; runs one after another on one thread), from step times
-measured on this 2-core machine while other jobs ran: T8 ~1.3 s/step at 32 px (0.57 at 16 px), T1 and
-plain ~0.18 s/step, so training ~520 + 2 x 70 s; Inception at 0.1-0.25 s/image over 3 x 100 data +
-800 + 2 x 100 samples, 130-325 s; probe, spreads and pictures under a minute: ~13-17 min, inside the
-~20 min share of the 90-minute study. Not measured end to end in full mode. --quick (16 px, 40 steps,
-N = 16) ran end to end in 97-121 s: it proves the stage, not the claim (FIDs ~320 at N = 16).
+Measured (full mode: 32 px, 400 steps, N = 100; runs one after another on one thread): 15 min 7 s
+(T8 ~1.1 s/step). --quick (16 px, 40 steps, N = 16) proves the stage, not the claim.
 Not done: the probe Fréchet distance per step (FID here is Inception's only).
 """
 
