@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         write_text_atomic(out / "claim1.md", table)
         print(table, end="")
     if args.only in (None, "claim2"):
-        table = scenes_study_chains.run(out, shards, size, args.quick)
+        runs = [run_name(reg, "large") for reg in LARGE_REGS]
+        table = scenes_study_chains.run(out, shards, size, args.quick, runs)
         write_text_atomic(out / "claim2.md", table)
         print(table, end="")
     if args.only in (None, "claim3"):

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from dist_vae.config import Config
-from dist_vae.engine.backend import Backend, agree
+from dist_vae.engine.backend import Backend, agree, compiles_before_wrap
 from dist_vae.engine.watchdog import Watchdog
 from dist_vae.flops import operations_per_step
 from dist_vae.models import build_model
@@ -75,7 +75,8 @@ class AutoCompile:
         self.cfg, self.backend, self.watchdog, self.start = cfg, backend, watchdog, start_step
         self.times: list[float] = []
         left = cfg.train.steps - start_step
-        self.active = cfg.train.compile == "auto" and backend.accelerator.device.type != "cuda" and left > 0
+        device = backend.accelerator.device
+        self.active = cfg.train.compile == "auto" and not compiles_before_wrap(cfg, device) and left > 0
         if self.active and left <= 1 + TIMED_STEPS:
             self._say(f"eager ({_steps_left(left)}: too few to time)")
             self.active = False
