@@ -13,8 +13,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from accelerate import Accelerator
 
-from dist_vae.checkpoint import read_tensors
+from dist_vae.checkpoint import OPTIMIZER_FILE, load_checkpoint, newest_verified, read_tensors
+from dist_vae.config import load_config
+from dist_vae.engine.backend import make_optimizer
+from dist_vae.models import build_model
 from dist_vae.run_dir import load_run
 from tests.fixtures.bf2ea00.make_checkpoints import DTYPES, measure
 from tests.model_fixtures import one_thread  # noqa: F401
@@ -47,3 +52,27 @@ def test_bf2ea00_checkpoint_loads_and_gives_the_same_losses_and_gradients(kind: 
             assert values["grad_norms"].keys() == want["grad_norms"].keys(), label
             for module, norm in values["grad_norms"].items():
                 assert_close(f"{label} grad norm of {module}", norm, want["grad_norms"][module], rtol)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_bf2ea00_optimizer_state_resumes_on_the_fused_adamw() -> None:
+    """bf2ea00 saved `fused: None` with its moments; the trainer's optimizer is now fused, and the
+    resumed run must keep the fused kernel and the saved moments, then step them."""
+    run_dir = FIXTURES / "pixel_vae"
+    cfg = load_config(run_dir / "config.yaml")
+    model = build_model(cfg.model, cfg.data.resolution, cfg.train.gradient_checkpointing)
+    optimizer = make_optimizer(model, cfg)
+    assert {group["fused"] for group in optimizer.param_groups} == {True}
+    acc = Accelerator(cpu=True)
+    path = newest_verified(run_dir)
+    load_checkpoint(acc, path, model=model, optimizer=optimizer, ema=None)
+    assert {group["fused"] for group in optimizer.param_groups} == {True}
+    saved = read_tensors(path / OPTIMIZER_FILE)
+    names = dict(model.named_parameters())
+    name = "decoder.up_u.0.0.conv_out.conv.v"
+    assert torch.equal(optimizer.state[names[name]]["exp_avg"], saved[f"exp_avg/{name}"])
+    before = names[name].detach().clone()
+    model(read_tensors(run_dir / "batch.safetensors")["x"] / 127.5 - 1, step=3).total().backward()
+    optimizer.step()
+    assert float(optimizer.state[names[name]]["step"]) == 3.0
+    assert not torch.equal(names[name], before)

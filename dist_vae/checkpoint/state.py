@@ -104,6 +104,11 @@ def load_weights(acc: Accelerator, model: nn.Module, tensors: Tensors, source: P
             safe_set_full_fp32_param(param, tensors[name].to(param.device))
 
 
+# How torch computes an update, not which update: this process's choice stands (a run saved before
+# the trainer used the fused AdamW, or saved on another kind of device, resumes on this one's kernel).
+IMPLEMENTATION_SWITCHES = ("foreach", "fused", "capturable", "differentiable")
+
+
 def _hyperparameters(group: dict[str, Any], index: int) -> dict[str, Any]:
     hyper = {}
     for key, value in group.items():
@@ -180,7 +185,7 @@ def load_optimizer_state(
             )
     for group, entry in zip(inner.param_groups, saved, strict=True):
         for key, value in entry.items():
-            if key not in ("params", "state"):
+            if key not in ("params", "state", *IMPLEMENTATION_SWITCHES):
                 group[key] = tuple(value) if isinstance(group.get(key), tuple) else value
     if zero is not None:
         for group, params, entry in zip(inner.param_groups, groups, saved, strict=True):

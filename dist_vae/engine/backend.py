@@ -28,8 +28,14 @@ from dist_vae.models import build_model
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+# Where torch has a fused AdamW kernel: one pass over each parameter instead of about ten operators
+# (configs/demo_iterative.yaml on this project's 2-core CPU: 30 -> 6 ms of a ~430 ms step).
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
 def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW with one group per model group name, each at its configured LR."""
+    """AdamW with one group per model group name, each at its configured LR; torch's fused kernel
+    where every parameter's device has one (the same update, rounded in a different order)."""
     lrs = {"main": cfg.train.lr, "critic": cfg.train.critic_lr}
     groups = model.param_groups()
     unknown = sorted(set(groups) - set(lrs))
@@ -38,9 +44,11 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     listed = [id(p) for params in groups.values() for p in params]
     if len(listed) != len(set(listed)) or set(listed) != {id(p) for p in model.parameters()}:
         raise ValueError(f"{type(model).__name__}.param_groups() must list every parameter exactly once")
+    fused = all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() for p in model.parameters())
     return torch.optim.AdamW(
         [{"params": params, "lr": lrs[name]} for name, params in groups.items()],
         weight_decay=cfg.train.weight_decay,
+        fused=fused or None,
     )
 
 
