@@ -53,7 +53,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 BASELINE = "bf2ea00"
-PAIRED = f"dist_vae_{BASELINE}"  # the baseline's package, renamed, in --paired runs
+PAIRED = f"dist_vae_{BASELINE}"  # the baseline's package, renamed, in --pairs runs
 # name: (worker arguments, target ratio old / new)
 CASES = {
     "pixelcnnpp-64": (["pixelcnnpp", "64"], 1.35),
@@ -188,7 +188,7 @@ def renamed_copy(tree: Path, into: Path) -> None:
 def paired_worker(case: list[str], pairs: int, threads: int, device: str, baseline: Path) -> None:
     """Runs in the subprocess (PYTHONPATH: this tree and renamed_copy's folder): builds the case in
     both trees and alternates their steps one by one; prints each tree's fastest step, the median of
-    the per-pair ratios and this tree's counts, as JSON."""
+    the per-pair ratios and both trees' counts of one more step, as JSON."""
     import torch
 
     torch.set_num_threads(threads)
