@@ -6,6 +6,19 @@ subclass says which layer refused (and so which exit code and README row applies
 
 from __future__ import annotations
 
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Every exit status the trainer and the tools end with; cluster/launch.sh acts on the same numbers."""
+
+    SUCCESS = 0
+    CRASH = 1  # an uncaught error: a bug, or a collective that timed out outside a step
+    REFUSED = 2  # a DistVaeError: bad config, data, checkpoint, backend, or a full or read-only disk
+    REQUEUE = 3  # stopped by a signal after a checkpoint; run the same command again to resume
+    DIVERGED = 4  # too many non-finite updates in a row; requeueing would repeat it
+    HANG = 5  # no step boundary in time; the stacks of every thread are in RUN_DIR/hang/
+
 
 class DistVaeError(Exception):
     """Something the project refuses to do; the message names the file or key and what was expected."""
