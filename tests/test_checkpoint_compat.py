@@ -1,10 +1,10 @@
-"""Runs trained at main bf2ea00, before the speed work of issue 23, still load and give the same loss.
+"""Runs an older tree trained, in checkpoint format 2, still load and give the same loss.
 
-The fixtures under tests/fixtures/bf2ea00/ are real run directories (config.yaml and a checkpoint
-exactly as bf2ea00's trainer wrote it) with a fixed batch and what bf2ea00 computed on it; their
-generator, tests/fixtures/bf2ea00/make_checkpoints.py, says how they were made. Each is loaded
-through today's `load_run` (COMPLETE marker verified, safetensors only, every tensor name and shape
-matched) and measured by the same function that recorded the expected values.
+The fixtures under tests/fixtures/checkpoint_format2/ are real run directories (config.yaml and a
+checkpoint exactly as that tree's trainer wrote it) with a fixed batch and what that tree computed on
+it; their generator, tests/fixtures/checkpoint_format2/make_checkpoints.py, says how they are made.
+Each is loaded through today's `load_run` (COMPLETE marker verified, safetensors only, every tensor
+name and shape matched) and measured by the same function that recorded the expected values.
 """
 
 from __future__ import annotations
@@ -21,21 +21,21 @@ from dist_vae.config import load_config
 from dist_vae.engine.backend import make_optimizer
 from dist_vae.models import build_model
 from dist_vae.run_dir import load_run
-from tests.fixtures.bf2ea00.make_checkpoints import DTYPES, measure
+from tests.fixtures.checkpoint_format2.make_checkpoints import DTYPES, measure
 from tests.model_fixtures import one_thread  # noqa: F401
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "bf2ea00"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "checkpoint_format2"
 # float64: the fused ops may move the last bits (fused_ops.py: 1e-15 over a whole model).
 RELATIVE = {"float64": 1e-12, "float32": 1e-5}
 
 
 def assert_close(name: str, value: float, expected: float, rtol: float) -> None:
-    assert abs(value - expected) <= rtol * abs(expected), f"{name}: {value!r}, bf2ea00 gave {expected!r}"
+    assert abs(value - expected) <= rtol * abs(expected), f"{name}: {value!r}, the fixture gave {expected!r}"
 
 
 @pytest.mark.parametrize("kind", ["pixel_vae", "iterative_vae"])
 @pytest.mark.usefixtures("one_thread")
-def test_bf2ea00_checkpoint_loads_and_gives_the_same_losses_and_gradients(kind: str) -> None:
+def test_format2_checkpoint_loads_and_gives_the_same_losses_and_gradients(kind: str) -> None:
     run_dir = FIXTURES / kind
     expected = json.loads((run_dir / "expected.json").read_text())
     batch = read_tensors(run_dir / "batch.safetensors")["x"]
@@ -55,8 +55,8 @@ def test_bf2ea00_checkpoint_loads_and_gives_the_same_losses_and_gradients(kind: 
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_bf2ea00_optimizer_state_resumes_on_the_fused_adamw() -> None:
-    """bf2ea00 saved `fused: None` with its moments; the trainer's optimizer is now fused, and the
+def test_format2_optimizer_state_resumes_on_the_fused_adamw() -> None:
+    """The fixture saved `fused: None` with its moments; the trainer's optimizer is fused, and the
     resumed run must keep the fused kernel and the saved moments, then step them."""
     run_dir = FIXTURES / "pixel_vae"
     cfg = load_config(run_dir / "config.yaml")

@@ -114,7 +114,7 @@ def test_folder_source_is_recursive_and_sniffs_bytes(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_training_runs_with_an_empty_val_split(tmp_path: Path) -> None:
-    """Issue 11.9: demo:200 with the default --val-fraction 0.01 has no val image; train anyway."""
+    """demo:200 with the default --val-fraction 0.01 has no val image; train anyway."""
     made = make_shards("--source", "demo:200", "--out", str(tmp_path / "s"), "--resolution", "32")
     assert made.returncode == 0, made.stderr
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())

@@ -1,4 +1,4 @@
-"""Issue 14.1 at the stream level: real gloo processes stop at a step, resume on 1 and on 3 processes.
+"""Elastic resume at the stream level: real gloo processes stop at a step, resume on 1 and on 3 processes.
 
 Every rank records the sample keys of its batches (with_keys=True) and the positions they name, so
 the test can account for each sample of the first epoch: seen once, none lost.

@@ -1,4 +1,4 @@
-"""Images a new user's folder holds that make_shards must not store wrongly or drop silently (issue 22.4a-e).
+"""Images a new user's folder holds that make_shards must not store wrongly or drop silently.
 
 Each test writes real files with Pillow (real 16-bit PNGs, EXIF bytes, alpha, symlinks) and runs the
 real sharding, through the CLI where the behaviour is the CLI's.

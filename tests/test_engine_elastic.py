@@ -1,4 +1,4 @@
-"""A run continues on another number of processes (issue 14): a 2-process run stopped at step 4 is
+"""A run continues on another number of processes: a 2-process run stopped at step 4 is
 finished on 1 and on 3 processes under both train.resize policies (DDP; DeepSpeed ZeRO-2 2 -> 1),
 with the step count, the data position, the LR schedule and the global batch (or the scaled LR) as
 promised; resuming on the same new world size twice gives identical checkpoints."""

@@ -1,4 +1,4 @@
-"""fp16 on the CPU (issue 22): the trainer's own GradScaler, on 1 and then 2 gloo processes. An
+"""fp16 on the CPU: the trainer's own GradScaler, on 1 and then 2 gloo processes. An
 overflowing update is skipped (weights, moments and EMA as they were), halves the scale, is counted
 apart from the non-finite updates that stop a run, and the scale grows back after the growth interval;
 the scaler's state continues through the resume on another number of processes. DeepSpeed's fp16 is

@@ -1,4 +1,4 @@
-"""Issue 22's hang: rank 1 of a 2-process gloo run sleeps inside a step. Both ranks' watchdogs dump the
+"""A hang: rank 1 of a 2-process gloo run sleeps inside a step. Both ranks' watchdogs dump the
 stacks of all threads, print one line and exit with HANG_EXIT_CODE; a rerun resumes from the newest
 checkpoint."""
 

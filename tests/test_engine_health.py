@@ -1,4 +1,4 @@
-"""Training health (issue 22.3): the health/* scalars of every log point and the one posterior-collapse
+"""Training health: the health/* scalars of every log point and the one posterior-collapse
 warning. The ELBO collapse case of test_pixel_vae.py (one template plus pixel noise, which a PixelCNN++
 models without z) trained through the trainer warns once; the same run without the KL (reg=none)
 keeps using z and does not."""

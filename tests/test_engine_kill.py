@@ -1,4 +1,4 @@
-"""Issue 11's acceptance fault injection: a 2-process gloo run, its whole process tree killed with
+"""Fault injection: a 2-process gloo run, its whole process tree killed with
 SIGKILL at 10 random moments (half of them while a checkpoint is being written) and resumed each
 time, ends with exactly the weights of an uninterrupted 2-process run."""
 

@@ -1,4 +1,4 @@
-"""What a run says (issue 22.4 f-h): bits/dim on the progress bar and at validation, where a resume
+"""What a run says: bits/dim on the progress bar and at validation, where a resume
 starts, each changed key, a finished run's one line; config.yaml only ever says what trained the
 newest checkpoint, and the changes are kept in config_changes.jsonl."""
 

@@ -1,4 +1,4 @@
-"""The fused gated-resnet input against the unfused reference maths (main at bf2ea00), written out here."""
+"""The fused gated-resnet input against the unfused reference maths, written out here."""
 
 import copy
 
@@ -23,7 +23,7 @@ def reference_concat_elu(xs: tuple[torch.Tensor, ...], padding, keep, dropout: f
     return F.pad(h, padding)
 
 
-def reference_block(self, x, z, keep, *skips):  # GatedResnet._block as main had it at bf2ea00
+def reference_block(self, x, z, keep, *skips):  # GatedResnet._block, unfused
     h = self.conv_in(layers.concat_elu(x))
     if self.skip is not None:
         h = h + self.skip(layers.concat_elu(torch.cat(skips, dim=1)))

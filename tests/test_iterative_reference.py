@@ -1,4 +1,4 @@
-"""The iterative VAE's faster step against the reference maths (main at bf2ea00), written out here:
+"""The iterative VAE's faster step against the plain reference maths, written out here:
 the generator's nearest-2x upsampling + 3x3 conv and its gate mix, and checkpointing that recomputes
 every step whole."""
 
@@ -18,12 +18,12 @@ from tests.test_iterative_vae import images, perturb
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# sha256 of "name:shape;..." over the sorted state dict of `model()`, computed with bf2ea00's code:
-# a checkpoint of the old layout loads strictly.
-BF2EA00_STATE = "264a3eb25c199869526e1516f96a6f974db1680ca58c114c4545da1631c92305"
+# sha256 of "name:shape;..." over the sorted state dict of `model()`, as checkpoint format 2 stores it
+# (tests/fixtures/checkpoint_format2): a checkpoint of that layout loads strictly.
+FORMAT2_STATE = "264a3eb25c199869526e1516f96a6f974db1680ca58c114c4545da1631c92305"
 
 
-def reference_generator_forward(self, z, canvas):  # Generator.forward as main had it at bf2ea00
+def reference_generator_forward(self, z, canvas):  # Generator.forward, the plain reference
     zs = dict(zip(self.ladder, z.split(list(self.ladder.values()), dim=1), strict=True))
     skips = self.canvas_path(canvas) if self.canvas_path is not None else None
     h = None
@@ -43,7 +43,7 @@ def reference_generator_forward(self, z, canvas):  # Generator.forward as main h
     return gate * new + (1.0 - gate) * canvas, gate
 
 
-def reference_unroll(self, x, eps=None):  # IterativeVAE.unroll at bf2ea00: every step recomputed whole
+def reference_unroll(self, x, eps=None):  # IterativeVAE.unroll, reference: every step recomputed whole
     canvas = torch.zeros_like(x)
     outputs = []
     for t, step in enumerate(self.steps):
@@ -128,11 +128,11 @@ def test_upsample_conv_equals_nearest_upsampling_then_conv_in_float64() -> None:
         torch.testing.assert_close(new, ref, rtol=1e-13, atol=1e-13)
 
 
-def test_parameter_names_and_shapes_are_those_of_bf2ea00() -> None:
+def test_parameter_names_and_shapes_are_those_of_checkpoint_format2() -> None:
     state = model().state_dict()
     text = ";".join(f"{k}:{tuple(v.shape)}" for k, v in sorted(state.items()))
     assert len(state) == 362 and sum(v.numel() for v in state.values()) == 784375
-    assert hashlib.sha256(text.encode()).hexdigest() == BF2EA00_STATE
+    assert hashlib.sha256(text.encode()).hexdigest() == FORMAT2_STATE
     IterativeVAE(IterativeVAEConfig(refine_steps=3, latent_dims=[4, 6], channels=8), 32).load_state_dict(
         state, strict=True
     )
@@ -155,7 +155,7 @@ def test_checkpointing_recomputes_only_the_fine_levels_of_all_but_the_last_step(
     base = conv_flops(plain, x)
     extra, extra_whole = conv_flops(ckpt, x) - base, conv_flops(whole, x) - base
     assert calls == [2, 2, 1]  # steps 1 and 2 ran again in backward, the last did not
-    # bf2ea00 recomputed all 3 steps' forward convolutions; now steps 1 and 2 less their 8 and 4 px ones
-    # (in this 4-level pyramid ~40% of the FLOPs; ~60% at 256 px).
+    # The reference recomputes all 3 steps' forward convolutions; this, steps 1 and 2 less their 8 and
+    # 4 px ones (in this 4-level pyramid ~40% of the FLOPs; ~60% at 256 px).
     recomputed = extra / (2 * extra_whole / 3)  # of steps 1 and 2's forward convolution FLOPs
     assert 0.4 < recomputed < 0.6  # measured 0.55

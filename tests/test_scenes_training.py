@@ -1,8 +1,8 @@
 """A short run of `make demo`'s model on real scene shards brings its samples toward the data: the
 factor probe's Fréchet distance of its samples against val falls to at most half that of the same
-model's samples at initialisation (issue 21).
+model's samples at initialisation.
 
-8 px keeps it within the test budget (~40 s of one idle core): at 16 px the same model needed ~400
+8 px keeps it within the test budget: at 16 px the same model needed ~400
 steps to reach 0.48. At 8 px, 600 steps, the ratio measured 0.21, 0.20 and 0.41 with seeds 0, 1 and
 2 (the initial distance varies most with the seed); the test runs seed 0, which is deterministic
 on one machine, and a run that does not learn stays near 1.

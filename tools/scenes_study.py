@@ -1,4 +1,4 @@
-"""The seed's claims on procedural scenes, rebuilt from nothing by one resumable command (issue 21).
+"""The seed's claims on procedural scenes, rebuilt from nothing by one resumable command.
 
     python tools/scenes_study.py [--out runs/scenes_study] [--quick] [--only claim1|claim2|claim3]
 
@@ -16,19 +16,13 @@ Stages (each skips what is finished: a trained run's `done`, a written result JS
   claim 3  iterative VAE T = 8 vs T = 1 vs a one-step VAE with one code, same total code size: FID,
            edge sharpness and decoder spread per step (scenes_study_injection.py).
 
-Measured (full mode, from nothing, 2 cores, two runs at a time with one thread each; a niced
-helper running tests beside it): 64 min 39 s in all. Shards and probe 33 s; claim 1 41 min 27 s (small
-decoder ~0.24 s/step, large ~0.68 s/step, then ~1-2 min of evaluation per run); claim 2 7 min 32 s;
-claim 3 15 min 7 s. A second run gave claim 1's numbers to the last digit printed. --quick (16 px,
-60 steps) proves the stages work, not the claims.
+--quick (16 px, 60 steps) proves the stages work, not the claims.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,9 +38,9 @@ from dist_vae.files import write_bytes_atomic, write_text_atomic
 from dist_vae.metrics.latent_probe import linear_factor_scores, posterior_means
 from dist_vae.metrics.probe import PROBE_DIR, TrainSettings, to_input, train_probe
 from dist_vae.run_dir import load_run
-from tools import scenes_study_chains
+from tools import scenes_study_chains, scenes_study_injection
+from tools.scenes_study_runs import ROOT, tool, train_run
 
-ROOT = Path(__file__).resolve().parent.parent
 REGS = ("elbo", "none", "mmd", "stein", "adversarial")
 # The demo decoder (one gated resnet per stage, 2 stages) sees too little context to draw a room by
 # itself, so z pays for itself even under the ELBO; the larger one (2.8x the step cost) is the test.
@@ -56,17 +50,6 @@ FULL = {"scenes": 12000, "side": 32, "steps": 1500, "read_out": 4000}
 QUICK = {"scenes": 600, "side": 16, "steps": 60, "read_out": 300}
 FULL |= {"chains": 48, "inject_steps": 400, "inject_n": 100}
 QUICK |= {"chains": 16, "inject_steps": 40, "inject_n": 16}
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-
-
-def tool(*args: str, log: Path) -> None:
-    """One of the project's CLIs, its console in `log`; a failure stops the study with that log's path."""
-    with log.open("a") as console:
-        code = subprocess.run(
-            [sys.executable, *args], cwd=ROOT, env=ENV, stdout=console, stderr=console
-        ).returncode
-    if code:
-        sys.exit(f"scenes_study.py: error: {args[0]} exited {code}; see {log}")
 
 
 def make_data(out: Path, size: dict[str, int]) -> Path:
@@ -76,17 +59,6 @@ def make_data(out: Path, size: dict[str, int]) -> Path:
     if not (shards / PROBE_DIR / "probe.json").is_file():
         train_probe(shards, TrainSettings(epochs=6, limit=1200 if size is FULL else None))
     return shards
-
-
-def train_run(run_dir: Path, config: str, shards: Path, side: int, steps: int, *overrides: str) -> None:
-    """Train (or resume) one study run; it checkpoints, evaluates and samples once, at its end."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tool(
-        "dist_vae/train.py", "--config", config, f"run_dir={run_dir}", f"data.path={shards}",
-        f"data.resolution={side}", f"train.steps={steps}", f"train.checkpoint_every={steps}",
-        f"train.eval_every={steps}", f"train.sample_every={steps}", "train.compile=off", *overrides,
-        log=run_dir / "train.log",
-    )  # fmt: skip
 
 
 def run_name(reg: str, decoder: str) -> str:
@@ -168,8 +140,6 @@ def main(argv: list[str] | None = None) -> int:
     size = QUICK if args.quick else FULL
     out = args.out.resolve()
     shards = make_data(out, size)
-    from tools.scenes_study_injection import run as claim3  # here: it imports this module's `tool`
-
     if args.only in (None, "claim1"):
         with ThreadPoolExecutor(args.lanes) as pool:
             runs = [(reg, "large") for reg in LARGE_REGS] + [(reg, "small") for reg in REGS]
@@ -184,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         write_text_atomic(out / "claim2.md", table)
         print(table, end="")
     if args.only in (None, "claim3"):
-        print(claim3(out, shards, size, args.quick), end="")
+        print(scenes_study_injection.run(out, shards, size, args.quick), end="")
     return 0
 
 

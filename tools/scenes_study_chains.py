@@ -1,4 +1,4 @@
-"""Claim 2 of the scenes study (issue 21): Markov chains stay on the manifold.
+"""Claim 2 of the scenes study: Markov chains stay on the manifold.
 
 For claim 1's larger-decoder `elbo` and `mmd` PixelVAE runs (their EMA weights; no new training), chains
 x -> z ~ q(z | x) -> x ~ p(x | z) from val images and from U(-1, 1) noise, K = 0..8 steps, and
@@ -7,9 +7,7 @@ ancestral samples (z ~ p(z)) as the reference row. Per row, against the first N 
 (dist_vae/metrics/probe.py). Writes RUN/claim2.json per run, OUT/claim2.json, and chain strips
 (rows = chains, columns = K) as OUT/pictures/claim2_{run}_{data,noise}.png.
 
-Measured (full mode: N = FULL["chains"] = 48 chains per start, 32 px, the two runs side by side, one
-thread each): 7 min 32 s for both. FID at N = 48 (2,048-d features) is biased far upward: read it
-across rows.
+FID at N = FULL["chains"] = 48 (2,048-d features) is biased far upward: read it across rows.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Claim 3 of the scenes study (issue 21): injection sharpens.
+"""Claim 3 of the scenes study: injection sharpens.
 
 Three models of dist_vae/models/iterative_vae.py, trained from configs/demo_scenes.yaml with the
 same steps, batch and width, each with 64 latent units in all:
@@ -18,8 +18,7 @@ Per model, on the EMA weights, for every generation step t (prior samples: the c
 Writes OUT/claim3.json, OUT/claim3.md and OUT/pictures/claim3_{model}_{ancestral,recon}.png (one row
 per step, the data on top).
 
-Measured (full mode: 32 px, 400 steps, N = 100; runs one after another on one thread): 15 min 7 s
-(T8 ~1.1 s/step). --quick (16 px, 40 steps, N = 16) proves the stage, not the claim.
+--quick (16 px, 40 steps, N = 16) proves the stage, not the claim.
 Not done: the probe Fréchet distance per step (FID here is Inception's only).
 """
 
@@ -40,7 +39,7 @@ from dist_vae.metrics.sharpness import edge_sharpness
 from dist_vae.models.protocol import GenerativeModel, evaluating
 from dist_vae.run_dir import load_run
 from dist_vae.sampling import prior_samples, reconstructions
-from tools.scenes_study import train_run
+from tools.scenes_study_runs import train_run
 
 MODELS = {
     "T8": ["model.refine_steps=8", "model.latent_dims=[4,4]"],
