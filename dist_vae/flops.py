@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dist_vae.compat.torch_ops import FakeTensorMode, TorchDispatchMode
+from dist_vae.precision import NAMES
 
 COUNT_BATCH = 2  # MMD and the critic compare images within a batch; 2 is the smallest real batch
 
@@ -45,22 +46,20 @@ PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
     (r"\bT4\b", {"fp16": 65e12, "fp32": 8.1e12, "fp32_strict": 8.1e12}),
 ]
 
-_DTYPE_KEYS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-
 
 def peak_flops(device: torch.device, dtype: torch.dtype, override: float | None = None) -> float | None:
     """Peak FLOP/s of `device` computing in `dtype`: `override` when given (train.peak_flops), else the
     datasheet figure for a known CUDA device, else None (CPUs, unknown GPUs, dtypes a GPU lacks)."""
     if override is not None:
         return float(override)
-    if device.type != "cuda" or dtype not in _DTYPE_KEYS:
+    if device.type != "cuda" or dtype not in NAMES:
         return None
     return lookup_peak(torch.cuda.get_device_name(device), dtype)
 
 
 def lookup_peak(name: str, dtype: torch.dtype) -> float | None:
     """The table's figure for a device called `name` (as torch.cuda.get_device_name gives it)."""
-    key = _DTYPE_KEYS.get(dtype)
+    key = NAMES.get(dtype)
     if key == "fp32" and not torch.backends.cudnn.allow_tf32:
         key = "fp32_strict"
     for pattern, figures in PEAK_FLOPS:

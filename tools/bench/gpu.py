@@ -1,8 +1,8 @@
-"""GPU check: img/s, peak memory and MFU of both models, one NCCL process group, and the step time
-against main bf2ea00 (issue 23). Prints two tables.
+"""GPU check: img/s, peak memory and MFU of both models, one NCCL process group, and (given a base
+revision) the step time against it. Prints one or two tables.
 
-    PYTHONPATH=. python tools/bench/gpu.py            # on a GPU machine: about 5 minutes on an H200
-    PYTHONPATH=. python tools/bench/gpu.py --tiny     # anywhere: tiny models on the CPU in seconds
+    PYTHONPATH=. python tools/bench/gpu.py [--baseline REV]   # on a GPU machine
+    PYTHONPATH=. python tools/bench/gpu.py --tiny             # anywhere: tiny models on the CPU
 
 Cases: {PixelVAE (configs/lsun_64_pixelvae.yaml), iterative VAE (configs/lsun_256_iterative.yaml)}
 x {64, 256} px x {bf16, fp16 with GradScaler loss scaling} x gradient checkpointing {off, on} x
@@ -10,14 +10,13 @@ torch.compile {off, on}; each a real training step (autocast forward, backward, 
 run first; compiled ones (slow to build) then run while --budget seconds last, and the rest are
 listed as not run. MFU = FLOPs per image (dist_vae/flops.py, no recompute) x img/s / peak.
 --tiny swaps in tiny models at 8 and 16 px, fp32 and bf16, gloo for NCCL, torch.compile's "eager"
-backend (dynamo is exercised, inductor's minutes of code generation are not) and the process's
-peak RSS for memory; there is no MFU without a peak.
+backend (dynamo is exercised, inductor's code generation is not) and the process's peak RSS for
+memory; there is no MFU without a peak.
 
-Then, on a GPU (or with --versus-baseline), tools/bench/speed.py's before/after on the same device:
-each case's step time in this tree against bf2ea00 (checked out into a temporary git worktree, or
---speed-args '--baseline-tree DIR' where the copy has no git history) with its target, and per step
-what the fused ops spare the device: allocations, MB allocated and kernel launches. --speed-args
-passes further options to it (e.g. '--rounds 1 --cases pixelcnnpp-64').
+Then, with --baseline REV (or --baseline-tree DIR where the copy has no git history),
+tools/bench/speed.py's before/after on the same device: each case's step time in this tree against
+the base with its target, and per step what this tree spares the device: allocations, MB allocated
+and kernel launches. --speed-args passes further options to it (e.g. '--rounds 1 --cases pixelcnnpp-64').
 """
 
 from __future__ import annotations
@@ -45,9 +44,9 @@ from torch import nn
 from dist_vae.config import load_config
 from dist_vae.flops import flops_per_image, peak_flops
 from dist_vae.models import build_model
+from dist_vae.precision import DTYPES
 
 ROOT = Path(__file__).resolve().parents[2]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODELS = {"pixel_vae": "configs/lsun_64_pixelvae.yaml", "iterative_vae": "configs/lsun_256_iterative.yaml"}
 TINY = {
     "pixel_vae": ["model.nr_resnet=1", "model.nr_filters=8", "model.nr_mix=2", "model.n_stages=2",
@@ -187,12 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per case (default 5, tiny 1)")
     parser.add_argument("--budget", type=float, default=270.0, help="seconds after which no case starts")
     parser.add_argument("--peak-flops", type=float, default=None, help="FLOP/s for MFU on an unlisted device")
-    parser.add_argument(
-        "--versus-baseline",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help=f"then speed.py's step times against {speed.BASELINE} (default: on a GPU)",
-    )
+    base = parser.add_mutually_exclusive_group()
+    base.add_argument("--baseline", metavar="REV", help="then speed.py's step times against this revision")
+    base.add_argument("--baseline-tree", type=Path, help="the same against a checkout without git history")
     parser.add_argument("--speed-args", default="", help="more speed.py options, e.g. '--rounds 1'")
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
@@ -212,11 +208,14 @@ def main(argv: list[str] | None = None) -> None:
             cells = run_case(case, device, backend, steps, args.tiny, args.peak_flops)
         row = [*case.labels(), *cells]
         print("".join(f"{c:>14}" if i == 0 else f"{c:>9}" for i, c in enumerate(row)), flush=True)
-    versus = device.type == "cuda" if args.versus_baseline is None else args.versus_baseline
-    if versus:
-        print(f"\nstep time, this tree against {speed.BASELINE} (tools/bench/speed.py)", flush=True)
+    if args.baseline or args.baseline_tree:
+        label = args.baseline or args.baseline_tree.name
+        base = (
+            ["--baseline", args.baseline] if args.baseline else ["--baseline-tree", str(args.baseline_tree)]
+        )
+        print(f"\nstep time, this tree against {label} (tools/bench/speed.py)", flush=True)
         threads = str(len(os.sched_getaffinity(0)))
-        speed.main(["--device", device.type, "--threads", threads, *shlex.split(args.speed_args)])
+        speed.main(["--device", device.type, "--threads", threads, *base, *shlex.split(args.speed_args)])
 
 
 if __name__ == "__main__":

@@ -1,29 +1,21 @@
-"""Benchmark: training-step time of this tree against main at bf2ea00, side by side in one run.
+"""Benchmark: training-step time of this tree against a base revision, side by side in one run.
 
-    PYTHONPATH=. python tools/bench/speed.py [--rounds 3] [--steps 3] [--pairs N] [--threads 2] [--cases ...]
+    PYTHONPATH=. python tools/bench/speed.py --baseline REV [--rounds 3] [--threads 2] [--cases ..]
+    PYTHONPATH=. python tools/bench/speed.py --baseline-tree DIR ...   # a copy without the git history
 
-bf2ea00 is checked out into a temporary git worktree (removed afterwards), so no old code lives in
-this tree; where the git history is missing (a copy of the tree on a GPU machine), pass a checkout
-made elsewhere with --baseline-tree (`git archive bf2ea00 | tar -x -C DIR`). tools/bench/gpu.py runs
-this on the GPU. Each case is timed in fresh subprocesses that alternate between the two trees round by
-round (each imports its own tree's dist_vae through PYTHONPATH, takes one warm-up step, then times
---steps steps and reports the fastest); the ratio printed is old / new (> 1: this tree is faster) of
-each tree's fastest step over all rounds, beside the issue's target and the per-round ratios. On a
-shared machine a neighbour's load only ever adds time (the same code's step moved by +-20% between
-runs here, and a median-of-rounds ratio between 0.94 and 1.15 for one unchanged pair of trees), so
-the fastest step is the estimate of each tree's own cost; alternating rounds lets slow spells fall
-on both trees alike.
-
---pairs N (the paired mode) instead builds both trees' models in one subprocess (bf2ea00's package
-copied under the name dist_vae_bf2ea00, its imports renamed) and alternates their steps one by one,
-N pairs: the ratio is the median of the per-pair ratios, and the per-pair list shows the warm-up
-drift (here the first pairs of PixelCNN++ favour this tree by up to 1.3x and settle near 1.0 after
-about 5 pairs; the subprocess rounds, at 3 steps each, see only that start).
+REV is checked out into a temporary git worktree (removed afterwards), so no old code lives in this
+tree; where the history is missing (a copy of the tree on a GPU machine), pass a checkout made
+elsewhere with --baseline-tree (`git archive REV | tar -x -C DIR`). tools/bench/gpu.py runs this on
+the GPU. Each case is timed in fresh subprocesses that alternate between the two trees round by round
+(each imports its own tree's dist_vae through PYTHONPATH, takes one warm-up step, then times --steps
+steps and reports the fastest); the ratio printed is old / new (> 1: this tree is faster) of each
+tree's fastest step over all rounds, beside the case's target and the per-round ratios. A neighbour's
+load only ever adds time, so the fastest step estimates each tree's own cost; alternating rounds lets
+slow spells fall on both trees alike.
 
 Beside them: `conv`, the share of this tree's step (operator self time on the CPU, kernel time on a
 GPU, from one profiled step) spent in convolutions forward and backward, and `ceiling`, ratio / conv:
-the ratio this tree would reach if everything but its convolutions took no time at all. A target
-above the ceiling cannot be met without fewer convolution FLOPs or faster convolution kernels. The
+the ratio this tree would reach if everything but its convolutions took no time at all. The
 profiler's own per-operator cost lands outside the convolutions, so the ceiling errs high.
 
 Cases (eager, fp32, forward + backward + optimizer): PixelCNN++ at the seed's CIFAR architecture
@@ -40,7 +32,6 @@ import contextlib
 import importlib
 import json
 import os
-import re
 import shutil
 import signal
 import statistics
@@ -52,8 +43,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-BASELINE = "bf2ea00"
-PAIRED = f"dist_vae_{BASELINE}"  # the baseline's package, renamed, in --pairs runs
 # name: (worker arguments, target ratio old / new)
 CASES = {
     "pixelcnnpp-64": (["pixelcnnpp", "64"], 1.35),
@@ -98,7 +87,7 @@ def iterative_step(device: str, package: str, tree: Path, config: str, *override
     model = build_model(cfg.model, cfg.data.resolution, cfg.train.gradient_checkpointing).to(device)
     try:
         make_optimizer = importlib.import_module(f"{package}.engine.backend").make_optimizer
-    except ModuleNotFoundError:  # bf2ea00 kept it in the trainer's module
+    except ModuleNotFoundError:  # a tree without engine/backend.py keeps it in the trainer's module
         make_optimizer = importlib.import_module(f"{package}.engine.trainer").make_optimizer
     optimizer = make_optimizer(model, cfg)  # the trainer's own AdamW, as each tree builds it
     x = (torch.rand(cfg.data.batch_size, 3, cfg.data.resolution, cfg.data.resolution) * 2 - 1).to(device)
@@ -176,35 +165,6 @@ def worker(case: list[str], steps: int, threads: int, device: str) -> None:
     print(json.dumps({"seconds": seconds, **counts(step, device)}))
 
 
-def renamed_copy(tree: Path, into: Path) -> None:
-    """The baseline's package copied into `into` as PAIRED (its own imports renamed to match), so that
-    one process can hold both trees' models."""
-    for source in (tree / "dist_vae").rglob("*.py"):
-        target = into / PAIRED / source.relative_to(tree / "dist_vae")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(re.sub(r"\bdist_vae\b", PAIRED, source.read_text()))
-
-
-def paired_worker(case: list[str], pairs: int, threads: int, device: str, baseline: Path) -> None:
-    """Runs in the subprocess (PYTHONPATH: this tree and renamed_copy's folder): builds the case in
-    both trees and alternates their steps one by one; prints each tree's fastest step, the median of
-    the per-pair ratios and both trees' counts of one more step, as JSON."""
-    import torch
-
-    torch.set_num_threads(threads)
-    old, new = case_step(case, device, PAIRED, baseline), case_step(case, device, "dist_vae", ROOT)
-    old(), new()
-    seconds: dict[str, list[float]] = {"old": [], "new": []}
-    for i in range(pairs):
-        for name, step in (("old", old), ("new", new)) if i % 2 == 0 else (("new", new), ("old", old)):
-            seconds[name].append(timed(step, device))
-    ratios = [o / n for o, n in zip(seconds["old"], seconds["new"], strict=True)]
-    fastest = {name: min(values) for name, values in seconds.items()}
-    each = " ".join(f"{x:.2f}" for x in ratios)
-    result = {**fastest, "ratio": statistics.median(ratios), "each": each}
-    print(json.dumps({**result, "before": counts(old, device), "after": counts(new, device)}))
-
-
 def run_worker(tree: Path, flags: list[str], args: argparse.Namespace, pythonpath: str) -> dict:
     env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": str(args.threads)}
     command = [sys.executable, str(Path(__file__).resolve()), *flags]
@@ -227,29 +187,24 @@ def rounds(case: list[str], baseline: Path, args: argparse.Namespace) -> dict:
             "before": runs[baseline][-1], "after": after}  # fmt: skip
 
 
-def paired(case: list[str], baseline: Path, packages: Path, args: argparse.Namespace) -> dict:
-    """One subprocess holding both trees, alternating step by step."""
-    flags = ["--worker", *case, "--pairs", str(args.pairs), "--baseline-tree", str(baseline)]
-    return run_worker(ROOT, flags, args, f"{ROOT}{os.pathsep}{packages}")
-
-
 @contextlib.contextmanager
-def baseline_tree(given: Path | None) -> Iterator[Path]:
-    """The bf2ea00 tree: --baseline-tree as given, else a temporary git worktree removed afterwards."""
+def baseline_tree(revision: str | None, given: Path | None) -> Iterator[Path]:
+    """The base tree: --baseline-tree as given, else `revision` in a temporary git worktree removed
+    afterwards."""
     if given is not None:
         yield given
         return
     tmp = tempfile.mkdtemp()
-    tree = Path(tmp) / BASELINE
+    tree = Path(tmp) / "baseline"
     git = ["git", "-C", str(ROOT), "worktree"]
     added = subprocess.run(
-        [*git, "add", "--detach", "-q", str(tree), BASELINE], capture_output=True, text=True
+        [*git, "add", "--detach", "-q", str(tree), revision], capture_output=True, text=True
     )
     if added.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         why = added.stderr.strip()
-        sys.exit(f"speed.py: error: cannot check out {BASELINE} into a git worktree ({why}); without the "
-                 f"repository's history pass --baseline-tree DIR (a `git archive {BASELINE}`)")  # fmt: skip
+        sys.exit(f"speed.py: error: cannot check out {revision} into a git worktree ({why}); without the "
+                 f"repository's history pass --baseline-tree DIR (a `git archive {revision}`)")  # fmt: skip
     try:
         yield tree
     finally:
@@ -261,39 +216,31 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument(
-        "--pairs", type=int, default=0, help="> 0: the --paired mode, with this many step pairs"
-    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--device", default="cpu", help="cuda on a GPU machine (make bench-gpu)")
-    parser.add_argument(
-        "--baseline-tree", type=Path, help=f"a checkout of {BASELINE} to use instead of a worktree"
-    )
+    base = parser.add_mutually_exclusive_group()
+    base.add_argument("--baseline", metavar="REV", help="the git revision to compare this tree against")
+    base.add_argument("--baseline-tree", type=Path, help="a checkout of it, where there is no git history")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker and args.pairs:
-        paired_worker(args.worker, args.pairs, args.threads, args.device, args.baseline_tree)
-        return
     if args.worker:
         worker(args.worker, args.steps, args.threads, args.device)
         return
+    if args.baseline is None and args.baseline_tree is None:
+        parser.error("one of --baseline REV or --baseline-tree DIR is required")
+    label = args.baseline or args.baseline_tree.name
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a stopped run still removes its worktree
     removed = []
-    with baseline_tree(args.baseline_tree) as baseline, tempfile.TemporaryDirectory() as packages:
+    with baseline_tree(args.baseline, args.baseline_tree) as baseline:
         load = f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at the start"
-        how = f"{args.pairs} alternating step pairs in one process" if args.pairs else (
-            f"fastest of {args.steps} steps x {args.rounds} alternating rounds")  # fmt: skip
+        how = f"fastest of {args.steps} steps x {args.rounds} alternating rounds"
         print(f"{args.device}, {args.threads} threads, {how}; {load}")
-        print(f"{'case':<24}{BASELINE + ' s':>12}{'this s':>10}{'ratio':>8}{'target':>8}{'conv':>8}"
-              f"{'ceiling':>9}  per {'pair' if args.pairs else 'round'}")  # fmt: skip
-        if args.pairs:
-            renamed_copy(baseline, Path(packages))
+        print(f"{'case':<24}{label + ' s':>12}{'this s':>10}{'ratio':>8}{'target':>8}{'conv':>8}"
+              f"{'ceiling':>9}  per round")  # fmt: skip
         for name in args.cases:
             case, target = CASES[name]
-            found = (
-                paired(case, baseline, Path(packages), args) if args.pairs else rounds(case, baseline, args)
-            )
+            found = rounds(case, baseline, args)
             share = found["after"]["conv_share"]
             print(f"{name:<24}{found['old']:>12.3f}{found['new']:>10.3f}{found['ratio']:>8.2f}{target:>8.2f}"
                   f"{share:>8.0%}{found['ratio'] / share:>9.2f}  {found['each']}", flush=True)  # fmt: skip
@@ -302,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{before[k]:>11.0f} ->{after[k]:>7.0f}" for k in ("allocations", "alloc_mb", "launches")
             ))  # fmt: skip
     launches = "kernels" if args.device.startswith("cuda") else "aten ops"
-    print(f"\nper step, {BASELINE} -> this tree (device-independent: what a GPU is spared too)")
+    print(f"\nper step, {label} -> this tree (device-independent: what a GPU is spared too)")
     print(f"{'case':<24}{'allocations':>20}{'MB allocated':>20}{launches:>20}")
     print("\n".join(removed))
 
