@@ -4,10 +4,8 @@ only the names below; the component imports nothing from the engine or the run d
 """
 
 from dist_vae.checkpoint.format import (
-    CHECKPOINTS,
     COMPLETE,
     EMA_FILE,
-    FORMAT,
     MODEL_FILE,
     OPTIMIZER_FILE,
     OPTIMIZER_META,
@@ -19,17 +17,9 @@ from dist_vae.checkpoint.format import (
     newest_verified,
     read_json,
     read_tensors,
-    verify,
 )
-from dist_vae.checkpoint.state import (
-    AveragedWeights,
-    deepspeed_engine,
-    raw_module,
-    restore_scaler,
-    scaler_state,
-)
+from dist_vae.checkpoint.state import restore_scaler, scaler_state
 from dist_vae.checkpoint.store import (
-    Checkpoint,
     CheckpointWriteError,
     check_resume,
     clean_partial,
@@ -42,16 +32,12 @@ from dist_vae.checkpoint.store import (
 from dist_vae.errors import CheckpointError
 
 __all__ = [
-    "CHECKPOINTS",
     "COMPLETE",
     "EMA_FILE",
-    "FORMAT",
     "MODEL_FILE",
     "OPTIMIZER_FILE",
     "OPTIMIZER_META",
     "STATE_FILE",
-    "AveragedWeights",
-    "Checkpoint",
     "CheckpointError",
     "CheckpointWriteError",
     "check_resume",
@@ -61,16 +47,13 @@ __all__ = [
     "complete_checkpoints",
     "config_changes",
     "config_dict",
-    "deepspeed_engine",
     "load_checkpoint",
     "load_module_state",
     "newest_verified",
-    "raw_module",
     "read_json",
     "read_tensors",
     "resolve_resume",
     "restore_scaler",
     "save_checkpoint",
     "scaler_state",
-    "verify",
 ]

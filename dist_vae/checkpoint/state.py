@@ -37,21 +37,21 @@ class AveragedWeights(Protocol):
     def load_state_dict(self, tensors: Tensors, updates: int) -> None: ...
 
 
-def deepspeed_engine(model: nn.Module) -> Any | None:
+def as_deepspeed_engine(model: nn.Module) -> Any | None:
     """The DeepSpeed engine when `model` is one (deepspeed is imported only by runs that use it)."""
     ds = sys.modules.get("deepspeed")
     return model if ds is not None and isinstance(model, ds.DeepSpeedEngine) else None
 
 
 def raw_module(acc: Accelerator, model: nn.Module) -> nn.Module:
-    engine = deepspeed_engine(model)
+    engine = as_deepspeed_engine(model)
     return engine.module if engine is not None else acc.unwrap_model(model)
 
 
 def _partitioned(model: nn.Module) -> list[list[nn.Parameter]] | None:
     """The parameter groups of DeepSpeed's ZeRO-1/2 (or bf16) optimizer, whose fp32 state is split
     over the ranks, else None."""
-    engine = deepspeed_engine(model)
+    engine = as_deepspeed_engine(model)
     if engine is None:
         return None
     if engine.zero_optimization_stage() > 2:
@@ -61,7 +61,7 @@ def _partitioned(model: nn.Module) -> list[list[nn.Parameter]] | None:
 
 def _torch_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The torch optimizer holding the state (under ZeRO: over the flat fp32 partitions)."""
-    engine = deepspeed_engine(model)
+    engine = as_deepspeed_engine(model)
     inner = engine.optimizer if engine is not None else optimizer
     while isinstance(inner, AcceleratedOptimizer) or not isinstance(inner, torch.optim.Optimizer):
         inner = inner.optimizer
@@ -234,12 +234,12 @@ def _load_partition(
 
 def engine_counters(model: nn.Module) -> dict[str, int] | None:
     """DeepSpeed's own step/sample counters (its LR schedule and logs read them)."""
-    engine = deepspeed_engine(model)
+    engine = as_deepspeed_engine(model)
     return None if engine is None else deepspeed_compat.engine_counters(engine)
 
 
 def restore_engine_counters(model: nn.Module, counters: dict[str, int] | None) -> None:
-    engine = deepspeed_engine(model)
+    engine = as_deepspeed_engine(model)
     if engine is not None and counters:
         deepspeed_compat.restore_engine_counters(engine, counters)
 
@@ -247,7 +247,7 @@ def restore_engine_counters(model: nn.Module, counters: dict[str, int] | None) -
 def scaler_state(model: nn.Module, scaler: torch.amp.GradScaler | None) -> dict[str, Any] | None:
     """The fp16 loss scale and its growth tracking: the trainer's GradScaler or DeepSpeed's loss scaler.
     Every rank holds the same (its overflow check reads the all-reduced gradients), so it is global."""
-    engine = deepspeed_engine(model)
+    engine = as_deepspeed_engine(model)
     if engine is not None:
         return deepspeed_compat.loss_scaler_state(engine)
     return scaler.state_dict() if scaler is not None else None
@@ -261,7 +261,7 @@ def restore_scaler(
     scale (`cur_scale`) continues here with a fresh growth count."""
     if state is None:
         return
-    engine = deepspeed_engine(model)
+    engine = as_deepspeed_engine(model)
     if engine is not None:
         deepspeed_compat.restore_loss_scaler(engine, state)
     elif scaler is not None:

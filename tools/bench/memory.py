@@ -5,7 +5,7 @@
 Each case runs in a fresh process (peak RSS is a high-water mark), builds the model of its config at
 256 px, takes one step (forward, backward, AdamW: weights, gradients and both moments are resident)
 and reports its own ru_maxrss; the RSS after imports alone is printed beside it, and the planner's
-peak of live tensors for the same step (tools/plan.py, fake tensors; + weights and AdamW moments):
+peak of live tensors for the same step (tools/plan_memory.py, fake tensors; + weights and AdamW moments):
 RSS above imports + tensors is the allocator's (freed memory glibc keeps; the trainer fixes glibc's
 mmap threshold on the CPU, dist_vae/host_memory.py, and so does each case here). Target: <= 4 GiB.
 The PixelVAE uses configs/lsun_64_pixelvae.yaml's model (the schema's PixelCNN++ sizes) at 256 px.
@@ -30,7 +30,7 @@ from dist_vae.config import load_config
 from dist_vae.host_memory import return_large_blocks_to_os
 from dist_vae.models import build_model
 from tools.bench.gpu import TrainStep
-from tools.plan import peak_step_bytes
+from tools.plan_memory import peak_step_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 CASES = {"pixel_vae": "configs/lsun_64_pixelvae.yaml", "iterative_vae": "configs/lsun_256_iterative.yaml"}

@@ -1,6 +1,6 @@
-"""Throughput planner: parameters, FLOPs and memory per image, and the largest batch a GPU holds.
+"""Memory and throughput planner: parameters, FLOPs and memory per image, and the largest batch a GPU holds.
 
-    PYTHONPATH=. python tools/plan.py --config configs/lsun_256_iterative.yaml --gpu-mem 80GiB
+    PYTHONPATH=. python tools/plan_memory.py --config configs/lsun_256_iterative.yaml --gpu-mem 80GiB
 
 Nothing is computed for real: the model runs once per measurement on fake tensors (shapes only), so
 the planner takes seconds on a laptop for any model size. FLOPs come from FlopCounterMode
@@ -30,8 +30,8 @@ from dist_vae.compat.torch_ops import FakeTensorMode, TorchDispatchMode, tree_le
 from dist_vae.config import ConfigError, load_config
 from dist_vae.flops import flops_per_image, run_step, without_checkpointing
 from dist_vae.models import build_model
+from dist_vae.precision import DTYPES
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 UNITS = {"": 1, "B": 1, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
 MEASURE_BATCHES = (2, 4)
 

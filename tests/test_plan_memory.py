@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dist_vae.config import load_config
 from dist_vae.flops import flops_per_image, lookup_peak, peak_flops
 from dist_vae.models import build_model
-from tools.plan import Activations, activations, largest_batch, parse_bytes
+from tools.plan_memory import Activations, activations, largest_batch, parse_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -110,7 +110,7 @@ def test_peak_table() -> None:
 
 def test_planner_runs_on_the_debug_config() -> None:
     out = subprocess.run(
-        [sys.executable, "tools/plan.py", "--config", "configs/debug.yaml", "--gpu-mem", "16GiB"],
+        [sys.executable, "tools/plan_memory.py", "--config", "configs/debug.yaml", "--gpu-mem", "16GiB"],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=True,
     ).stdout  # fmt: skip
     for label in ("parameters", "FLOPs per image", "activations per image", "largest batch per GPU in 16GiB"):
