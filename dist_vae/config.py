@@ -7,8 +7,7 @@ checks OmegaConf has no notion of (choices, lower bounds: `schema.check_fields`)
 The `model` section is the config dataclass of the model `model.kind` names (each model defines its
 own, beside its code; `models.model_config_class`), so it holds that model's keys alone. A layer
 (file or override) that switches `model.kind` starts the section afresh from the new kind's defaults.
-Files written before the sections were split hold every kind's keys: a model key of another kind
-at that kind's default value is dropped from a file; any other foreign key is refused.
+Older versions' files are brought up to date layer by layer in config_migration.py.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from dist_vae.config_migration import booleans_as_switches, check_removed, drop_other_kinds_defaults
 from dist_vae.data.config import DataConfig
 from dist_vae.metrics.settings import EvalConfig
 from dist_vae.models import default_model_kind, model_config_class, model_kinds
@@ -104,33 +104,6 @@ class Config:
     health: HealthConfig = field(default_factory=HealthConfig)
 
 
-# Keys that once existed: a config still using one gets told what replaced it.
-_REMOVED = {
-    "train.batch_size": "use data.batch_size, the per-rank micro-batch (one key per meaning)",
-    "data.shuffle_buffer": "use data.shuffle_group, the number of shards whose samples are mixed",
-}
-
-
-def _check_removed(layer: Any, origin: str) -> None:
-    for key, instead in _REMOVED.items():
-        parent, _, leaf = key.rpartition(".")
-        node = OmegaConf.select(layer, parent) if parent else layer
-        if isinstance(node, DictConfig) and leaf in node:
-            raise ConfigError(f"{origin}: key '{key}' was removed; {instead}")
-
-
-# Keys that were booleans and are now switches: an old config.yaml or override saying true/false
-# (YAML also reads on/off as true/false) still loads.
-_SWITCHES = ("train.compile",)
-
-
-def _booleans_as_switches(layer: Any) -> None:
-    for key in _SWITCHES:
-        value = str(OmegaConf.select(layer, key)).lower()  # a bool, or a quoted 'true'/'false'
-        if value in ("true", "false"):
-            OmegaConf.update(layer, key, "on" if value == "true" else "off")
-
-
 def _error_from_omegaconf(exc: OmegaConfBaseException, origin: str, merged: DictConfig) -> ConfigError:
     key = str(getattr(exc, "full_key", None) or "?")
     parent, _, leaf = key.rpartition(".")
@@ -157,20 +130,6 @@ def _layer_kind(layer: DictConfig, origin: str) -> str | None:
     return kind
 
 
-def _drop_other_kinds_defaults(layer: DictConfig, kind: str) -> None:
-    """Remove from a file's model section the keys of other kinds that sit at their defaults (what
-    config.yaml files written before the per-model sections hold)."""
-    model = layer.get("model")
-    if not isinstance(model, DictConfig):
-        return
-    own = {f.name for f in dataclasses.fields(model_config_class(kind))}
-    for other in model_kinds():
-        defaults = OmegaConf.structured(model_config_class(other))
-        for key in [k for k in model if k not in own and k in defaults]:
-            if model[key] == defaults[key]:
-                del model[key]
-
-
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Schema defaults <- YAML file <- `key=value` overrides, each layer validated as it is merged."""
     merged = OmegaConf.structured(Config)
@@ -189,13 +148,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"override {item!r} is not of the form key=value (for example train.lr=1e-4)")
         layers.append((f"override {item!r}", OmegaConf.from_dotlist([item]), False))
     for origin, layer, is_file in layers:
-        _check_removed(layer, origin)
-        _booleans_as_switches(layer)
+        check_removed(layer, origin)
+        booleans_as_switches(layer)
         kind = _layer_kind(layer, origin)
         if kind is not None and kind != merged.model.kind:
             merged.model = OmegaConf.structured(model_config_class(kind))
         if is_file:
-            _drop_other_kinds_defaults(layer, merged.model.kind)
+            drop_other_kinds_defaults(layer, merged.model.kind)
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as exc:

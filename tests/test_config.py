@@ -61,19 +61,6 @@ def test_bad_files_are_named(tmp_path: Path) -> None:
         load_config(typo)
 
 
-def test_an_old_config_with_train_batch_size_is_told_what_replaced_it(tmp_path: Path) -> None:
-    old = tmp_path / "old.yaml"
-    old.write_text("data:\n  batch_size: 8\ntrain:\n  steps: 3\n  batch_size: 4\n")
-    removed = r"old\.yaml: key 'train\.batch_size' was removed; use data\.batch_size"
-    with pytest.raises(ConfigError, match=removed):
-        load_config(old)
-    cfg = load_config(None, ["train.compile=true", "train.peak_flops=1e12"])
-    assert (cfg.train.compile, cfg.train.peak_flops, cfg.train.max_nonfinite_skips) == ("on", 1e12, 10)
-    assert load_config(None).train.peak_flops is None
-    with pytest.raises(ConfigError, match=r"'data\.shuffle_buffer' was removed; use data\.shuffle_group"):
-        load_config(None, ["data.shuffle_buffer=100"])
-
-
 def test_model_keys_of_another_kind_are_refused_naming_the_kind_and_its_keys() -> None:
     with pytest.raises(ConfigError) as info:
         load_config(None, ["model.refine_steps=3"])
@@ -92,25 +79,6 @@ def test_switching_kind_starts_the_model_section_afresh_and_saves_only_its_keys(
     path = tmp_path / "config.yaml"
     path.write_text(saved)
     assert load_config(path) == cfg
-
-
-def test_old_flat_run_configs_load_when_foreign_keys_sit_at_their_defaults(tmp_path: Path) -> None:
-    """config.yaml files written before the per-model sections hold every kind's keys."""
-    old = (
-        "model:\n  kind: iterative_vae\n  reg: mmd\n  latent_dim: 64\n  nr_resnet: 5\n  nr_filters: 160\n"
-        "  nr_mix: 10\n  n_stages: 3\n  dropout: 0.5\n  encoder_channels: 64\n  alpha: 1.0\n"
-        "  lambda_: 1000.0\n  critic_hidden: 256\n  refine_steps: 2\n  latent_dims: [4, 4]\n  mode: greedy\n"
-        "  channels: 8\n  rec_weight: 16.0\n  kl_warmup: 0.0\n  blocks: 1\n"
-    )
-    path = tmp_path / "config.yaml"
-    path.write_text(old)
-    cfg = load_config(path)
-    assert (cfg.model.kind, cfg.model.refine_steps, cfg.model.latent_dims) == ("iterative_vae", 2, [4, 4])
-    path.write_text(old.replace("nr_filters: 160", "nr_filters: 32"))
-    with pytest.raises(
-        ConfigError, match=r"config.yaml: unknown key 'model.nr_filters' for model.kind=iterative"
-    ):
-        load_config(path)
 
 
 def test_bounds_of_model_fields_are_checked_from_their_metadata() -> None:
