@@ -16,7 +16,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -55,16 +55,14 @@ from dist_vae.checkpoint.state import (
 from dist_vae.errors import CheckpointError
 from dist_vae.files import replace_dir, write_synced
 
-if TYPE_CHECKING:
-    from dist_vae.config import Config
-
 
 class CheckpointWriteError(CheckpointError):
     """A checkpoint could not be written; the message is one line: which path, why, bytes needed."""
 
 
-def config_dict(cfg: Config) -> dict[str, Any]:
-    """The resolved configuration as plain JSON-able data (kept in every checkpoint's state.json)."""
+def config_dict(cfg: Any) -> dict[str, Any]:
+    """The resolved configuration (a dataclass: config.py's Config, which this component does not
+    import, being below it) as plain JSON-able data, kept in every checkpoint's state.json."""
     return dataclasses.asdict(cfg)
 
 
@@ -105,7 +103,7 @@ def _flatten(value: Any, prefix: str) -> dict[str, Any]:
 _PLACE_KEYS = ("run_dir", "resume")
 
 
-def config_changes(path: Path, cfg: Config) -> dict[str, tuple[Any, Any]]:
+def config_changes(path: Path, cfg: Any) -> dict[str, tuple[Any, Any]]:
     """{dotted key: (the checkpoint's value, this config's)} for every training key that differs."""
     saved = read_json(path / STATE_FILE).get("meta", {}).get("config", {})
     current = json.loads(_json(config_dict(cfg)))  # as state.json holds it: tuples become lists
@@ -114,7 +112,7 @@ def config_changes(path: Path, cfg: Config) -> dict[str, tuple[Any, Any]]:
     return {key: (old.get(key), v) for key, v in new.items() if old.get(key) != v and key not in _PLACE_KEYS}
 
 
-def check_resume(path: Path, cfg: Config) -> None:
+def check_resume(path: Path, cfg: Any) -> None:
     """Refuse (CheckpointError naming the first differing key) to continue `path` with a model or
     resolution other than the one it was trained with; run before anything is written."""
     read_marker(path)
