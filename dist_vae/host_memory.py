@@ -2,11 +2,10 @@
 
 glibc serves a request below its mmap threshold from the heap, and raises that threshold (up to
 32 MiB) whenever a larger block is freed. Activation maps of a few MiB then come from the heap, and
-the holes they leave when freed stay in the process: one PixelVAE step at 256 px peaked at 5.2 GiB
-of RSS for 3.8 GiB of live tensors. With the threshold fixed at 4 MiB, every larger block is mapped
-on its own and unmapped when freed, and the same step peaked at 3.9 GiB (tools/bench/memory.py).
-A 1 MiB threshold (3.7 GiB) made the debug model's step twice as slow from page faults: its maps
-are a few MiB, and they stay in the heap at 4 MiB.
+the holes they leave when freed stay in the process, so its RSS grows well past its live tensors.
+With the threshold fixed at 4 MiB, every larger block is mapped on its own and unmapped when freed
+(tools/bench/memory.py measures both). A lower threshold would map the small models' maps of a few
+MiB too, and page faults would slow their steps.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The shared-memory batch buffers DataLoader workers fill, reused once the main process lets go.
 
-A fresh shared-memory segment per batch cost a worker ~2.5 ms of kernel time per 16 images at
-256 px (faulting in and zeroing new pages, unmapping old ones): 6% of its time. `free` is itself
+A fresh shared-memory segment per batch costs a worker kernel time (faulting in and zeroing new
+pages, unmapping old ones) on every batch. `free` is itself
 in shared memory, made before the workers start. A slot is refilled only after the main process
 released it (having made its own float copy), and a worker that finds none of its slots free
 makes a fresh buffer rather than wait, so a slow or failed release costs speed, never data.

@@ -137,8 +137,8 @@ class IterativeVAE(nn.Module):
         """torch.compile each refinement step in place (regional compilation), not the whole unroll.
 
         Steps 2..T share one architecture, so they share one compiled graph (their weights are graph
-        inputs): two graphs to build whatever T is. The whole model as one graph took inductor over
-        26 minutes on a 2-core CPU at the demo size without finishing.
+        inputs): two graphs to build whatever T is, where the whole unrolled model as one graph grows
+        with T and takes inductor far longer to build.
         """
         for step in self.steps:
             step.compile(*args, **kwargs)

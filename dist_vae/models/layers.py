@@ -214,10 +214,9 @@ class GatedResnet(nn.Module):
 
     With `gradient_checkpointing` the block keeps only its inputs and recomputes the rest in
     backward. The dropout mask is drawn outside the checkpoint and passed in (one byte per value):
-    recomputing it would mean replaying the RNG, which on CPU cost as much as a fifth of the step;
-    measured at 48 filters, that took the checkpointed step from 1.6x to 1.2x the plain one's time.
-    (Keeping the convolutions' outputs too, via selective checkpointing, doubled the memory and was
-    slower here.) Loss and gradients are exactly those without checkpointing.
+    recomputing it would mean replaying the RNG, a large share of the step on a CPU. (Keeping the
+    convolutions' outputs too, via selective checkpointing, would double the memory.) Loss and
+    gradients are exactly those without checkpointing.
     """
 
     def __init__(

@@ -6,7 +6,7 @@ Both models at the demo configs' sizes (configs/debug.yaml, configs/demo_iterati
 sides are identical copies of one model; after warm-up (which includes compilation, reported) they
 take steps in alternating rounds and each side's best round is kept. A ratio below 1 means compile
 helps; train.compile should default to on only where it does. Inductor caches compiled graphs on
-disk (/tmp/torchinductor_$USER): a second run compiled in 24 s instead of 140, so each run here
+disk (/tmp/torchinductor_$USER), which makes a second run compile much faster, so each run here
 compiles into a fresh temporary cache and reports what a new run on a new machine pays.
 """
 

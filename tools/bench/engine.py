@@ -8,16 +8,16 @@ comparison is unfair); the engine adds accumulation bookkeeping, skip decisions,
 logging, the progress bar and the preemption check.
 
 The two loops take turns step by step in one process: before each of the trainer's steps the bare
-loop takes one of its own. On this project's shared VMs the time of one step drifts by +-20% over
-seconds (neighbours, the hypervisor), more than the overhead being measured, so comparing whole runs
-taken one after the other measured the machine; steps taken within a second of each other share its
+loop takes one of its own. On a shared machine the time of one step drifts over seconds
+(neighbours, the hypervisor), more than the overhead being measured, so comparing whole runs taken
+one after the other would measure the machine; steps taken within a second of each other share its
 conditions. An engine step is timed from the end of the bare step before it to the start of the
 next bare step, so everything the engine does between steps is inside it. The first and last steps
 are left out: start-up (workers, the first batch) and the final checkpoint are not throughput, and
 evaluation, sampling and periodic checkpoints are pushed past the end. A pair in which either step
-took over `--burst` times the round's median step is left out too and counted: such bursts (up to
-4x here) hit one side at random and, at a few per round, moved a round's ratio by 10%; the engine's
-own periodic work (a log line every train.log_every steps) costs a few milliseconds, far below it.
+took over `--burst` times the round's median step is left out too and counted: such bursts hit one
+side at random and, at a few per round, would move a round's ratio; the engine's own periodic work
+(a log line every train.log_every steps) costs far less than a burst.
 """
 
 from __future__ import annotations

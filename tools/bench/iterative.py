@@ -15,7 +15,7 @@ Step time: full steps (forward, backward, Adam) after a warm-up step, plain and 
 alternating; the minimum over --iters is the figure least disturbed by other load on a shared machine
 (the median is printed beside it).
 
-Example: PYTHONPATH=. python tools/bench/iterative.py            # a few minutes on 2 CPU cores
+Example: PYTHONPATH=. python tools/bench/iterative.py            # on the CPU
          PYTHONPATH=. python tools/bench/iterative.py --channels 64 --device cuda   # LSUN-256 widths
 """
 

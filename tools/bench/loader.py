@@ -3,18 +3,14 @@
 (a) ShardStream over the shards, one DataLoader worker; (a2) the same with two workers; (ad), (a2d)
 the same with the stream given a device (the meta device here), as a GPU trainer uses it: the main
 process only receives the uint8 batches and the scaling to [-1, 1] is the device's work, so these
-measure the workers alone; in (a) and (a2) the main process scales on the CPU, on the same 2 cores;
+measure the workers alone; in (a) and (a2) the main process scales on the CPU, on the same cores;
 (b) LSUN LMDB random access as torchvision's LSUN dataset does it (lmdb get + PIL decode + resize
 shorter side + centre crop, shuffled map-style DataLoader, one worker); (c) PIL decode of the shard
 bytes to RGB arrays alone, in one process (the ceiling for one worker of (a)); make_shards with 2
 workers against 1. Every round times each of them once, back to back, and each ratio printed is the
-median over rounds of that round's ratio: the throughput of this shared VM drifts by +-20% over tens
-of seconds, so the two sides of a ratio are best measured within one round (taking each loader's
-best round instead paired maxima from different minutes).
-
-The stream decodes with Pillow: torchvision.io.decode_webp was the candidate, but the only
-torchvision wheels at hand (0.28, pinned to torch 2.13, and 0.29) are CUDA builds that do not load
-next to the CPU torch, so it could not be measured here.
+median over rounds of that round's ratio: a shared machine's throughput drifts over tens of
+seconds, so the two sides of a ratio are best measured within one round (taking each loader's best
+round instead would pair maxima from different minutes).
 
     PYTHONPATH=. python tools/bench/loader.py --images 500
 """

@@ -13,7 +13,7 @@ cond_dim=64, dropout 0.5) twice, with identical weights, and measures on a 32 px
   'saved' = bytes still live when the forward pass returns (the activations kept for backward), and
   'peak' = the highest live total during forward + backward (activations, recomputed activations,
   gradients of activations and of the weights), both relative to the start of the step.
-Then it prints the ratios checkpointed / plain; the issue's targets are peak <= 0.4x at <= 1.35x time.
+Then it prints the ratios checkpointed / plain; the targets are peak <= 0.4x at <= 1.35x time.
 """
 
 from __future__ import annotations
