@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dist_vae.config import load_config
 from dist_vae.models import build_model
 from tests.model_fixtures import one_thread  # noqa: F401  (fixture)
-from tests.test_plan import RESOLUTION, TINY, images, tiny_model
+from tests.test_plan_memory import RESOLUTION, TINY, images, tiny_model
 
 # The smallest PixelVAE graph with everything the inductor test is about: one resolution stage (each
 # stage adds its own set of C++ kernels to build, the bulk of the test's time) of checkpointed gated
