@@ -31,7 +31,7 @@ demo: env
 test: env
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=25 -n 2 --dist loadfile
 
-# Each ratio next to its target, measured side by side in one run (see README "Performance").
+# Each ratio next to its target, measured side by side in one run (docs/performance.md).
 bench: env
 	test -f data/demo/shards/manifest.json || $(BIN)/python tools/make_shards.py --source demo --out data/demo/shards --resolution 32 --val-fraction 0.1
 	$(BIN)/python tools/bench/engine.py
@@ -43,8 +43,8 @@ bench: env
 	$(BIN)/python tools/bench/fid.py
 	$(BIN)/python tools/bench/speed.py
 
-# On a GPU machine: img/s, memory and MFU, then the step time against bf2ea00 on the GPU
-# (tools/bench/speed.py, run by gpu.py) with what each step allocates and launches, before and after.
+# On a GPU machine: img/s, memory and MFU, then this tree's step time against an older revision's on
+# the GPU (tools/bench/speed.py, run by gpu.py), with what each step allocates and launches.
 bench-gpu: env
 	$(BIN)/python tools/bench/gpu.py
 
