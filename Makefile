@@ -41,12 +41,12 @@ bench: env
 	$(BIN)/python tools/bench/iterative.py
 	$(BIN)/python tools/bench/pixelcnnpp.py
 	$(BIN)/python tools/bench/fid.py
-	$(BIN)/python tools/bench/speed.py
+	$(if $(BASE),$(BIN)/python tools/bench/speed.py --baseline $(BASE))
 
-# On a GPU machine: img/s, memory and MFU, then this tree's step time against an older revision's on
+# On a GPU machine: img/s, memory and MFU; with BASE=REV also this tree's step time against REV's on
 # the GPU (tools/bench/speed.py, run by gpu.py), with what each step allocates and launches.
 bench-gpu: env
-	$(BIN)/python tools/bench/gpu.py
+	$(BIN)/python tools/bench/gpu.py $(if $(BASE),--baseline $(BASE))
 
 lint: env
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
