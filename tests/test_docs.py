@@ -147,7 +147,9 @@ def test_links_and_images_resolve() -> None:
 
 
 def test_paths_named_in_code_exist() -> None:
-    missing = [m for doc in doc_files(ROOT) for m in missing_paths(doc, ROOT)]
+    """The README and docs/ (CHANGELOG.md may name files that are gone since)."""
+    current = [doc for doc in doc_files(ROOT) if doc.name != "CHANGELOG.md"]
+    missing = [m for doc in current for m in missing_paths(doc, ROOT)]
     assert not missing, "paths named in the docs that do not exist:\n" + "\n".join(missing)
 
 
