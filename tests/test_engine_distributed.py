@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dist_vae.checkpoint import complete_checkpoints
+from dist_vae.run_layout import RunDir
 from tests.engine_util import accelerate_cmd, check, checkpoint_contents, run
 
 
@@ -28,7 +29,7 @@ def test_ddp_two_processes_train_on_different_data(demo_shards: Path, tmp_path: 
     assert not set(rank0) & set(rank1), "both ranks saw the same batches"
     # train.compile=auto timed steps 1 and 2 and both ranks agreed at step 3 (a collective): one line.
     assert proc.stderr.count("train.compile=auto on the CPU: eager (1 step left") == 1, proc.stderr[-3000:]
-    assert (run_dir / "done").is_file()
+    assert RunDir(run_dir).marker("done").is_file()
     final = checkpoint_contents(complete_checkpoints(run_dir)[-1][1])
     assert final["state.json"]["step"] == 4 and final["state.json"]["world_size"] == 2
 

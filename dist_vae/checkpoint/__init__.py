@@ -4,7 +4,6 @@ only the names below; the component imports nothing from the engine or the run d
 """
 
 from dist_vae.checkpoint.format import (
-    CHECKPOINTS,
     COMPLETE,
     EMA_FILE,
     FORMAT,
@@ -12,8 +11,6 @@ from dist_vae.checkpoint.format import (
     OPTIMIZER_FILE,
     OPTIMIZER_META,
     STATE_FILE,
-    checkpoint_dir,
-    checkpoint_root,
     complete_checkpoints,
     load_module_state,
     newest_verified,
@@ -42,7 +39,6 @@ from dist_vae.checkpoint.store import (
 from dist_vae.errors import CheckpointError
 
 __all__ = [
-    "CHECKPOINTS",
     "COMPLETE",
     "EMA_FILE",
     "FORMAT",
@@ -55,8 +51,6 @@ __all__ = [
     "CheckpointError",
     "CheckpointWriteError",
     "check_resume",
-    "checkpoint_dir",
-    "checkpoint_root",
     "clean_partial",
     "complete_checkpoints",
     "config_changes",
