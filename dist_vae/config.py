@@ -62,8 +62,8 @@ class TrainConfig:
     # fp16 loss scaling (the trainer's GradScaler, or DeepSpeed's loss_scale_window): the scale doubles
     # after this many updates without overflow; an overflow halves it and skips the update.
     loss_scale_growth_interval: int = at_least(2000, 1)
-    # torch.compile the model in place. auto: on a GPU, before DDP/DeepSpeed wrap it; on the CPU only
-    # when the run's remaining steps pay back the compile time (engine/compile_choice.py).
+    # torch.compile the model in place, before DDP/DeepSpeed wrap it. auto: on a GPU only (on the CPU
+    # compiling takes minutes and pays back on long runs alone); on: anywhere; off: never.
     compile: str = choice("auto", "auto", "on", "off")
     peak_flops: float | None = at_least(None, 0.0)  # FLOP/s of one device for perf/mfu; None: by name
     sample_count: int = at_least(16, 1)  # images in each sample grid
