@@ -104,6 +104,7 @@ class DeepSpeedUpdate:
     """DeepSpeed ZeRO stage 1 or 2."""
 
     def __init__(self, acc: Accelerator) -> None:
+        # deepspeed loads only under DeepSpeed: it is slow to import and optional elsewhere.
         from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
         self.engine = accelerate_compat.deepspeed_engine(acc)
