@@ -62,7 +62,12 @@ class RunDir:
         return self.root / "samples"
 
     def sample_grid(self, step: int) -> Path:
+        """The trainer's grid at `step`."""
         return self.samples / f"step-{step:08d}.png"
+
+    def sample_set(self, step: int) -> Path:
+        """tools/sample.py's grids of the checkpoint of `step`, one PNG per kind."""
+        return self.samples / f"step-{step:08d}"
 
     @property
     def eval(self) -> Path:

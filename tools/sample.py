@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.REFUSED
     shares = gather_object([mine])
     if state.is_main_process:
-        out = args.out or RunDir(args.run_dir).samples / f"step-{run.step:08d}"
+        out = args.out or RunDir(args.run_dir).sample_set(run.step)
         for name in mine:
             grid = torch.cat([s[name] for s in shares])
             rows_of_images = [grid[:, 0]] if grid.shape[1] == 1 else list(grid)
