@@ -243,3 +243,14 @@ def test_tools_use_public_hooks_not_private_members(path: Path) -> None:
             root = _root(node.value)
             allowed = isinstance(root, ast.Name) and (root.id == "self" or root.id in libraries)
             assert allowed, f"{path.relative_to(ROOT)}:{node.lineno} reads the private member {node.attr}"
+
+
+def test_distributed_helpers_sit_below_data_models_and_the_engine() -> None:
+    """dist_vae/distributed.py is imported by data/, metrics/, the engine and the tools: it imports
+    only the leaf errors and the adapters of dist_vae."""
+    path = ROOT / "dist_vae" / "distributed.py"
+    for module, _ in imports(path):
+        if module.startswith("dist_vae"):
+            assert module in {"dist_vae.errors"} or module.startswith("dist_vae.compat"), (
+                f"{path.relative_to(ROOT)} imports {module}"
+            )
