@@ -28,17 +28,20 @@
 
 set -euo pipefail
 
-# The trainer's protocol with this script; dist_vae/engine/preemption.py writes these files.
+# The trainer's protocol with this script: the markers and hang/ of dist_vae/run_layout.py's RunDir
+# (dist_vae/engine/stops.py writes them) and dist_vae/errors.py's ExitCode (tests/test_exit_codes.py).
 REQUEUE_MARKER="requeue"
 DONE_MARKER="done"
 DIVERGED_MARKER="diverged"
 HANG_DIR="hang" # rank-R.txt: the stacks a hung rank wrote before exiting with HANG_EXIT
+REFUSED_EXIT=2
+DIVERGED_EXIT=4
 HANG_EXIT=5
 
 log() { printf '[cluster %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 die() {
 	log "error: $*" >&2
-	exit 2
+	exit "$REFUSED_EXIT"
 }
 
 # Every input is checked before submitting and again on the node (a requeued job may find files moved).
@@ -149,7 +152,7 @@ decide() {
 	fi
 	if fresh "$DIVERGED_MARKER"; then
 		log "training diverged ($RUN_DIR/$DIVERGED_MARKER: $(tr '\n' ' ' <"$RUN_DIR/$DIVERGED_MARKER")): not requeueing"
-		exit 4
+		exit "$DIVERGED_EXIT"
 	fi
 	# After a warning, a SIGTERM is the time limit that came before the checkpoint did: still requeue.
 	if ((WARNED)); then

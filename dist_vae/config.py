@@ -40,7 +40,7 @@ class TrainConfig:
     grad_clip: float = at_least(1.0, 0.0)  # 0 disables clipping
     accumulate: int = at_least(1, 1)
     # On resume with another world size: keep the checkpoint's global batch (adjust accumulate, then
-    # the per-rank batch) or keep the per-rank batch and scale the LRs linearly (engine/resize.py).
+    # the per-rank batch) or keep the per-rank batch and scale the LRs linearly (engine/checkpointing.py).
     resize: str = choice("keep_global_batch", "keep_global_batch", "scale_lr")
     checkpoint_every: int = at_least(500, 1)
     keep_checkpoints: int = at_least(3, 1)
@@ -62,12 +62,12 @@ class TrainConfig:
     # fp16 loss scaling (the trainer's GradScaler, or DeepSpeed's loss_scale_window): the scale doubles
     # after this many updates without overflow; an overflow halves it and skips the update.
     loss_scale_growth_interval: int = at_least(2000, 1)
-    # torch.compile the model in place. auto: on a GPU, before DDP/DeepSpeed wrap it; on the CPU only
-    # when the run's remaining steps pay back the compile time (engine/compile_choice.py).
+    # torch.compile the model in place, before DDP/DeepSpeed wrap it. auto: on a GPU only (on the CPU
+    # compiling takes minutes and pays back on long runs alone); on: anywhere; off: never.
     compile: str = choice("auto", "auto", "on", "off")
     peak_flops: float | None = at_least(None, 0.0)  # FLOP/s of one device for perf/mfu; None: by name
     sample_count: int = at_least(16, 1)  # images in each sample grid
-    # Hang watchdog (engine/watchdog.py), in seconds: a step that reaches no boundary within
+    # Hang watchdog (engine/stops.py), in seconds: a step that reaches no boundary within
     # hang_timeout (None: the larger of 15 minutes and 50x the median of the last 100 step times;
     # 15 minutes before any step is timed), or evaluation, sampling and saving at one boundary that
     # take longer than action_timeout, dump every thread's stack to RUN_DIR/hang/rank-R.txt, exit 5.
@@ -80,7 +80,7 @@ class TrainConfig:
 
 @dataclass
 class HealthConfig:
-    """The posterior-collapse alarm (engine/health.py); the health/* logs are always written."""
+    """The posterior-collapse alarm (engine/monitor.py); the health/* logs are always written."""
 
     kl_threshold: float = at_least(0.01, 0.0)  # nats; a unit whose mean KL is below it carries ~nothing
     collapse_logs: int = at_least(3, 0)  # collapsed log points in a row before the warning; 0: never warn

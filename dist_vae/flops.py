@@ -1,11 +1,9 @@
-"""Model FLOPs per image and operations per step (counted by PyTorch, never by hand), and the peak
-FLOP/s of known devices.
+"""Model FLOPs per image (counted by PyTorch, never by hand), and the peak FLOP/s of known devices.
 
 MFU = achieved model FLOP/s / peak. Model FLOPs are those of one forward and one backward pass
 without the forward recomputed by gradient checkpointing (the usual convention: checkpointing costs
 time and so lowers MFU). Counting runs the model on fake tensors (shapes only, no data, no memory),
-so it takes seconds on a CPU whatever the model's size and leaves the model untouched. The number of
-aten operations in a training step is what torch.compile's time grows with (engine/compile_choice.py).
+so it takes seconds on a CPU whatever the model's size and leaves the model untouched.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dist_vae.compat.torch_ops import FakeTensorMode, TorchDispatchMode
+from dist_vae.compat.torch_ops import FakeTensorMode
 from dist_vae.precision import NAMES
 
 COUNT_BATCH = 2  # MMD and the critic compare images within a batch; 2 is the smallest real batch
@@ -104,18 +102,6 @@ def run_step(
             out.total().backward()
 
 
-class _CallCounter(TorchDispatchMode):
-    """Counts the aten operations dispatched while it is active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.calls += 1
-        return func(*args, **(kwargs or {}))
-
-
 def counted_step(
     model: nn.Module, resolution: int, mode: AbstractContextManager[Any], training: bool
 ) -> None:
@@ -133,10 +119,3 @@ def flops_per_image(model: nn.Module, resolution: int, *, training: bool = True)
     counter = FlopCounterMode(display=False)
     counted_step(model, resolution, counter, training)
     return counter.get_total_flops() / COUNT_BATCH
-
-
-def operations_per_step(model: nn.Module, resolution: int) -> int:
-    """aten operations of one training step (forward + backward), as torch.compile would trace them."""
-    counter = _CallCounter()
-    counted_step(model, resolution, counter, training=True)
-    return counter.calls

@@ -1,6 +1,5 @@
-"""One run = one directory: the resolved `config.yaml`, `checkpoints/step-%08d/` (dist_vae/checkpoint/),
-`tensorboard/`, `samples/`. The trainer and the tools find a run's files through here, and the tools
-load a trained model with `load_run`.
+"""A trained model from a run directory (its layout: dist_vae/run_layout.py's RunDir): the tools
+load one with `load_run`.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from dist_vae.checkpoint import (
     EMA_FILE,
     MODEL_FILE,
     STATE_FILE,
-    checkpoint_root,
     load_module_state,
     newest_verified,
     read_json,
@@ -25,8 +23,7 @@ from dist_vae.checkpoint import (
 from dist_vae.config import Config, ConfigError, load_config
 from dist_vae.errors import CheckpointError
 from dist_vae.models import build_model
-
-CONFIG_FILE = "config.yaml"
+from dist_vae.run_layout import RunDir
 
 
 @dataclass
@@ -42,16 +39,15 @@ def load_run(run_dir: str | Path, ema: bool | None = None, device: str | torch.d
     """The run's config.yaml and its newest verified checkpoint's weights, for the tools: the EMA
     ones when `ema` (None: when the run kept them, as the trainer's own samples do), in eval mode
     on `device`."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / CONFIG_FILE
-    if not config_path.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory: no {CONFIG_FILE} (dist_vae/train.py writes it)")
-    cfg = load_config(config_path)
-    path = newest_verified(run_dir)
-    if path is None:
-        raise CheckpointError(
-            f"{checkpoint_root(run_dir)} holds no complete checkpoint (step-*/ with {COMPLETE})"
+    run = RunDir(run_dir)
+    if not run.config.is_file():
+        raise ConfigError(
+            f"{run.root} is not a run directory: no {run.config.name} (dist_vae/train.py writes it)"
         )
+    cfg = load_config(run.config)
+    path = newest_verified(run.root)
+    if path is None:
+        raise CheckpointError(f"{run.checkpoints} holds no complete checkpoint (step-*/ with {COMPLETE})")
     has_ema = (path / EMA_FILE).is_file()
     ema = has_ema if ema is None else ema
     if ema and not has_ema:

@@ -7,8 +7,11 @@ through the same names.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+_CHECKPOINT_NAME = re.compile(r"^step-(\d{8})$")
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,12 @@ class RunDir:
     def checkpoint(self, step: int, tmp: bool = False) -> Path:
         return self.checkpoints / f"{'.tmp-' if tmp else ''}step-{step:08d}"
 
+    @staticmethod
+    def checkpoint_step(path: Path) -> int | None:
+        """The step a checkpoint directory's name holds; None for any other name (a temporary)."""
+        found = _CHECKPOINT_NAME.match(path.name)
+        return int(found.group(1)) if found else None
+
     @property
     def tensorboard(self) -> Path:
         return self.root / "tensorboard"
@@ -53,7 +62,12 @@ class RunDir:
         return self.root / "samples"
 
     def sample_grid(self, step: int) -> Path:
+        """The trainer's grid at `step`."""
         return self.samples / f"step-{step:08d}.png"
+
+    def sample_set(self, step: int) -> Path:
+        """tools/sample.py's grids of the checkpoint of `step`, one PNG per kind."""
+        return self.samples / f"step-{step:08d}"
 
     @property
     def eval(self) -> Path:

@@ -3,19 +3,10 @@
 Run with plain `python` it is the single-process debug mode (CPU or one GPU). The backend (DDP,
 DeepSpeed ZeRO-1/2, CPU gloo) is chosen by the accelerate config file alone.
 
-Exit codes:
-  0  train.steps reached; RUN_DIR/done is written (a rerun of a finished run says so in one line).
-  2  bad configuration, unusable data, a checkpoint that cannot be written (disk full, read-only run
-     dir; the previous checkpoints are kept), a process group that did not form within
-     train.collective_timeout: one line `error: ...` naming the key or file.
-  3  (`REQUEUE_EXIT_CODE`) stopped by SIGUSR1/SIGTERM after a checkpoint; RUN_DIR/requeue is written,
-     since multi-process launchers may report their own code instead; one line
-     `stopped by SIGTERM at step N; checkpoint PATH; run the same command again to resume`.
-  4  diverged: train.max_nonfinite_skips non-finite updates in a row. Nothing new is saved; one line
-     `error: training diverged: N consecutive non-finite updates since step S; last good checkpoint: PATH`.
-  5  (`HANG_EXIT_CODE`) hung: no step boundary within train.hang_timeout, or evaluation/sampling/saving
-     past train.action_timeout (engine/watchdog.py). Each rank writes RUN_DIR/hang/rank-R.txt (the
-     stacks of all its threads) and prints one line `error: rank R: ...; stacks of all threads in PATH`.
+Exit codes: dist_vae/errors.py's ExitCode (the README's table): SUCCESS 0 (RUN_DIR/done written),
+REFUSED 2 (one line `error: ...` naming the key or file), REQUEUE 3 (stopped by SIGUSR1/SIGTERM after
+a checkpoint; RUN_DIR/requeue written, since multi-process launchers may report their own code),
+DIVERGED 4 (nothing new saved), HANG 5 (each rank wrote RUN_DIR/hang/rank-R.txt).
 
 Signals (checked by tests/test_engine_signals.py): SIGUSR1 and SIGTERM only set a flag, installed
 before anything else starts (a signal while the process group forms or a checkpoint loads still
@@ -36,9 +27,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dist_vae.engine.preemption import PreemptionFlag  # stdlib only: installed before torch loads
-
-DIVERGED_EXIT_CODE = 4
+# Both stdlib only: the signal handlers are installed before torch loads.
+from dist_vae.engine.stops import PreemptionFlag
+from dist_vae.errors import DistVaeError, ExitCode
+from dist_vae.run_layout import RunDir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None, preemption: PreemptionFlag) -> int:
-    from dist_vae.checkpoint import CheckpointWriteError, checkpoint_root
+    # Loaded after the handlers are in (main): these import torch.
+    from dist_vae.checkpoint import CheckpointWriteError
     from dist_vae.config import load_config
-    from dist_vae.errors import DistVaeError
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, help="run configuration YAML (configs/*.yaml)")
@@ -60,38 +52,36 @@ def _run(argv: list[str] | None, preemption: PreemptionFlag) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        from dist_vae.engine.skip import TrainingDiverged
+        from dist_vae.engine.step import TrainingDiverged
         from dist_vae.engine.trainer import Trainer
 
         trainer = Trainer(cfg, preemption)
     except DistVaeError as exc:  # config, data, checkpoint or backend refused: one line
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.REFUSED
     try:
         code = trainer.fit()
     except CheckpointWriteError as exc:  # disk full or run dir not writable; older checkpoints are kept
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.REFUSED
     except TrainingDiverged as exc:
         if trainer.accelerator.is_main_process:
             print(f"error: {exc}", file=sys.stderr)
-        return DIVERGED_EXIT_CODE
+        return ExitCode.DIVERGED
     if trainer.accelerator.is_main_process:
-        _print_outputs(
-            trainer.logger.samples_dir, trainer.logger.tensorboard_dir, checkpoint_root(Path(cfg.run_dir))
-        )
+        _print_outputs(RunDir(cfg.run_dir))
     return code
 
 
-def _print_outputs(samples: Path, tensorboard: Path, checkpoints: Path) -> None:
+def _print_outputs(run: RunDir) -> None:
     """Where the run's outputs are: only the ones that exist (a run stopped before its first sample
     grid has none)."""
-    if samples.is_dir():
-        print(f"samples:     {samples}")
-    if tensorboard.is_dir():
-        print(f"tensorboard: tensorboard --logdir {tensorboard}")
-    if checkpoints.is_dir():
-        print(f"checkpoints: {checkpoints}")
+    if run.samples.is_dir():
+        print(f"samples:     {run.samples}")
+    if run.tensorboard.is_dir():
+        print(f"tensorboard: tensorboard --logdir {run.tensorboard}")
+    if run.checkpoints.is_dir():
+        print(f"checkpoints: {run.checkpoints}")
 
 
 if __name__ == "__main__":

@@ -21,8 +21,9 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs  # noqa: E4
 from safetensors.torch import load_file  # noqa: E402
 from torch import nn  # noqa: E402
 
-from dist_vae.checkpoint import MODEL_FILE, checkpoint_dir, load_checkpoint, save_checkpoint  # noqa: E402
-from dist_vae.engine.ema import EMA  # noqa: E402
+from dist_vae.checkpoint import MODEL_FILE, load_checkpoint, save_checkpoint  # noqa: E402
+from dist_vae.engine.backend import EMA  # noqa: E402
+from dist_vae.run_layout import RunDir  # noqa: E402
 
 
 def tiny_model() -> nn.Module:
@@ -45,9 +46,11 @@ def main(mode: str, run_dir: Path) -> None:
     meta = {"saved_by": acc.num_processes, "dtype": str(next(raw.parameters()).dtype)}
     first = 0
     if mode == "load":
-        loaded = load_checkpoint(acc, checkpoint_dir(run_dir, 3), model=model, optimizer=optimizer, ema=ema)
+        loaded = load_checkpoint(
+            acc, RunDir(run_dir).checkpoint(3), model=model, optimizer=optimizer, ema=ema
+        )
         assert loaded.step == 3 and loaded.world_size == 2 and loaded.meta["saved_by"] == 2
-        weights = load_file(checkpoint_dir(run_dir, 3) / MODEL_FILE)
+        weights = load_file(RunDir(run_dir).checkpoint(3) / MODEL_FILE)
         assert all(
             torch.equal(value, weights[name].to(value.dtype)) for name, value in raw.state_dict().items()
         )

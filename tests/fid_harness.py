@@ -17,10 +17,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from dist_vae.config import Config, load_config  # noqa: E402
+from dist_vae.distributed import tool_state  # noqa: E402
 from dist_vae.metrics.sample_quality import quality_by_way  # noqa: E402
 from dist_vae.metrics.settings import EvalConfig  # noqa: E402
 from dist_vae.models import build_model  # noqa: E402
-from dist_vae.processes import tool_state  # noqa: E402
 
 N, BATCH = 8, 2  # 4 chunks: 2 per rank under two processes
 

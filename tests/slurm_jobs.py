@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 
+from dist_vae.run_layout import RunDir
 from tests.slurm_local import LocalSlurm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ def job_env(base: dict[str, str], shards: Path, run_dir: Path, extra: str, **mor
 
 def complete_checkpoints(run_dir: Path) -> list[int]:
     return sorted(
-        int(d.name[5:]) for d in (run_dir / "checkpoints").glob("step-*") if (d / "COMPLETE").exists()
+        int(d.name[5:]) for d in RunDir(run_dir).checkpoints.glob("step-*") if (d / "COMPLETE").exists()
     )
 
 
@@ -60,7 +61,7 @@ def scalar_steps(run_dir: Path) -> set[int]:
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
     steps = set()
-    for path in (run_dir / "tensorboard").rglob("events.out.tfevents.*"):
+    for path in RunDir(run_dir).tensorboard.rglob("events.out.tfevents.*"):
         for event in EventFileLoader(str(path)).Load():
             if event.HasField("summary") and len(event.summary.value):
                 steps.add(event.step)

@@ -21,6 +21,7 @@ from dist_vae.config import load_config
 from dist_vae.engine.backend import make_optimizer
 from dist_vae.models import build_model
 from dist_vae.run_dir import load_run
+from dist_vae.run_layout import RunDir
 from tests.fixtures.checkpoint_format2.make_checkpoints import DTYPES, measure
 from tests.model_fixtures import one_thread  # noqa: F401
 
@@ -59,7 +60,7 @@ def test_format2_optimizer_state_resumes_on_the_fused_adamw() -> None:
     """The fixture saved `fused: None` with its moments; the trainer's optimizer is fused, and the
     resumed run must keep the fused kernel and the saved moments, then step them."""
     run_dir = FIXTURES / "pixel_vae"
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(RunDir(run_dir).config)
     model = build_model(cfg.model, cfg.data.resolution, cfg.train.gradient_checkpointing)
     optimizer = make_optimizer(model, cfg)
     assert {group["fused"] for group in optimizer.param_groups} == {True}

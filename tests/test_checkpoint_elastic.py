@@ -17,8 +17,8 @@ from dist_vae.checkpoint import (
     OPTIMIZER_FILE,
     OPTIMIZER_META,
     STATE_FILE,
-    checkpoint_dir,
 )
+from dist_vae.run_layout import RunDir
 from tests.engine_util import ACCELERATE, ROOT, check, free_port, run
 
 HARNESS = ROOT / "tests" / "checkpoint_harness.py"
@@ -50,8 +50,8 @@ def test_two_process_checkpoint_loads_on_one_and_three(
 ) -> None:
     saved = tmp_path / "saved"
     launch(saver, precision, 2, "save", saved)
-    original = tensors(checkpoint_dir(saved, 3))
-    trained_in = json.loads((checkpoint_dir(saved, 3) / STATE_FILE).read_text())["meta"]["dtype"]
+    original = tensors(RunDir(saved).checkpoint(3))
+    trained_in = json.loads((RunDir(saved).checkpoint(3) / STATE_FILE).read_text())["meta"]["dtype"]
     assert trained_in == ("torch.bfloat16" if precision == "bf16" else "torch.float32")
     n_params = len(original[MODEL_FILE])
     assert {value.dtype for value in original[MODEL_FILE].values()} == {torch.float32}
@@ -62,7 +62,7 @@ def test_two_process_checkpoint_loads_on_one_and_three(
             run_dir = tmp_path / f"{loader}-{processes}"
             shutil.copytree(saved, run_dir)
             launch(loader, precision, processes, "load", run_dir)  # loads step 3, saves it again as step 4
-            resaved = checkpoint_dir(run_dir, 4)
+            resaved = RunDir(run_dir).checkpoint(4)
             assert json.loads((resaved / STATE_FILE).read_text())["world_size"] == processes
             again = tensors(resaved)
             for file, contents in original.items():
@@ -72,6 +72,6 @@ def test_two_process_checkpoint_loads_on_one_and_three(
                     assert value.dtype == other.dtype and torch.equal(value, other), (
                         f"{loader} x{processes}: {file} {name}"
                     )
-            assert (checkpoint_dir(saved, 3) / OPTIMIZER_META).read_text() == (
+            assert (RunDir(saved).checkpoint(3) / OPTIMIZER_META).read_text() == (
                 resaved / OPTIMIZER_META
             ).read_text()

@@ -23,13 +23,13 @@ from dist_vae.checkpoint import (
     COMPLETE,
     CheckpointError,
     CheckpointWriteError,
-    checkpoint_dir,
     complete_checkpoints,
     load_module_state,
     resolve_resume,
     save_checkpoint,
 )
-from dist_vae.run_dir import CONFIG_FILE, load_run
+from dist_vae.run_dir import load_run
+from dist_vae.run_layout import RunDir
 from tests.engine_util import ROOT, accelerate_cmd, check, env, python_cmd, run
 
 STEPS = ["train.steps=4", "train.checkpoint_every=2", "train.eval_every=100", "train.sample_every=100"]
@@ -92,7 +92,7 @@ def test_pickle_payloads_are_refused_and_never_run(copy: Path, demo_shards: Path
     write_payload(tmp_path / "probe.pt", proof)
     torch.load(tmp_path / "probe.pt", weights_only=False)
     assert proof.exists()
-    newest = checkpoint_dir(copy, 4)
+    newest = RunDir(copy).checkpoint(4)
     for name in ("model.safetensors", "ema.safetensors"):
         write_payload(newest / name, marker)
     rehash(newest)
@@ -105,7 +105,7 @@ def test_pickle_payloads_are_refused_and_never_run(copy: Path, demo_shards: Path
             proc.returncode == 2 and f"{name}.safetensors is not a readable safetensors file" in proc.stderr
         )
     # A format-1 checkpoint (trainer.pt and rank-*.pt pickles) is named and refused, never opened.
-    old = checkpoint_dir(copy, 9)
+    old = RunDir(copy).checkpoint(9)
     old.mkdir()
     write_payload(old / "trainer.pt", marker)
     write_payload(old / "rank-00000.pt", marker)
@@ -123,7 +123,7 @@ def test_pickle_payloads_are_refused_and_never_run(copy: Path, demo_shards: Path
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(
     copy: Path, demo_shards: Path, tmp_path: Path
 ) -> None:
-    model = checkpoint_dir(copy, 4) / "model.safetensors"
+    model = RunDir(copy).checkpoint(4) / "model.safetensors"
     data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0x01
     model.write_bytes(bytes(data))
@@ -137,14 +137,15 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(
 
 
 def test_refused_resume_names_the_key_and_leaves_config_yaml(copy: Path, demo_shards: Path) -> None:
-    before = (copy / CONFIG_FILE).read_bytes()
+    before = RunDir(copy).config.read_bytes()
     proc = run(python_cmd(copy, demo_shards, *STEPS[1:], "train.steps=6", "model.channels=8"))
     check(proc, 2)
     line = proc.stderr.splitlines()[-1]
     assert (
-        f"checkpoint {checkpoint_dir(copy, 4)} was trained with model.channels=4, this config has 8" in line
+        f"checkpoint {RunDir(copy).checkpoint(4)} was trained with model.channels=4, this config has 8"
+        in line
     )
-    assert (copy / CONFIG_FILE).read_bytes() == before
+    assert RunDir(copy).config.read_bytes() == before
 
 
 def test_shape_mismatch_names_the_tensor_and_both_shapes() -> None:
@@ -175,7 +176,7 @@ def tmpfs(path: Path, size: int) -> Iterator[Path]:
 def test_full_disk_exits_2_and_keeps_the_previous_checkpoint(
     processes: int, trained: Path, demo_shards: Path, tmp_path: Path
 ) -> None:
-    size = sum(f.stat().st_size for f in checkpoint_dir(trained, 4).iterdir())
+    size = sum(f.stat().st_size for f in RunDir(trained).checkpoint(4).iterdir())
     with tmpfs(tmp_path / "small", int(size * 1.6)) as run_dir:  # room for one checkpoint, not two
         if processes == 1:
             proc = run(python_cmd(run_dir, demo_shards, *STEPS))
@@ -188,12 +189,12 @@ def test_full_disk_exits_2_and_keeps_the_previous_checkpoint(
         line = next(line for line in errors if "(rank 0 reports why)" not in line)
         assert (
             line.startswith("error: cannot write checkpoint ")
-            and str(checkpoint_dir(run_dir, 4, tmp=True)) in line
+            and str(RunDir(run_dir).checkpoint(4, tmp=True)) in line
         )
         assert "no space left on device" in line and re.search(r"needs \d+ bytes, \d+ free", line)
-        assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000002"]
-        assert resolve_resume("auto", run_dir) == checkpoint_dir(run_dir, 2)
-        assert load_run(run_dir).step == 2 and not (run_dir / "done").exists()
+        assert [p.name for p in RunDir(run_dir).checkpoints.iterdir()] == ["step-00000002"]
+        assert resolve_resume("auto", run_dir) == RunDir(run_dir).checkpoint(2)
+        assert load_run(run_dir).step == 2 and not RunDir(run_dir).marker("done").exists()
 
 
 def test_read_only_run_dir_exits_2_before_training(trained: Path, demo_shards: Path, tmp_path: Path) -> None:
@@ -220,14 +221,14 @@ def test_read_only_checkpoint_dir_raises_one_line_and_keeps_the_previous(tmp_pat
         with pytest.raises(CheckpointWriteError) as error:
             save_checkpoint(acc, run_dir, 2, **args)
         message = str(error.value)
-        assert "\n" not in message and str(checkpoint_dir(run_dir, 2, tmp=True)) in message
+        assert "\n" not in message and str(RunDir(run_dir).checkpoint(2, tmp=True)) in message
         assert "not writable" in message and "Read-only file system" in message
         assert [path for _, path in complete_checkpoints(run_dir)] == [first]
         assert resolve_resume("auto", run_dir) == first
 
 
 def test_complete_marker_names_only_checkpoint_files(tmp_path: Path) -> None:
-    path = checkpoint_dir(tmp_path, 1)
+    path = RunDir(tmp_path).checkpoint(1)
     path.mkdir(parents=True)
     (path / COMPLETE).write_text(
         json.dumps({"format": 2, "files": {"../../secret": {"size": 1, "sha256": ""}}})

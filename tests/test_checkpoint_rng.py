@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dist_vae.checkpoint import complete_checkpoints
-from dist_vae.engine.rng import seed_everything_for_step, step_seed
+from dist_vae.engine.step import seed_everything_for_step, step_seed
 from tests.engine_util import accelerate_cmd, assert_same, check, checkpoint_contents, run
 
 

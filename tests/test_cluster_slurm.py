@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from dist_vae.run_layout import RunDir
 from tests.data_fixtures import make_demo_shards
 from tests.slurm_jobs import (
     CPUS,
@@ -121,7 +122,7 @@ def test_sbatch_wait_runs_to_the_end(slurm: LocalSlurm, shards: Path, tmp_path: 
     )
     assert "requeueing job" not in log
     assert complete_checkpoints(run_dir)[-1] == 10
-    assert (run_dir / "done").exists() and not (run_dir / "requeue").exists()
+    assert RunDir(run_dir).marker("done").exists() and not RunDir(run_dir).marker("requeue").exists()
     assert max(scalar_steps(run_dir)) >= 5
 
 
@@ -159,7 +160,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes(
     assert int(requeue.group(1)) == int(resumed.group(1)) == stopped
     assert "training finished" in log[finished.end() :]
     assert complete_checkpoints(run_dir)[-1] == steps
-    assert (run_dir / "done").exists()
+    assert RunDir(run_dir).marker("done").exists()
     logged = scalar_steps(run_dir)
     assert max(logged) >= steps - 5 and min(logged) <= stopped, sorted(logged)
 
@@ -243,7 +244,7 @@ def test_requeue_onto_fewer_nodes_continues_the_run(slurm: LocalSlurm, shards: P
     )
     assert int(marker.group(1)) == int(resumed.group(1))
     assert re.search(r"world size 2 -> 1", log), log[-6000:]
-    assert (run_dir / "done").exists()
+    assert RunDir(run_dir).marker("done").exists()
     print("\n".join(line for line in log.splitlines() if line.startswith("[cluster") or "world size" in line))
 
 
@@ -259,7 +260,7 @@ def test_hang_is_requeued_and_the_run_resumes(slurm: LocalSlurm, shards: Path, t
     stopped.send_signal(signal.SIGSTOP)
     try:
         deadline = time.monotonic() + 120
-        while not (run_dir / "hang" / "rank-0.txt").exists():
+        while not RunDir(run_dir).hang_stacks(0).exists():
             assert time.monotonic() < deadline, f"no hang file after 120 s:\n{job_log(run_dir, job_id)}"
             time.sleep(0.2)
     finally:  # let it run on (its own watchdog ends it) rather than wait for the launcher's SIGKILL
@@ -277,4 +278,4 @@ def test_hang_is_requeued_and_the_run_resumes(slurm: LocalSlurm, shards: Path, t
             rf"launchers exited with status 0; newest complete checkpoint: step-{steps:08d}",
         ],
     )
-    assert (run_dir / "done").exists()
+    assert RunDir(run_dir).marker("done").exists()

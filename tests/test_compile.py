@@ -1,7 +1,7 @@
-"""torch.compile (train.compile) computes the same loss and gradients as eager, with and without
-gradient checkpointing. "aot_eager" runs dynamo and AOTAutograd (the graphs, functionalisation and
-the checkpoint operator the real compiler sees) in seconds; one slow test runs inductor itself, under
-DDP as the trainer does."""
+"""train.compile=auto compiles on a GPU only, `on` anywhere, `off` never; and torch.compile computes
+the same loss and gradients as eager, with and without gradient checkpointing. "aot_eager" runs
+dynamo and AOTAutograd (the graphs, functionalisation and the checkpoint operator the real compiler
+sees) in seconds; one slow test runs inductor itself, under DDP as the trainer does."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from torch._dynamo.testing import CompileCounter
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_vae.config import load_config
+from dist_vae.engine.backend import compiles
 from dist_vae.models import build_model
 from tests.model_fixtures import one_thread  # noqa: F401  (fixture)
 from tests.test_plan_memory import RESOLUTION, TINY, images, tiny_model
@@ -28,6 +29,16 @@ from tests.test_plan_memory import RESOLUTION, TINY, images, tiny_model
 # resnets with dropout and weight norm, the encoder's z noise and the MMD prior draw.
 SMALLEST = [*TINY["pixel_vae"], "model.n_stages=1"]
 SMALLEST_RESOLUTION = 8
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "compiled"),
+    [("on", "cpu", True), ("off", "cpu", False), ("auto", "cpu", False),
+     ("on", "cuda", True), ("off", "cuda", False), ("auto", "cuda", True)],
+)  # fmt: skip
+def test_compiled_before_the_wrap_when_on_or_auto_on_a_gpu(setting: str, device: str, compiled: bool) -> None:
+    cfg = load_config(None, [f"train.compile={setting}"])
+    assert compiles(cfg.train, torch.device(device)) is compiled
 
 
 def loss_and_grads(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -113,9 +113,9 @@ def test_with_keys_names_the_samples(shard_dir: Path) -> None:
 def test_evaluation_pass_covers_the_split_once(shard_dir: Path) -> None:
     cfg = config(shard_dir)
     streams = [ShardStream(cfg, "train", r, 2, batch_size=4, training=False, with_keys=True) for r in (0, 1)]
-    assert [len(s) for s in streams] == [6, 6]  # 22 and 23 images: 5 batches of 4 and one smaller
+    assert [len(s) for s in streams] == [6, 6]  # 23 and 22 images (`share`): 5 batches of 4 and one smaller
     per_rank = [take(s, 10) for s in streams]
-    assert [[b.shape[0] for b, _ in batches] for batches in per_rank] == [[4] * 5 + [2], [4] * 5 + [3]]
+    assert [[b.shape[0] for b, _ in batches] for batches in per_rank] == [[4] * 5 + [3], [4] * 5 + [2]]
     seen = [i for batches in per_rank for b, _ in batches for i in ids(b)]
     assert sorted(seen) == list(range(N_IMAGES)) and len(seen) == N_IMAGES
     assert not any(f for batches in per_rank for b, _ in batches for f in flipped(b))

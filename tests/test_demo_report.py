@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from dist_vae.config import load_config
+from dist_vae.run_layout import RunDir
 from tests.test_tools_sampling import ENV, ROOT, run
 
 SIDE, COLS, ROWS, SCALE, PROBE_N = 16, 4, 2, 2, 12
@@ -47,7 +48,7 @@ def test_report_prints_the_grid_and_the_probe_scores_and_writes_them(run_dir: Pa
         str(SCALE),
     ]
     lines = run("tools/demo_report.py", str(run_dir), *args).stdout.splitlines()
-    grid = run_dir / "samples" / "demo_grid.png"
+    grid = RunDir(run_dir).samples / "demo_grid.png"
     assert lines[0].startswith(f"grid: {grid} (top row: val scenes; below: samples of step 2, EMA")
     assert lines[1].startswith("probe Fréchet distance") and lines[2].startswith("on the manifold")
     assert len(lines) == 3  # no FID line when --fid 0
@@ -62,11 +63,11 @@ def test_report_prints_the_grid_and_the_probe_scores_and_writes_them(run_dir: Pa
 
 
 def test_a_run_whose_shards_have_no_probe_is_refused_in_one_line(run_dir: Path, tmp_path: Path) -> None:
-    config = (run_dir / "config.yaml").read_text()
-    shards = Path(load_config(run_dir / "config.yaml").data.path)
+    config = RunDir(run_dir).config.read_text()
+    shards = Path(load_config(RunDir(run_dir).config).data.path)
     shutil.copytree(shards, tmp_path / "shards", ignore=shutil.ignore_patterns("probe"))
     shutil.copytree(run_dir, tmp_path / "run")
-    (tmp_path / "run" / "config.yaml").write_text(config.replace(str(shards), str(tmp_path / "shards")))
+    RunDir(tmp_path / "run").config.write_text(config.replace(str(shards), str(tmp_path / "shards")))
     proc = subprocess.run([sys.executable, "tools/demo_report.py", str(tmp_path / "run"), "--fid", "0"],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 2 and "tools/probe.py train" in proc.stderr

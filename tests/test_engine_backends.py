@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from dist_vae.run_layout import RunDir
 from tests.engine_util import accelerate_cmd, check, run
 
 BACKENDS = ["cpu_debug.yaml", "deepspeed_zero1.yaml", "deepspeed_zero2.yaml"]
@@ -23,7 +24,7 @@ OVERRIDES = [f"train.steps={STEPS}", "train.log_every=1", "train.checkpoint_ever
 
 def scalars(run_dir: Path) -> dict[str, list[float]]:
     """Every scalar series of the run's real TensorBoard event files, in step order."""
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events = EventAccumulator(str(RunDir(run_dir).tensorboard), size_guidance={"scalars": 0})
     events.Reload()
     series = {}
     for tag in events.Tags()["scalars"]:
@@ -42,7 +43,7 @@ def logs(demo_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     for backend in BACKENDS:
         run_dir = tmp_path_factory.mktemp(backend.removesuffix(".yaml"))
         check(run(accelerate_cmd(backend, run_dir, demo_shards, *OVERRIDES), timeout=300, **FAULTS))
-        assert (run_dir / "done").is_file()
+        assert RunDir(run_dir).marker("done").is_file()
         found[backend] = scalars(run_dir)
     return found
 

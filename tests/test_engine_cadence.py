@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable
 
 from dist_vae.config import Config
-from dist_vae.engine.cadence import Cadence, Periodic
+from dist_vae.engine.periodic import Cadence, Periodic
 
 
 def test_periodic_actions_run_in_order_and_log_and_save_points_fall_as_configured() -> None:
@@ -17,7 +17,7 @@ def test_periodic_actions_run_in_order_and_log_and_save_points_fall_as_configure
     def record(name: str) -> Callable[[int], None]:
         return lambda step: ran.append((name, step))
 
-    cadence = Cadence(cfg, [Periodic(3, record("eval")), Periodic(2, record("fid"))])
+    cadence = Cadence(cfg.train, [Periodic(3, record("eval")), Periodic(2, record("fid"))])
     for step in range(1, 13):
         cadence.run_actions(step)
     assert ran == [("fid", 2), ("eval", 3), ("fid", 4), ("eval", 6), ("fid", 6), ("fid", 8), ("eval", 9),

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dist_vae.checkpoint import STATE_FILE, checkpoint_dir
+from dist_vae.checkpoint import STATE_FILE
 from dist_vae.config import ConfigError, load_config
-from dist_vae.engine.resize import resized_config
-from dist_vae.engine.schedule import lr_factor
+from dist_vae.engine.checkpointing import resized_config
+from dist_vae.engine.step import lr_factor
+from dist_vae.run_layout import RunDir
 from tests.engine_util import accelerate_cmd, assert_same, check, checkpoint_contents, python_cmd, run
 
 K, STEPS, LR, WARMUP = 4, 8, 1e-3, 6
@@ -43,16 +44,16 @@ def resume(stopped: Path, run_dir: Path, cmd: list[str]) -> str:
     shutil.copytree(stopped, run_dir)
     proc = run(cmd, timeout=300)
     check(proc)
-    assert (run_dir / "done").read_text().startswith(f"step {STEPS}")
+    assert RunDir(run_dir).marker("done").read_text().startswith(f"step {STEPS}")
     return proc.stderr
 
 
 def final_state(run_dir: Path) -> dict:
-    return json.loads((checkpoint_dir(run_dir, STEPS) / STATE_FILE).read_text())
+    return json.loads((RunDir(run_dir).checkpoint(STEPS) / STATE_FILE).read_text())
 
 
 def logged_lr(run_dir: Path) -> dict[int, float]:
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events = EventAccumulator(str(RunDir(run_dir).tensorboard), size_guidance={"scalars": 0})
     events.Reload()
     return {event.step: event.value for event in events.Scalars("lr/main")}
 
@@ -81,7 +82,7 @@ def test_two_to_one_keeps_the_global_batch_and_is_reproducible(
         line = f"resumed step {K} on world size 2 -> 1: keep_global_batch, global batch 12 = 1 x 6 x 2"
         assert f"{line} (accumulate 1 -> 2)" in stderr.splitlines(), stderr[-3000:]
         assert_continued(run_dir, 1, 12, 1.0)
-    first, second = (checkpoint_contents(checkpoint_dir(r, STEPS)) for r in runs)
+    first, second = (checkpoint_contents(RunDir(r).checkpoint(STEPS)) for r in runs)
     assert_same(first, second)
 
 

@@ -15,7 +15,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from dist_vae.checkpoint import EMA_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, complete_checkpoints
 from dist_vae.config import ConfigError, load_config
-from dist_vae.engine.distributed import make_accelerator
+from dist_vae.engine.backend import make_accelerator
+from dist_vae.run_layout import RunDir
 from tests.engine_util import accelerate_cmd, assert_same, check, checkpoint_contents, python_cmd, run
 
 STEPS, SWITCH, INTERVAL = 8, 5, 2  # steps 1-5 on one process, 6-8 resumed on two
@@ -76,13 +77,13 @@ def test_overflows_are_skipped_on_one_and_two_processes_and_the_scaler_resumes(
     )
     check(proc)
     assert "world size 1 -> 2" in proc.stderr, proc.stderr[-2000:]
-    assert (tmp_path / "done").read_text().startswith(f"step {STEPS}")
+    assert RunDir(tmp_path).marker("done").read_text().startswith(f"step {STEPS}")
     found = states(tmp_path)
     assert [found[s]["world_size"] for s in range(1, STEPS + 1)] == [1] * SWITCH + [2] * (STEPS - SWITCH)
     assert_scaler_rule(found)  # across the resume too: the scale and its tracker went on
     for step in OVERFLOWS:
         assert_overflow_skipped(tmp_path, found, step)
-    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    events = EventAccumulator(str(RunDir(tmp_path).tensorboard), size_guidance={"scalars": 0})
     events.Reload()
     logged = {e.step: e.value for e in events.Scalars("train/loss_scale")}
     assert logged == {s: found[s]["scaler"]["scale"] for s in found}

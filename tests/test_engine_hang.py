@@ -1,5 +1,5 @@
 """A hang: rank 1 of a 2-process gloo run sleeps inside a step. Both ranks' watchdogs dump the
-stacks of all threads, print one line and exit with HANG_EXIT_CODE; a rerun resumes from the newest
+stacks of all threads, print one line and exit with ExitCode.HANG; a rerun resumes from the newest
 checkpoint."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import psutil
 import pytest
 
 from dist_vae.checkpoint import COMPLETE
-from dist_vae.engine.watchdog import HANG_EXIT_CODE, hang_file
+from dist_vae.errors import ExitCode
+from dist_vae.run_layout import RunDir
 from tests.engine_util import env, free_port, python_cmd
 
 HANG_TIMEOUT = 8
@@ -55,7 +56,7 @@ def test_rank_sleeping_in_a_step_dumps_stacks_exits_and_rerun_resumes(
     run_dir, logs = tmp_path / "run", tmp_path / "logs"
     procs = start_group(run_dir, demo_shards, logs, HARNESS_SLEEP_AT="1:5:600")
     workers: dict[int, list[psutil.Process]] = {0: [], 1: []}
-    last_checkpoint = run_dir / "checkpoints" / "step-00000004" / COMPLETE
+    last_checkpoint = RunDir(run_dir).checkpoint(4) / COMPLETE
     deadline = time.monotonic() + 240
     while (
         not last_checkpoint.exists() and time.monotonic() < deadline and all(p.poll() is None for p in procs)
@@ -69,17 +70,17 @@ def test_rank_sleeping_in_a_step_dumps_stacks_exits_and_rerun_resumes(
     exited_after = time.monotonic() - hang_began
     for rank, p in enumerate(procs):
         err = (logs / f"rank-{rank}.txt").read_text()
-        assert p.returncode == HANG_EXIT_CODE, f"rank {rank}: exit {p.returncode}\n{err[-4000:]}"
+        assert p.returncode == ExitCode.HANG, f"rank {rank}: exit {p.returncode}\n{err[-4000:]}"
         expected = f"error: rank {rank}: no step boundary after step 5 (train.hang_timeout={HANG_TIMEOUT})"
-        assert expected in err and str(hang_file(run_dir, rank)) in err, err[-4000:]
+        assert expected in err and str(RunDir(run_dir).hang_stacks(rank)) in err, err[-4000:]
         assert workers[rank], f"rank {rank} started no DataLoader worker"
         _, alive = psutil.wait_procs(workers[rank], timeout=10)
         assert not alive, f"rank {rank}'s DataLoader workers outlived it: {alive}"
     assert exited_after < HANG_TIMEOUT + 60
     # The sleeper's stack names the sleeping frame; the other rank waits for it in DDP's gradient
     # all-reduce, inside the step's backward.
-    assert "in sleep_inside_step" in hang_file(run_dir, 1).read_text()
-    waiting = hang_file(run_dir, 0).read_text()
+    assert "in sleep_inside_step" in RunDir(run_dir).hang_stacks(1).read_text()
+    waiting = RunDir(run_dir).hang_stacks(0).read_text()
     assert "in _engine_run_backward" in waiting and "dist_vae/engine/step.py" in waiting, waiting
 
     procs = start_group(run_dir, demo_shards, tmp_path / "rerun")
@@ -95,8 +96,8 @@ def test_work_between_steps_has_its_own_bound_and_a_late_exception_keeps_the_han
     """Evaluation or saving that outlasts train.action_timeout is a hang too. The main thread's exception
     after the dump (a peer that exited first breaks this rank's collective) must not replace exit 5."""
     script = (
-        "import time; from pathlib import Path; from dist_vae.engine.watchdog import Watchdog\n"
-        f"w = Watchdog(Path({str(tmp_path)!r}), 3, None, 1.0)\n"
+        "import time; from dist_vae.engine.stops import Watchdog; from dist_vae.run_layout import RunDir\n"
+        f"w = Watchdog(RunDir({str(tmp_path)!r}), 3, None, 1.0)\n"
         "with w.watching(2), w.between_steps(3):\n"
         "    time.sleep(2.0)\n"
         "    raise RuntimeError('Connection closed by peer')\n"
@@ -104,12 +105,12 @@ def test_work_between_steps_has_its_own_bound_and_a_late_exception_keeps_the_han
     done = subprocess.run(
         [sys.executable, "-c", script], env=env(), capture_output=True, text=True, timeout=60
     )
-    assert done.returncode == HANG_EXIT_CODE, done.stderr
+    assert done.returncode == ExitCode.HANG, done.stderr
     assert done.stderr.startswith(
         "error: rank 3: evaluation, sampling or saving at step 3 unfinished (train.action_timeout=1)"
     )
     assert len(done.stderr.splitlines()) == 1, done.stderr
-    assert "line 4 in <module>" in hang_file(tmp_path, 3).read_text()
+    assert "line 4 in <module>" in RunDir(tmp_path).hang_stacks(3).read_text()
 
 
 def test_a_rank_whose_peer_never_starts_is_refused_after_collective_timeout(

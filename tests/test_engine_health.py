@@ -19,6 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from dist_vae.config import HealthConfig
 from dist_vae.models.iterative_vae import IterativeVAE, IterativeVAEConfig
 from dist_vae.models.pixel_vae import PixelVAE, PixelVAEConfig
+from dist_vae.run_layout import RunDir
 from tests.engine_util import ROOT, check, run
 from tests.model_fixtures import noise_template, template_plus_noise
 
@@ -78,7 +79,7 @@ def train(shards: Path, run_dir: Path, reg: str) -> tuple[subprocess.CompletedPr
            f"run_dir={run_dir}", f"data.path={shards}", *COLLAPSE_RUN, f"model.reg={reg}"]  # fmt: skip
     proc = run(cmd)
     check(proc)
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events = EventAccumulator(str(RunDir(run_dir).tensorboard), size_guidance={"scalars": 0})
     events.Reload()
     for tag in HEALTH:
         assert [e.step for e in events.Scalars(tag)] == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY)), tag

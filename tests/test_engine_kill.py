@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from dist_vae.checkpoint import COMPLETE, complete_checkpoints
+from dist_vae.run_layout import RunDir
 from tests.engine_util import accelerate_cmd, assert_same, check, checkpoint_contents, env, run
 
 STEPS = 30
@@ -29,7 +30,7 @@ def newest_step(run_dir: Path) -> int:
 
 def writing_checkpoint(run_dir: Path, since: float) -> bool:
     """A checkpoint write begun after `since` (a killed run's torn one stays until the next start)."""
-    root = run_dir / "checkpoints"
+    root = RunDir(run_dir).checkpoints
     with contextlib.suppress(FileNotFoundError):  # the trainer may rename or remove it meanwhile
         return any(p.name.startswith(".tmp-step-") and p.stat().st_mtime > since for p in root.iterdir())
     return False
@@ -80,7 +81,7 @@ def test_two_process_run_killed_ten_times_ends_bit_exact(demo_shards: Path, tmp_
         kill_tree(proc)
     assert moments.count("checkpoint write") == KILLS // 2, moments
     check(run(accelerate_cmd("cpu_debug.yaml", killed, demo_shards, *OVERRIDES), timeout=300))
-    assert (killed / "done").is_file()
+    assert RunDir(killed).marker("done").is_file()
     assert all((path / COMPLETE).is_file() for _, path in complete_checkpoints(killed))
     expected, resumed = complete_checkpoints(reference)[-1], complete_checkpoints(killed)[-1]
     assert expected[0] == resumed[0] == STEPS

@@ -15,6 +15,7 @@ from dist_vae.checkpoint import complete_checkpoints
 from dist_vae.config import load_config
 from dist_vae.flops import flops_per_image
 from dist_vae.models import build_model
+from dist_vae.run_layout import RunDir
 from dist_vae.train import main
 from tests.engine_util import assert_same, check, checkpoint_contents, python_cmd, run, train_args
 
@@ -57,9 +58,9 @@ def test_nan_and_spike_updates_are_skipped_and_counted(bad_run: Path) -> None:
 def test_mfu_is_logged_against_the_peak_and_the_counted_flops(demo_shards: Path, tmp_path: Path) -> None:
     assert main(train_args(tmp_path, demo_shards, "train.steps=3", "train.log_every=1",
                            f"train.peak_flops={PEAK:g}")) == 0  # fmt: skip
-    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    events = EventAccumulator(str(RunDir(tmp_path).tensorboard), size_guidance={"scalars": 0})
     events.Reload()
-    cfg = load_config(tmp_path / "config.yaml")
+    cfg = load_config(RunDir(tmp_path).config)
     flops = flops_per_image(build_model(cfg.model, cfg.data.resolution), cfg.data.resolution)
     rates = [e.value for e in events.Scalars("perf/img_per_s_per_rank")]
     mfu = [e.value for e in events.Scalars("perf/mfu")]
@@ -68,7 +69,7 @@ def test_mfu_is_logged_against_the_peak_and_the_counted_flops(demo_shards: Path,
 
 
 def test_tensorboard_holds_scalars_and_samples(bad_run: Path) -> None:
-    events = EventAccumulator(str(bad_run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events = EventAccumulator(str(RunDir(bad_run).tensorboard), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
     tags = events.Tags()
     missing = [tag for tag in SCALARS if tag not in tags["scalars"]]
@@ -79,10 +80,10 @@ def test_tensorboard_holds_scalars_and_samples(bad_run: Path) -> None:
     assert all(0 < e.value < 100 for e in events.Scalars("val/bpd"))
     assert [e.step for e in events.Scalars("lr/main")] == list(range(1, 9))
     assert "samples" in tags["images"]
-    assert sorted(p.name for p in (bad_run / "samples").glob("*.png")) == ["step-00000008.png"]
-    resolved = load_config(bad_run / "config.yaml")
+    assert sorted(p.name for p in RunDir(bad_run).samples.glob("*.png")) == ["step-00000008.png"]
+    resolved = load_config(RunDir(bad_run).config)
     assert (resolved.train.steps, resolved.train.spike_k, resolved.model.channels) == (8, 50.0, 4)
-    assert (bad_run / "done").read_text().startswith("step 8")
+    assert RunDir(bad_run).marker("done").read_text().startswith("step 8")
 
 
 def test_a_diverged_run_stops_with_exit_4_and_names_the_last_checkpoint(
@@ -103,10 +104,15 @@ def test_a_diverged_run_stops_with_exit_4_and_names_the_last_checkpoint(
     stopped = int(match.group(1)) + 4
     # Nothing is saved at the step that ended the run: the newest checkpoint is the one before it.
     assert complete_checkpoints(tmp_path)[-1] == (stopped - 1, Path(match.group(2)))
-    assert not (tmp_path / "done").exists() and not (tmp_path / "requeue").exists()
+    assert not RunDir(tmp_path).marker("done").exists() and not RunDir(tmp_path).marker("requeue").exists()
     # The cluster script reads this marker and does not requeue a run that would only diverge again.
-    assert (tmp_path / "diverged").read_text().startswith(f"step {stopped}\nreason training diverged")
-    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    assert (
+        RunDir(tmp_path)
+        .marker("diverged")
+        .read_text()
+        .startswith(f"step {stopped}\nreason training diverged")
+    )
+    events = EventAccumulator(str(RunDir(tmp_path).tensorboard), size_guidance={"scalars": 0})
     events.Reload()
     norms = {e.step: e.value for e in events.Scalars("train/grad_norm")}
     assert max(norms) == stopped
@@ -131,4 +137,4 @@ def test_bad_configuration_fails_clearly(
     err = capsys.readouterr().err
     for fragment in fragments:
         assert fragment in err
-    assert not (tmp_path / "config.yaml").exists()
+    assert not RunDir(tmp_path).config.exists()

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dist_vae.checkpoint import STATE_FILE, checkpoint_dir, complete_checkpoints, read_json
+from dist_vae.checkpoint import STATE_FILE, complete_checkpoints, read_json
 from dist_vae.config import load_config
-from dist_vae.engine.run_config import HISTORY_FILE, PENDING_FILE
-from dist_vae.run_dir import CONFIG_FILE
+from dist_vae.run_layout import RunDir
 from tests.engine_util import check, python_cmd, run
 
 STEPS = ["train.steps=4"]
@@ -37,7 +36,7 @@ def test_the_bar_and_validation_show_bits_per_dim(finished: tuple[Path, subproce
     run_dir, proc = finished
     assert "bpd=" in proc.stderr and "loss=" not in proc.stderr
     lines = re.findall(r"^step 4: validation bits/dim (\S+)$", proc.stderr, re.M)
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events = EventAccumulator(str(RunDir(run_dir).tensorboard), size_guidance={"scalars": 0})
     events.Reload()
     assert [float(v) for v in lines] == [pytest.approx(events.Scalars("val/bpd")[0].value, abs=1e-4)]
     bar = re.findall(r"bpd=(\S+?)\]", proc.stderr)[-1]
@@ -52,7 +51,7 @@ def test_a_rerun_of_a_finished_run_says_so_and_trains_nothing(
     proc = run(python_cmd(copy, demo_shards, *STEPS))
     check(proc)
     lines = proc.stderr.splitlines()
-    assert f"resumed from step 4 ({checkpoint_dir(copy, 4)})" in lines
+    assert f"resumed from step 4 ({RunDir(copy).checkpoint(4)})" in lines
     assert any(line.startswith("run already finished: step 4 of train.steps=4") for line in lines)
     assert "4/4" not in proc.stderr  # no full progress bar for nothing
     assert not any(":" in line and "->" in line for line in lines), "a copied run dir is not a change"
@@ -64,7 +63,7 @@ def test_changed_keys_print_one_line_each_and_reach_config_yaml_with_a_checkpoin
 ) -> None:
     copy = tmp_path / "run"
     shutil.copytree(finished[0], copy)
-    before = (copy / CONFIG_FILE).read_bytes()
+    before = RunDir(copy).config.read_bytes()
     # A finished run: the changes are announced, nothing trains, config.yaml keeps what trained step 4.
     changes = {"train.lr=5e-3": "train.lr: 0.001 -> 0.005", "train.steps=2": "train.steps: 4 -> 2"}
     for override, line in changes.items():
@@ -72,20 +71,20 @@ def test_changed_keys_print_one_line_each_and_reach_config_yaml_with_a_checkpoin
         check(proc)
         assert f"{line} from step 4" in proc.stderr.splitlines()
         assert "run already finished" in proc.stderr
-        assert (copy / CONFIG_FILE).read_bytes() == before
-        assert not (copy / HISTORY_FILE).exists() and not (copy / PENDING_FILE).exists()
+        assert RunDir(copy).config.read_bytes() == before
+        assert not RunDir(copy).config_changes.exists() and not RunDir(copy).pending_config.exists()
     # More steps: the new config.yaml arrives with the first checkpoint it trained, and stays in the history.
     proc = run(python_cmd(copy, demo_shards, "train.steps=6", "train.lr=5e-3"))
     check(proc)
     lines = proc.stderr.splitlines()
     assert "train.steps: 4 -> 6 from step 4" in lines and "train.lr: 0.001 -> 0.005 from step 4" in lines
     assert complete_checkpoints(copy)[-1][0] == 6
-    written = load_config(copy / CONFIG_FILE)
+    written = load_config(RunDir(copy).config)
     assert (written.train.steps, written.train.lr) == (6, 5e-3)
     trained = read_json(complete_checkpoints(copy)[-1][1] / STATE_FILE)["meta"]["config"]["train"]
     assert (trained["steps"], trained["lr"]) == (6, 5e-3)
-    history = [json.loads(line) for line in (copy / HISTORY_FILE).read_text().splitlines()]
+    history = [json.loads(line) for line in RunDir(copy).config_changes.read_text().splitlines()]
     assert [(h["from_step"], h["checkpoint_step"], h["changes"]) for h in history] == [
         (4, 6, {"train.steps": [4, 6], "train.lr": [0.001, 0.005]})
     ]
-    assert not (copy / PENDING_FILE).exists()
+    assert not RunDir(copy).pending_config.exists()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from dist_vae.checkpoint import COMPLETE, complete_checkpoints
+from dist_vae.run_layout import RunDir
 from tests.engine_util import assert_same, check, checkpoint_contents, count_tensors, env, python_cmd, run
 
 STEPS = 8
@@ -47,7 +48,9 @@ def final_checkpoint(run_dir: Path) -> Path:
 @pytest.mark.parametrize("reference", ["fp32"], indirect=True)
 def test_four_plus_resume_plus_four_equals_eight(reference: Path, demo_shards: Path, tmp_path: Path) -> None:
     check(run(python_cmd(tmp_path, demo_shards, "train.steps=4", *SCHEDULE)))
-    assert not (tmp_path / "done").exists() or (tmp_path / "done").read_text().startswith("step 4")
+    assert not RunDir(tmp_path).marker("done").exists() or RunDir(tmp_path).marker(
+        "done"
+    ).read_text().startswith("step 4")
     check(run(python_cmd(tmp_path, demo_shards, f"train.steps={STEPS}", *SCHEDULE, "resume=auto")))
     expected = checkpoint_contents(final_checkpoint(reference))
     resumed = checkpoint_contents(final_checkpoint(tmp_path))
@@ -86,9 +89,9 @@ def test_sigkill_at_random_moments_always_resumes(
         kills += 1
     assert kills >= 2, "the run finished before it could be killed twice; make it longer"
     check(run(cmd, **faults))
-    assert (tmp_path / "done").is_file()
+    assert RunDir(tmp_path).marker("done").is_file()
     assert all((path / COMPLETE).is_file() for _, path in complete_checkpoints(tmp_path))
-    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    assert not [p for p in RunDir(tmp_path).checkpoints.iterdir() if p.name.startswith(".tmp")]
     assert_same(
         checkpoint_contents(final_checkpoint(reference)), checkpoint_contents(final_checkpoint(tmp_path))
     )

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from dist_vae.checkpoint import COMPLETE, checkpoint_dir, complete_checkpoints
+from dist_vae.checkpoint import COMPLETE, complete_checkpoints
 from dist_vae.config import load_config
-from dist_vae.engine.preemption import REQUEUE_EXIT_CODE
+from dist_vae.errors import ExitCode
+from dist_vae.run_layout import RunDir
 from tests.engine_util import ROOT, accelerate_cmd, check, env, python_cmd, run, train_args
 
 LONG = ["train.steps=400", "train.checkpoint_every=1", "train.eval_every=1000", "train.sample_every=1000"]
@@ -41,10 +42,10 @@ def start_and_signal(
 
 
 def requeued_step(run_dir: Path) -> int:
-    text = (run_dir / "requeue").read_text()
+    text = RunDir(run_dir).marker("requeue").read_text()
     step = int(text.split()[1])
     assert complete_checkpoints(run_dir)[-1][0] == step, "the newest checkpoint is not the requeue step"
-    assert not (run_dir / "done").exists()
+    assert not RunDir(run_dir).marker("done").exists()
     return step
 
 
@@ -56,15 +57,15 @@ def test_a_signal_to_the_whole_group_checkpoints_and_exits_with_requeue_code(
     cmd = python_cmd(tmp_path, demo_shards, *LONG, "data.num_workers=1")
     proc = start_and_signal(cmd, tmp_path, sig, group=True)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == REQUEUE_EXIT_CODE, err[-3000:]
+    assert proc.returncode == ExitCode.REQUEUE, err[-3000:]
     step = requeued_step(tmp_path)
-    assert f"reason {sig.name}" in (tmp_path / "requeue").read_text()
-    stopped = f"stopped by {sig.name} at step {step}; checkpoint {checkpoint_dir(tmp_path, step)}; run the"
+    assert f"reason {sig.name}" in RunDir(tmp_path).marker("requeue").read_text()
+    stopped = f"stopped by {sig.name} at step {step}; checkpoint {RunDir(tmp_path).checkpoint(step)}; run the"
     assert any(line.startswith(stopped) for line in err.splitlines()), err[-3000:]
     assert "samples:" not in out and "checkpoints:" in out  # no sample grid was due: no path to one
     # The requeued job continues from there and finishes.
     check(run(python_cmd(tmp_path, demo_shards, *LONG[1:], "data.num_workers=1", f"train.steps={step + 2}")))
-    assert (tmp_path / "done").is_file() and not (tmp_path / "requeue").exists()
+    assert RunDir(tmp_path).marker("done").is_file() and not RunDir(tmp_path).marker("requeue").exists()
     assert complete_checkpoints(tmp_path)[-1][0] == step + 2
 
 
@@ -101,9 +102,9 @@ def test_a_signal_during_start_up_exits_3_before_the_first_step(demo_shards: Pat
     time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
     proc.send_signal(signal.SIGUSR1)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == REQUEUE_EXIT_CODE, err[-3000:]
+    assert proc.returncode == ExitCode.REQUEUE, err[-3000:]
     assert requeued_step(tmp_path) == 2  # no step was taken, nothing new saved
-    assert "reason SIGUSR1" in (tmp_path / "requeue").read_text()
-    assert f"stopped by SIGUSR1 at step 2; checkpoint {checkpoint_dir(tmp_path, 2)}" in err
+    assert "reason SIGUSR1" in RunDir(tmp_path).marker("requeue").read_text()
+    assert f"stopped by SIGUSR1 at step 2; checkpoint {RunDir(tmp_path).checkpoint(2)}" in err
     # train.steps=400 trained nothing yet: config.yaml still says what trained step 2.
-    assert load_config(tmp_path / "config.yaml").train.steps == 2
+    assert load_config(RunDir(tmp_path).config).train.steps == 2

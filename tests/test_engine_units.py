@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from dist_vae.checkpoint import COMPLETE, CheckpointError, clean_partial, resolve_resume
-from dist_vae.engine.ema import EMA
-from dist_vae.engine.schedule import lr_factor
-from dist_vae.engine.skip import SpikeDetector, UpdateGate
+from dist_vae.engine.backend import EMA
+from dist_vae.engine.step import SpikeDetector, UpdateGate, lr_factor
 from dist_vae.files import image_grid
+from dist_vae.run_layout import RunDir
 
 
 def stable_norms(n: int, seed: int = 0) -> list[float]:
@@ -108,7 +108,7 @@ def test_image_grid_rows_and_pixel_values() -> None:
 
 
 def make_checkpoint(root: Path, name: str, complete: bool) -> Path:
-    path = root / "checkpoints" / name
+    path = RunDir(root).checkpoints / name
     path.mkdir(parents=True)
     if complete:
         (path / COMPLETE).write_text('{"format": 2, "step": 0, "world_size": 1, "files": {}}')

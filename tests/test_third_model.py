@@ -18,6 +18,7 @@ from dist_vae import train
 from dist_vae.config import ConfigError, load_config
 from dist_vae.models import GenerativeModel, LossOutput, Posterior, build_model, register_model
 from dist_vae.models.regularizers import diag_normal_log_density, gaussian_kl
+from dist_vae.run_layout import RunDir
 from dist_vae.schema import at_least
 from tests.data_fixtures import make_demo_shards
 from tests.model_fixtures import fit
@@ -129,14 +130,14 @@ def test_it_trains_samples_and_evaluates_through_the_trainer_and_the_tools(
         "train.sample_count=4", "train.warmup=1",
     ])  # fmt: skip
     assert code == 0
-    assert "kind: tiny_linear" in (run_dir / "config.yaml").read_text()
-    assert "nr_filters" not in (run_dir / "config.yaml").read_text()
+    assert "kind: tiny_linear" in RunDir(run_dir).config.read_text()
+    assert "nr_filters" not in RunDir(run_dir).config.read_text()
     out = tmp_path / "grids"
     assert sample.main([str(run_dir), "--n", "3", "--chain-steps", "2", "--out", str(out)]) == 0
     cell = 8 + 2
     assert Image.open(out / "ancestral.png").size == (3 * cell + 2, cell + 2)
     assert Image.open(out / "chain_noise.png").size == (3 * cell + 2, 3 * cell + 2)
     assert evaluate.main([str(run_dir), "--iw-samples", "2", "--fuzz-samples", "2", "--no-progress"]) == 0
-    result = json.loads((run_dir / "eval.json").read_text())
+    result = json.loads(RunDir(run_dir).latest_eval.read_text())
     assert result["latent_dim"] == 3 and result["iw_bpd"] is not None and result["mi"] is not None
     assert result["fuzziness"]["decoder_spread"] == 0.0  # the decoder's mean is deterministic given z

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dist_vae.run_layout import RunDir
 from tests.engine_util import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,7 +85,7 @@ def test_sample_writes_grids_of_the_expected_size(run_dir: Path, tmp_path: Path)
     cell = RESOLUTION + 2
     sizes = {name: Image.open(tmp_path / name).size for name in ("chain_data.png", "chain_noise.png")}
     assert set(sizes.values()) == {(3 * cell + 2, 3 * cell + 2)}  # K + 1 = 3 columns, 3 chains
-    if "kind: pixel_vae" in (run_dir / "config.yaml").read_text():
+    if "kind: pixel_vae" in RunDir(run_dir).config.read_text():
         assert Image.open(tmp_path / "ancestral.png").size == (3 * cell + 2, cell + 2)  # one row
     else:  # one row per sample, T = 3 steps left to right
         assert Image.open(tmp_path / "ancestral.png").size == (3 * cell + 2, 3 * cell + 2)
@@ -92,7 +93,7 @@ def test_sample_writes_grids_of_the_expected_size(run_dir: Path, tmp_path: Path)
 
 @pytest.mark.slow
 def test_evaluate_writes_eval_json_over_the_whole_val_split(evaluated: Path, shards: Path) -> None:
-    result = json.loads((evaluated / "eval.json").read_text())
+    result = json.loads(RunDir(evaluated).latest_eval.read_text())
     val = json.loads((shards / "manifest.json").read_text())["splits"]["val"]["count"]
     assert result["images"] == result["mi_images"] == val and result["processes"] == 1
     assert result["step"] == 4 and 0 < result["elbo_bpd"] < 50
@@ -104,7 +105,7 @@ def test_evaluate_writes_eval_json_over_the_whole_val_split(evaluated: Path, sha
     assert fuzz["data_laplacian_var"] > 0
     assert [len(v) for v in fuzz["chain_laplacian_var_per_step"].values()] == [3, 3]  # x_0 .. x_2
     assert fuzz["data_chain_change_per_step"][0] == 0
-    pixel = "kind: pixel_vae" in (evaluated / "config.yaml").read_text()
+    pixel = "kind: pixel_vae" in RunDir(evaluated).config.read_text()
     for key in ("sample_laplacian_var", "reconstruction_laplacian_var", "reconstruction_mse"):
         assert len(fuzz[f"{key}_per_step"]) == (1 if pixel else 3)  # generation steps
     if pixel:
@@ -130,10 +131,10 @@ def test_evaluate_on_two_processes_covers_the_split_once_and_matches_one_process
     proc = subprocess.run(accelerate("tools/evaluate.py", str(double), *EVAL_ARGS),
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = (json.loads((d / "eval.json").read_text()) for d in (evaluated, double))
+    one, two = (json.loads(RunDir(d).latest_eval.read_text()) for d in (evaluated, double))
     assert two["processes"] == 2 and two["images"] == one["images"]
     # The PixelVAE's KL is analytic; the iterative VAE's later steps see canvases made from draws.
-    exact = "kind: pixel_vae" in (run_dir / "config.yaml").read_text()
+    exact = "kind: pixel_vae" in RunDir(run_dir).config.read_text()
     assert two["kl"] == pytest.approx(one["kl"], rel=1e-5 if exact else 0.05)
     assert two["active_units"] == one["active_units"]
     assert two["elbo_bpd"] == pytest.approx(one["elbo_bpd"], rel=0.05)
@@ -150,7 +151,7 @@ def test_sample_on_two_processes_writes_the_whole_grids(run_dir: Path, tmp_path:
     assert proc.returncode == 0, proc.stderr[-3000:]
     cell = RESOLUTION + 2
     assert Image.open(tmp_path / "chain_data.png").size == (2 * cell + 2, 3 * cell + 2)  # 3 chains
-    rows = 1 if "kind: pixel_vae" in (run_dir / "config.yaml").read_text() else 3
+    rows = 1 if "kind: pixel_vae" in RunDir(run_dir).config.read_text() else 3
     assert Image.open(tmp_path / "ancestral.png").size == (3 * cell + 2, rows * cell + 2)
 
 
@@ -174,9 +175,11 @@ def test_evaluations_with_other_options_are_kept_beside_the_latest(evaluated: Pa
     shutil.copytree(evaluated, copy)
     proc = run("tools/evaluate.py", str(copy), *EVAL_ARGS, "--no-ema")
     assert f"wrote {copy / 'eval' / 'noema-val-iw3.json'} and {copy / 'eval.json'}" in proc.stderr
-    ema, no_ema = (json.loads((copy / "eval" / f"{w}-val-iw3.json").read_text()) for w in ("ema", "noema"))
+    ema, no_ema = (
+        json.loads((RunDir(copy).eval / f"{w}-val-iw3.json").read_text()) for w in ("ema", "noema")
+    )
     assert ema["ema"] is True and no_ema["ema"] is False
-    assert json.loads((copy / "eval.json").read_text()) == no_ema
+    assert json.loads(RunDir(copy).latest_eval.read_text()) == no_ema
 
 
 @pytest.fixture(scope="module")

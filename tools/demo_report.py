@@ -24,12 +24,13 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import torch
 
 from dist_vae.data.scenes import read_labelled
-from dist_vae.errors import DistVaeError
+from dist_vae.errors import DistVaeError, ExitCode
 from dist_vae.files import image_grid, save_png_atomic, write_text_atomic
 from dist_vae.metrics.inception import require_libraries
 from dist_vae.metrics.probe import load_probe, probe_frechet_distance, probe_report, to_input
 from dist_vae.metrics.settings import EvalConfig
 from dist_vae.run_dir import LoadedRun, load_run
+from dist_vae.run_layout import RunDir
 from dist_vae.sampling import prior_samples
 
 
@@ -57,7 +58,7 @@ def report(run: LoadedRun, args: argparse.Namespace) -> dict:
     train = to_input(read_labelled(data, "train", len(real))[0])
     generator = torch.Generator().manual_seed(args.seed)
     fake = prior_samples(run.model, len(real), generator)[-1].float().clamp(-1, 1)
-    grid = args.grid or args.run_dir / "samples" / "demo_grid.png"
+    grid = args.grid or RunDir(args.run_dir).samples / "demo_grid.png"
     write_grid(real, fake, args.cols, args.rows, args.scale, grid)
     result = {"step": run.step, "ema": run.ema, "grid": str(grid), "probe_n": len(real)}
     result["probe"] = probe_report(probe, real, fake)
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         result = report(load_run(args.run_dir), args)
     except DistVaeError as exc:
         print(f"demo_report.py: error: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.REFUSED
     write_text_atomic(args.run_dir / "demo_report.json", json.dumps(result, indent=2) + "\n")
     print_report(result)
     return 0

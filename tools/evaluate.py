@@ -41,14 +41,15 @@ from tqdm import tqdm
 
 from dist_vae.data.config import DataConfig
 from dist_vae.data.stream import ShardStream
-from dist_vae.errors import DataError, DistVaeError
+from dist_vae.distributed import tool_device, tool_state
+from dist_vae.errors import DataError, DistVaeError, ExitCode
 from dist_vae.files import write_text_atomic
 from dist_vae.metrics import accumulate, laplacian_variance, sample_spread_per_step, summarize
 from dist_vae.metrics.inception import require_libraries
 from dist_vae.metrics.settings import EvalConfig
 from dist_vae.models.protocol import GenerativeModel, evaluating
-from dist_vae.processes import tool_device, tool_state
 from dist_vae.run_dir import load_run
+from dist_vae.run_layout import RunDir
 from dist_vae.sampling import markov_chain, prior_samples, reconstructions
 
 
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except DistVaeError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.REFUSED
     result.update(
         split=args.split,
         step=run.step,
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = (
         [args.out]
         if args.out
-        else [args.run_dir / "eval" / result_name(run.ema, args), args.run_dir / "eval.json"]
+        else [RunDir(args.run_dir).eval / result_name(run.ema, args), RunDir(args.run_dir).latest_eval]
     )
     for path in paths:
         write_text_atomic(path, text)

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from dist_vae.data.shards import FORMATS, ShardSettings, build_shards
-from dist_vae.errors import DataError
+from dist_vae.errors import DataError, ExitCode
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = build_shards(settings, args.out, workers=args.workers, progress=not args.no_progress)
     except DataError as exc:  # a source, setting or output directory that cannot be used
         print(f"make_shards.py: error: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.REFUSED
     splits = manifest["splits"]
     print(
         f"{args.out}: train {splits['train']['count']} images in {len(splits['train']['shards'])} shards, "

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dist_vae.errors import DistVaeError
+from dist_vae.errors import DistVaeError, ExitCode
 from dist_vae.metrics.probe import TrainSettings, load_probe, train_probe
 
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print_report(load_probe(args.shards)[1])
     except DistVaeError as exc:
         print(f"probe.py: error: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.REFUSED
     return 0
 
 

@@ -26,10 +26,11 @@ import torch
 from accelerate.utils import gather_object
 
 from dist_vae.data.stream import ShardStream
-from dist_vae.errors import DataError, DistVaeError
+from dist_vae.distributed import share, tool_device, tool_state
+from dist_vae.errors import DataError, DistVaeError, ExitCode
 from dist_vae.files import image_grid, save_png_atomic
-from dist_vae.processes import share, tool_device, tool_state
 from dist_vae.run_dir import LoadedRun, load_run
+from dist_vae.run_layout import RunDir
 from dist_vae.sampling import markov_chain, prior_samples
 
 
@@ -100,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         mine = draw(run, rows, args.n, args.chain_steps, args.seed, state.process_index)
     except DistVaeError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.REFUSED
     shares = gather_object([mine])
     if state.is_main_process:
-        out = args.out or args.run_dir / "samples" / f"step-{run.step:08d}"
+        out = args.out or RunDir(args.run_dir).sample_set(run.step)
         for name in mine:
             grid = torch.cat([s[name] for s in shares])
             rows_of_images = [grid[:, 0]] if grid.shape[1] == 1 else list(grid)

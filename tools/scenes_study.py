@@ -38,6 +38,7 @@ from dist_vae.files import write_bytes_atomic, write_text_atomic
 from dist_vae.metrics.latent_probe import linear_factor_scores, posterior_means
 from dist_vae.metrics.probe import PROBE_DIR, TrainSettings, to_input, train_probe
 from dist_vae.run_dir import load_run
+from dist_vae.run_layout import RunDir
 from tools import scenes_study_chains, scenes_study_injection
 from tools.scenes_study_runs import ROOT, tool, train_run
 
@@ -79,7 +80,7 @@ def claim1_run(out: Path, shards: Path, size: dict[str, int], reg: str, decoder:
     )  # fmt: skip
     pictures = out / "pictures"
     pictures.mkdir(exist_ok=True)
-    grid = (run_dir / "samples" / f"step-{steps:08d}.png").read_bytes()
+    grid = RunDir(run_dir).sample_grid(steps).read_bytes()
     write_bytes_atomic(pictures / f"claim1_{run_dir.name.removeprefix('pixelvae_')}.png", grid)
     evaluation = run_dir / "eval-train-iw0.json"
     tool(

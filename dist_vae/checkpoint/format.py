@@ -1,4 +1,4 @@
-"""The on-disk format of a checkpoint (format 2) under RUN_DIR/checkpoints/step-%08d/, and its reading.
+"""The on-disk format of a checkpoint (format 2) in `RunDir.checkpoint(step)`, and its reading.
 
     model.safetensors      the raw module's state dict, parameters as full fp32 (gathered under ZeRO)
     ema.safetensors        the EMA weights, when the run keeps them
@@ -16,7 +16,6 @@ and the newest one that verifies is used instead.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,8 @@ from torch import nn
 
 from dist_vae.errors import CheckpointError
 from dist_vae.files import file_sha256
+from dist_vae.run_layout import RunDir
 
-CHECKPOINTS = "checkpoints"
 FORMAT = 2
 COMPLETE = "COMPLETE"
 MODEL_FILE = "model.safetensors"
@@ -38,24 +37,15 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 OPTIMIZER_META = "optimizer.json"
 STATE_FILE = "state.json"
 FILES = {MODEL_FILE, EMA_FILE, OPTIMIZER_FILE, OPTIMIZER_META, STATE_FILE}
-_NAME = re.compile(r"^step-(\d{8})$")
-
-
-def checkpoint_root(run_dir: Path) -> Path:
-    return Path(run_dir) / CHECKPOINTS
-
-
-def checkpoint_dir(run_dir: Path, step: int, tmp: bool = False) -> Path:
-    return checkpoint_root(run_dir) / f"{'.tmp-' if tmp else ''}step-{step:08d}"
 
 
 def is_complete_dir(path: Path) -> bool:
-    return bool(_NAME.match(path.name)) and (path / COMPLETE).is_file()
+    return RunDir.checkpoint_step(path) is not None and (path / COMPLETE).is_file()
 
 
 def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, path) of every checkpoint directory with a COMPLETE marker, oldest first (not verified)."""
-    root = checkpoint_root(run_dir)
+    root = RunDir(run_dir).checkpoints
     if not root.is_dir():
         return []
     return sorted((int(p.name[5:]), p) for p in root.iterdir() if is_complete_dir(p))

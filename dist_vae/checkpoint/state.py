@@ -26,7 +26,7 @@ Tensors = dict[str, torch.Tensor]
 
 
 class AveragedWeights(Protocol):
-    """What a checkpoint keeps of an average of the weights (engine/ema.py's EMA): tensors, and the
+    """What a checkpoint keeps of an average of the weights (engine/backend.py's EMA): tensors, and the
     decay and update count as JSON."""
 
     decay: float

@@ -32,8 +32,6 @@ from dist_vae.checkpoint.format import (
     OPTIMIZER_META,
     STATE_FILE,
     check_tensors,
-    checkpoint_dir,
-    checkpoint_root,
     complete_checkpoints,
     is_complete_dir,
     newest_verified,
@@ -54,6 +52,7 @@ from dist_vae.checkpoint.state import (
 )
 from dist_vae.errors import CheckpointError
 from dist_vae.files import replace_dir, write_synced
+from dist_vae.run_layout import RunDir
 
 
 class CheckpointWriteError(CheckpointError):
@@ -133,7 +132,7 @@ def check_resume(path: Path, cfg: Any) -> None:
 
 def clean_partial(run_dir: Path) -> None:
     """Remove directories left by a save that was killed before its rename (rank 0, before training)."""
-    root = checkpoint_root(run_dir)
+    root = RunDir(run_dir).checkpoints
     if root.is_dir():
         for path in root.iterdir():
             if path.is_dir() and not is_complete_dir(path):
@@ -191,7 +190,7 @@ def save_checkpoint(
     newest `keep` checkpoints."""
     weights = full_weights(acc, model)
     optimizer_tensors, optimizer_meta = optimizer_state(acc, model, optimizer)
-    final, tmp = checkpoint_dir(run_dir, step), checkpoint_dir(run_dir, step, tmp=True)
+    final, tmp = RunDir(run_dir).checkpoint(step), RunDir(run_dir).checkpoint(step, tmp=True)
     error = ""
     if acc.is_main_process:
         state = {

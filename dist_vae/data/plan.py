@@ -2,7 +2,7 @@
 
 Training: global batch k covers positions [P, P + W*B) and rank r takes [P + r*B, P + (r+1)*B), so
 batch j of an iteration that started at `start` is computed directly, by any worker, with nothing
-replayed. Evaluation: the split in manifest order, cut into near-equal contiguous parts per rank
+replayed. Evaluation: the split in manifest order, cut into contiguous parts per rank (`share`)
 and batches of at most B. Flips are drawn per (seed, epoch, sample).
 
 A bad sample (hash mismatch, undecodable, its shard truncated, damaged or missing) is replaced by a
@@ -25,6 +25,7 @@ import torch
 from dist_vae.data.decode import read_pixels
 from dist_vae.data.index import BadSample, ShardReader
 from dist_vae.data.order import SampleOrder, mix
+from dist_vae.distributed import share
 from dist_vae.errors import DataError
 
 SUBSTITUTE_PICKS = 16  # hashed picks for a bad sample's substitute before scanning in manifest order
@@ -50,12 +51,12 @@ class Plan:
     @property
     def first(self) -> int:
         """This rank's first position of an evaluation pass."""
-        return self.rank * self.order.total // self.world_size
+        return share(self.order.total, self.rank, self.world_size).start
 
     @property
     def stop(self) -> int:
         """The position after this rank's last of an evaluation pass."""
-        return (self.rank + 1) * self.order.total // self.world_size
+        return share(self.order.total, self.rank, self.world_size).stop
 
     @property
     def batches(self) -> int:

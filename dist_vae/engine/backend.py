@@ -1,36 +1,98 @@
-"""The model and optimizer as the launcher's backend runs them (DDP, DeepSpeed or one process).
+"""The Accelerator (DDP, DeepSpeed or one process, as the accelerate config file says) and what an
+update touches: the model, the optimizer, the EMA and the update path (engine/update.py).
 
 One optimizer holds one parameter group per name in `model.param_groups()` ('main', and 'critic'
 for the adversarial PixelVAE), so the loss is backpropagated once through one wrapped model, which
-is all DeepSpeed allows. How an update is made is the backend's (engine/update.py, chosen once here).
+is all DeepSpeed allows.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import os
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
-from torch import distributed as dist
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from torch import nn
 
-from dist_vae.config import Config, ConfigError
-from dist_vae.engine.distributed import make_accelerator
-from dist_vae.engine.ema import EMA
+from dist_vae.compat.torch_ops import copy_all_, lerp_all_
+from dist_vae.config import Config, ConfigError, TrainConfig
+from dist_vae.distributed import needs_gloo
 from dist_vae.engine.update import UpdatePath, make_update_path
+from dist_vae.errors import BackendError
 from dist_vae.flops import flops_per_image, peak_flops
 from dist_vae.host_memory import return_large_blocks_to_os
 from dist_vae.models import build_model
+from dist_vae.precision import DTYPES
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# Where torch has a fused AdamW kernel: one pass over each parameter instead of about ten operators
-# (configs/demo_iterative.yaml on this project's 2-core CPU: 30 -> 6 ms of a ~430 ms step).
+# Where torch has a fused AdamW kernel: one pass over each parameter instead of about ten operators.
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def check_deepspeed_fp16() -> None:
+    """ConfigError in one line where DeepSpeed cannot run fp16 (its CPU accelerator has no fp16),
+    before DeepSpeed fails at its first step with a ValueError."""
+    # deepspeed is imported only under DeepSpeed: it is slow to load and optional elsewhere.
+    from deepspeed.accelerator import get_accelerator
+
+    found = get_accelerator()
+    if not found.is_fp16_supported():
+        raise ConfigError(
+            f"bad value 'fp16' for 'train.precision' under DeepSpeed: DeepSpeed's {found.device_name()} "
+            "accelerator has no fp16; use bf16 or fp32 with DeepSpeed there, or fp16 with DDP or one "
+            "process (configs/accelerate/cpu_debug.yaml)"
+        )
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    # Without a GPU, Accelerate needs cpu=True to treat torchrun's processes as MULTI_CPU (else it
+    # reports DistributedType.NO and nothing is wrapped in DDP), but cpu=True also turns DeepSpeed
+    # off, which handles CPU by itself. Either way the backend must be gloo, not MPI.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed and cfg.train.precision == "fp16":
+        check_deepspeed_fp16()
+    cpu = not torch.cuda.is_available() and not deepspeed
+    # fp16 goes to Accelerate only under DeepSpeed, whose fp16 optimizer keeps its own loss scaler.
+    # Elsewhere Accelerate 1.x makes no GradScaler and no autocast on CPU (it would silently train
+    # fp32), so the trainer owns both on every device (Backend.autocast, update.py's TorchUpdate).
+    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16" if deepspeed else "no"}[cfg.train.precision]
+    # The timeout ends a collective whose peer died or hangs (DeepSpeed's init_distributed gets it too).
+    timeout = timedelta(seconds=cfg.train.collective_timeout)
+    group = InitProcessGroupKwargs(timeout=timeout, **({"backend": "gloo"} if needs_gloo() else {}))
+    try:
+        accelerator = Accelerator(cpu=cpu, mixed_precision=precision, kwargs_handlers=[group])
+    except torch.distributed.DistError as exc:  # a rank that never joined: one line, not a traceback
+        key = f"train.collective_timeout={cfg.train.collective_timeout:g}"
+        raise BackendError(
+            f"the process group did not form within {key} s ({str(exc).splitlines()[0]}); check that "
+            "every rank started and MASTER_ADDR:MASTER_PORT is reachable from all of them"
+        ) from exc
+    # The launcher's environment may carry its own accumulation count; the run config decides.
+    accelerator.gradient_accumulation_steps = cfg.train.accumulate
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+        ds["gradient_accumulation_steps"] = cfg.train.accumulate
+        ds["gradient_clipping"] = cfg.train.grad_clip
+        ds["steps_per_print"] = 2**31 - 1  # the progress bar and TensorBoard are the only per-step output
+        if ds.get("fp16", {}).get("enabled"):
+            ds["fp16"]["loss_scale_window"] = cfg.train.loss_scale_growth_interval
+    return accelerator
+
+
+def start_accelerator(cfg: Config, world_size: int) -> Accelerator:
+    """The Accelerator, refused when it does not see the `world_size` processes the launcher started."""
+    acc = make_accelerator(cfg)
+    if acc.device.type == "cpu":
+        return_large_blocks_to_os()  # the activations live in host memory (host_memory.py)
+    if acc.num_processes != world_size:
+        raise ConfigError(f"Accelerate sees {acc.num_processes} processes but WORLD_SIZE is {world_size}")
+    return acc
 
 
 def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -52,30 +114,40 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     )
 
 
-def start_accelerator(cfg: Config, world_size: int) -> Accelerator:
-    """The Accelerator, refused when it does not see the `world_size` processes the launcher started."""
-    acc = make_accelerator(cfg)
-    if acc.device.type == "cpu":
-        return_large_blocks_to_os()  # the activations live in host memory (host_memory.py)
-    if acc.num_processes != world_size:
-        raise ConfigError(f"Accelerate sees {acc.num_processes} processes but WORLD_SIZE is {world_size}")
-    return acc
+class EMA:
+    """A frozen fp32 copy of `model` whose weights trail the trained ones.
 
+    The effective decay is min(decay, (1 + n) / (10 + n)) after n updates, so early in training the
+    average is not dominated by the random initialisation. Built before the model is compiled or
+    wrapped (the copy must not share a compiled forward), it follows the same parameter objects, which
+    DDP and DeepSpeed ZeRO-1/2 keep (they move or re-view the data, not the parameters), with a
+    few foreach kernels per update.
+    """
 
-def agree(acc: Accelerator, values: list[torch.Tensor]) -> list[float]:
-    """Every rank's maximum of each value, read on the host: a step's one device read."""
-    votes = torch.stack([v.float().reshape(()) for v in values])
-    if acc.num_processes > 1:
-        dist.all_reduce(votes, op=dist.ReduceOp.MAX)
-    return votes.tolist()
+    def __init__(self, model: nn.Module, decay: float, device: torch.device | str = "cpu") -> None:
+        self.decay = decay
+        self.updates = 0
+        self.model = copy.deepcopy(model).float().eval().requires_grad_(False).to(device)
+        self._source = (list(model.parameters()), list(model.buffers()))
+        self._shadow = (list(self.model.parameters()), list(self.model.buffers()))
 
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        (params, buffers), (shadow, shadow_buffers) = self._source, self._shadow
+        current = [p.detach() if p.dtype == torch.float32 else p.detach().float() for p in params]
+        lerp_all_(shadow, current, 1.0 - decay)
+        if buffers:
+            copy_all_(shadow_buffers, buffers)
 
-def sum_over_ranks(acc: Accelerator, counts: list[int]) -> list[int]:
-    """Integer counts summed over every rank (collective)."""
-    total = torch.tensor(counts, device=acc.device)
-    if acc.num_processes > 1:
-        dist.all_reduce(total)
-    return total.tolist()
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors only; `decay` and `updates` are plain numbers the checkpoint keeps as JSON."""
+        return self.model.state_dict()
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], updates: int) -> None:
+        self.updates = updates
+        self.model.load_state_dict(tensors)
 
 
 @dataclass
@@ -100,7 +172,7 @@ class Backend:
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
         """The forwards' mixed precision: fp16 autocast where the trainer owns the loss scaler (and so
-        the autocast: engine/distributed.py), else Accelerate's (bf16, or none)."""
+        the autocast: `make_accelerator`), else Accelerate's (bf16, or none)."""
         if self.update_path.scaler is not None:
             return torch.autocast(self.accelerator.device.type, dtype=torch.float16)
         return self.accelerator.autocast()
@@ -110,25 +182,27 @@ class Backend:
             group["lr"] = base * factor
 
 
-def compiles_before_wrap(cfg: Config, device: torch.device) -> bool:
-    """train.compile=on, or auto on a GPU (where compiling pays back quickly); auto elsewhere is decided
-    once the first steps are timed (engine/compile_choice.py)."""
-    return cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
+def compiles(train: TrainConfig, device: torch.device) -> bool:
+    """train.compile: `on` anywhere, `auto` on a GPU only (on the CPU compiling takes minutes and pays
+    back on long runs alone), `off` never."""
+    return train.compile == "on" or (train.compile == "auto" and device.type == "cuda")
 
 
-def build_backend(cfg: Config, acc: Accelerator, lr_scale: float) -> Backend:
-    """Identical initial weights on every rank, counted (FLOPs) and compiled before they are wrapped."""
+def build_backend(cfg: Config, world_size: int, lr_scale: float) -> Backend:
+    """The Accelerator for the `world_size` processes the launcher started, and identical initial
+    weights on every rank, counted (FLOPs) and compiled before they are wrapped."""
     t = cfg.train
+    acc = start_accelerator(cfg, world_size)
     set_seed(cfg.seed)
     model = build_model(cfg.model, cfg.data.resolution, t.gradient_checkpointing)
     group_names = list(model.param_groups())
     optimizer = make_optimizer(model, cfg)
     base_lrs = [group["lr"] * lr_scale for group in optimizer.param_groups]
     ema = EMA(model, t.ema_decay, acc.device) if t.ema_decay > 0 else None
-    # perf/mfu's numerator, counted once on fake tensors (seconds) before compile and wrapping.
-    peak = peak_flops(acc.device, _DTYPES[t.precision], t.peak_flops)
+    # perf/mfu's numerator, counted once on fake tensors before compile and wrapping.
+    peak = peak_flops(acc.device, DTYPES[t.precision], t.peak_flops)
     per_image = flops_per_image(model, cfg.data.resolution) if peak else 0.0
-    if compiles_before_wrap(cfg, acc.device):
+    if compiles(t, acc.device):
         if t.compile == "auto" and acc.is_main_process:
             print("train.compile=auto on a GPU: compile", file=sys.stderr, flush=True)
         model.compile()  # in place: parameter names, checkpoints and param_groups() stay as they are

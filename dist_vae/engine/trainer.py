@@ -1,16 +1,14 @@
 """The training loop: one Accelerator drives DDP or DeepSpeed (chosen by the accelerate config file).
 
 The Trainer composes parts with one job each, built in this order by `Trainer._assemble`:
-  checkpointing.py  the checkpoint this run resumes, the run directory claimed, save/restore, markers
-  resize.py         the batch and learning rates a resume on another world size uses
-  backend.py        Accelerator, model, optimizer, EMA and the update path (update.py)
-  streams.py        the train and val ShardStreams and the bad-data counts
-  step.py           one update: micro-batches, the skip decision, apply or discard
-  window.py         the running sums between log points and the scalars a log point writes
-  health.py         whether the code is in use (health/* scalars) and the posterior-collapse warning
-  cadence.py        when to log, evaluate, sample (evaluation.py) and save
-  watchdog.py       stacks and exit code 5 when a step, or the work between two, takes too long
-  compile_choice.py train.compile=auto on the CPU: time the first updates, compile if the rest pays
+  checkpointing.py  the checkpoint this run resumes and the batch it resumes with (train.resize), the
+                    run directory claimed, config.yaml, save/restore, the marker a stopped run leaves
+  backend.py        Accelerator, model, optimizer, EMA, the compile rule and the update path (update.py)
+  feeds.py          the train and val ShardStreams and the bad-data counts
+  step.py           one update: LR schedule, random streams, micro-batches, the skip decision
+  monitor.py        progress bar, TensorBoard, the log-point scalars and the code's health
+  periodic.py       when to log, evaluate, sample and save, and the evaluations themselves
+  stops.py          preemption signals, the hang watchdog (exit 5) and the run's markers
 so that `fit` below is the loop and nothing else.
 """
 
@@ -21,21 +19,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dist_vae.config import Config
-from dist_vae.engine.backend import build_backend, start_accelerator
-from dist_vae.engine.cadence import Cadence, periodic_actions
-from dist_vae.engine.checkpointing import Checkpointer, claim_run_dir, resume_path
-from dist_vae.engine.compile_choice import AutoCompile
-from dist_vae.engine.evaluation import Evaluation
-from dist_vae.engine.health import CodeHealth
-from dist_vae.engine.logging import RunLogger
-from dist_vae.engine.preemption import PreemptionFlag
-from dist_vae.engine.resize import launched_world_size, resized_config
-from dist_vae.engine.run_config import ConfigChange
+from dist_vae.engine.backend import build_backend
+from dist_vae.engine.checkpointing import (
+    Checkpointer,
+    ConfigChange,
+    check_resume,
+    claim_run_dir,
+    launched_world_size,
+    resized_config,
+    resume_path,
+)
+from dist_vae.engine.feeds import Streams, check_data
+from dist_vae.engine.monitor import CodeHealth, RunLogger, ScalarLog, Window
+from dist_vae.engine.periodic import Cadence, Evaluation, periodic_actions
 from dist_vae.engine.step import UpdateStep, make_gate
-from dist_vae.engine.streams import Streams, check_data
-from dist_vae.engine.watchdog import Watchdog
-from dist_vae.engine.window import ScalarLog, Window
+from dist_vae.engine.stops import PreemptionFlag, Watchdog
+from dist_vae.errors import ExitCode
 from dist_vae.metrics.during_training import check_fid_ready
+from dist_vae.run_layout import RunDir
 
 
 class Trainer:
@@ -60,30 +61,35 @@ class Trainer:
 
     def _assemble(self, cfg: Config) -> None:
         resume_from = resume_path(cfg)
-        check_data(cfg)
-        if cfg.eval.fid_every:
-            check_fid_ready(cfg)  # no [metrics] extra or Inception file: exit 2 now, not at the first FID
+        check_data(cfg.data)
+        if cfg.eval.fid_every:  # no [metrics] extra or Inception file: exit 2 now, not at the first FID
+            check_fid_ready(cfg.eval, cfg.data)
         # Another world size than the checkpoint's: train.resize settles the batch before DeepSpeed reads it.
         cfg, self.resize = resized_config(cfg, cfg.data.batch_size, resume_from, launched_world_size())
-        self.cfg = cfg
-        self.accelerator = start_accelerator(cfg, self.resize.world[1])
-        change = claim_run_dir(self.accelerator, cfg, resume_from, self.resize.step)
-        self.backend = build_backend(cfg, self.accelerator, self.resize.lr_scale)
-        self.gate = make_gate(cfg)
-        self.streams = Streams(cfg, self.accelerator)
-        self.checkpoints = Checkpointer(cfg, self.resize, self.backend, self.streams, self.gate, change)
+        change = check_resume(cfg, resume_from, self.resize.step)
+        self.cfg, self.run = cfg, RunDir(cfg.run_dir)
+        self.backend = build_backend(cfg, self.resize.world[1], self.resize.lr_scale)
+        self.accelerator = self.backend.accelerator
+        claim_run_dir(self.accelerator, cfg, change)
+        self.gate = make_gate(cfg.train)
+        self.streams = Streams(cfg.data, cfg.seed, self.accelerator)
+        pending = change if change.changes else None  # config.yaml waits for this run's first save
+        self.checkpoints = Checkpointer(
+            cfg, self.backend, self.streams, self.gate, self.resize.reference_global_batch, pending
+        )
         self.step = self.checkpoints.restore(resume_from) if resume_from is not None else 0
         if self.accelerator.is_main_process:
             self._announce(resume_from, change)
-        self.logger = self._start_logger()
-        self.update_step = UpdateStep(cfg, self.backend, self.gate, self.preemption)
+        main = self.accelerator.is_main_process
+        self.logger = RunLogger(self.run, cfg.train.steps, self.step, enabled=main)
+        self.logger.scalars(self.resize.scalars(), self.step)
+        self.update_step = UpdateStep(cfg.train, cfg.seed, self.backend, self.gate, self.preemption)
         health = CodeHealth(cfg.health, self.logger)
         self.scalar_log = ScalarLog(self.backend, self.gate, self.streams, self.logger, health)
         evaluation = Evaluation(cfg, self.backend, self.streams, self.logger)
-        self.cadence = Cadence(cfg, periodic_actions(cfg, evaluation, self.streams.validate))
+        self.cadence = Cadence(cfg.train, periodic_actions(cfg, evaluation, self.streams.validate))
         rank, t = self.accelerator.process_index, cfg.train
-        self.watchdog = Watchdog(Path(cfg.run_dir), rank, t.hang_timeout, t.action_timeout)
-        self.auto_compile = AutoCompile(cfg, self.backend, self.step, self.watchdog)
+        self.watchdog = Watchdog(self.run, rank, t.hang_timeout, t.action_timeout)
 
     def _announce(self, resume_from: Path | None, change: ConfigChange) -> None:
         """Rank 0's lines before training: where it resumed, how a resize changed the batch, each
@@ -98,17 +104,10 @@ class Trainer:
         for line in filter(None, lines):
             print(line, file=sys.stderr)
 
-    def _start_logger(self) -> RunLogger:
-        """Rank 0's logger (its progress bar only when there are steps to take)."""
-        main = self.accelerator.is_main_process
-        logger = RunLogger(Path(self.cfg.run_dir), self.cfg.train.steps, self.step, enabled=main)
-        logger.scalars(self.resize.scalars(), self.step)
-        return logger
-
-    def fit(self) -> int:
-        """Train to train.steps (exit code 0) or until preempted (REQUEUE_EXIT_CODE); raises
-        TrainingDiverged after train.max_nonfinite_skips non-finite updates in a row. A hang ends the
-        process from the watchdog's thread (HANG_EXIT_CODE)."""
+    def fit(self) -> ExitCode:
+        """Train to train.steps (SUCCESS) or until preempted (REQUEUE); raises TrainingDiverged after
+        train.max_nonfinite_skips non-finite updates in a row. A hang ends the process from the
+        watchdog's thread (HANG)."""
         try:
             with self.watchdog.watching(self.step):
                 if self.update_step.preempted():  # signalled during start-up: nothing new to save
@@ -117,8 +116,7 @@ class Trainer:
                 while self.step < self.cfg.train.steps:
                     if self.before_step is not None:
                         self.before_step(self.step)
-                    with self.auto_compile.timed(self.step):
-                        update = self.update_step(self.step, batches, window)
+                    update = self.update_step(self.step, batches, window)
                     self.step += 1
                     if self.cadence.log_due(self.step, self.gate.diverged):
                         self.logger.progress(self.step, self.scalar_log.write(window, self.step))
@@ -128,14 +126,13 @@ class Trainer:
                     if self.gate.diverged:  # every rank decided the same: all stop here, saving nothing
                         raise self.checkpoints.diverged(self.step)
                     with window.pause(), self.watchdog.between_steps(self.step):
-                        self.auto_compile.settle(self.step)
                         self.cadence.run_actions(self.step)
                         if self.cadence.save_due(self.step, update.preempted):
                             self.checkpoints.save(self.step)
                     if update.preempted:
                         return self.checkpoints.requeue(self.step, self.preemption.signal_name)
                 self.checkpoints.done(self.step)
-                return 0
+                return ExitCode.SUCCESS
         finally:
             self.preemption.restore()
             self.logger.close()

@@ -1,7 +1,7 @@
 """How one optimizer update is made on each backend, chosen once when the trainer is built.
 
 The trainer's loop is the same everywhere: backpropagate the accumulated micro-batches, ask for the
-global gradient norm, decide (engine/skip.py) whether to apply the update, then `apply()` or
+global gradient norm, decide (engine/step.py) whether to apply the update, then `apply()` or
 `discard()`. The backends differ only in how those four things are done:
 
 - `TorchUpdate` (single process and DDP): Accelerate's `no_sync`, torch's norm and clipping, the raw
@@ -104,6 +104,7 @@ class DeepSpeedUpdate:
     """DeepSpeed ZeRO stage 1 or 2."""
 
     def __init__(self, acc: Accelerator) -> None:
+        # deepspeed loads only under DeepSpeed: it is slow to import and optional elsewhere.
         from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
         self.engine = accelerate_compat.deepspeed_engine(acc)

@@ -13,12 +13,11 @@ from typing import Any
 
 import torch
 from torch import distributed as dist
-from torchmetrics.utilities.distributed import gather_all_tensors
 
 from dist_vae.data.stream import DataError, ShardStream
+from dist_vae.distributed import agreed, gather_rows, share, world
 from dist_vae.files import to_uint8
 from dist_vae.metrics.inception import InceptionFeatures
-from dist_vae.processes import share
 
 
 def chunks(n: int, batch: int) -> list[range]:
@@ -30,20 +29,6 @@ def rank_chunks(n: int, batch: int, rank: int, world_size: int) -> list[range]:
     """This rank's contiguous share of the chunks."""
     every = chunks(n, batch)
     return [every[i] for i in share(len(every), rank, world_size)]
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of the default process group; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def gather_rows(local: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows, concatenated in rank order, on every rank (shares may differ in size)."""
-    if world()[1] == 1:
-        return local
-    return torch.cat(gather_all_tensors(local.contiguous()))
 
 
 def embed_generated(
@@ -70,15 +55,6 @@ def embed_generated(
         for i in range(outputs)
     ]
     return [gather_rows(rows.to(extractor.device)).cpu() for rows in local]
-
-
-def agreed(value: int, op: dist.ReduceOp.RedOpType) -> int:
-    """`value` reduced over the ranks with `op` (MIN of flags: every rank's; MAX: any rank's)."""
-    if world()[1] == 1:
-        return value
-    count = torch.tensor([value], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(count, op=op)
-    return int(count.item())
 
 
 def split_chunks(data_cfg: Any, split: str, n: int, batch: int) -> Iterator[tuple[range, torch.Tensor]]:

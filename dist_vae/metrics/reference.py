@@ -20,8 +20,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save
 from torch import distributed as dist
 
+from dist_vae.distributed import agreed, world
 from dist_vae.files import file_sha256, write_bytes_atomic
-from dist_vae.metrics.embed import agreed, embed_generated, split_chunks, world
+from dist_vae.metrics.embed import embed_generated, split_chunks
 from dist_vae.metrics.inception import InceptionFeatures
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from dist_vae.metrics.embed import embed_generated, split_chunks, world
+from dist_vae.distributed import world
+from dist_vae.metrics.embed import embed_generated, split_chunks
 from dist_vae.metrics.fid import sample_quality
 from dist_vae.metrics.generated import chain_way, noise, prior_way
 from dist_vae.metrics.inception import load_inception

@@ -11,7 +11,7 @@ from dist_vae.models.regularizers import gaussian_kl_per_unit
 
 @dataclass
 class CodeStats:
-    """How a batch used the code, for the training-health logs (engine/health.py); all detached.
+    """How a batch used the code, for the training-health logs (engine/monitor.py); all detached.
 
     `mean` [B, D]: the posterior means E_q[z | x], whose spread over images counts active units;
     `kl` [D]: KL(q(z_u | x) || p(z_u)) per unit in nats, batch mean; `variance` [D]: the posterior

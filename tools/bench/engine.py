@@ -38,8 +38,7 @@ import torch
 
 from dist_vae.config import Config, load_config
 from dist_vae.data.stream import ShardStream
-from dist_vae.engine.backend import make_optimizer
-from dist_vae.engine.ema import EMA
+from dist_vae.engine.backend import EMA, make_optimizer
 from dist_vae.engine.trainer import Trainer
 from dist_vae.host_memory import return_large_blocks_to_os
 from dist_vae.models import build_model

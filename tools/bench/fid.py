@@ -36,6 +36,7 @@ from dist_vae.files import to_uint8
 from dist_vae.metrics.during_training import fid_during_training
 from dist_vae.metrics.inception import clean_resize, load_inception
 from dist_vae.metrics.reference import cache_path, reference_features
+from dist_vae.run_layout import RunDir
 from dist_vae.sampling import prior_samples
 
 
@@ -80,7 +81,9 @@ def main() -> None:
         overrides = [*args.overrides, f"run_dir={tmp}/run", f"train.steps={args.steps}", "resume=never"]
         trainer = Trainer(load_config(args.config, overrides))
         trainer.fit()
-        train_s = args.steps * step_seconds(Path(tmp) / "run" / "tensorboard", trainer.cfg.data.batch_size)
+        train_s = args.steps * step_seconds(
+            RunDir(Path(tmp) / "run").tensorboard, trainer.cfg.data.batch_size
+        )
         model = trainer.ema.model if trainer.ema is not None else trainer.raw_model
         fid_on = [f"eval.fid_every={args.every}", f"eval.fid_samples={args.n}"]
         cfg = load_config(args.config, [*overrides, *fid_on])
@@ -91,7 +94,17 @@ def main() -> None:
         reference_s, _ = timed(
             lambda: reference_features(cfg.data, e.fid_split, args.n, extractor, e.batch_size)
         )
-        eval_s, quality = timed(lambda: fid_during_training(model, cfg, args.every, torch.device("cpu")))
+        eval_s, quality = timed(
+            lambda: fid_during_training(
+                model,
+                cfg.eval,
+                cfg.data,
+                args.every,
+                torch.device("cpu"),
+                seed=cfg.seed,
+                precision=cfg.train.precision,
+            )
+        )
         sample_s, _ = timed(lambda: prior_samples(model, 8))
     cadence_s = train_s / args.steps * args.every
     per_train_image = train_s / (args.steps * cfg.data.batch_size)

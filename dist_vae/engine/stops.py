@@ -1,11 +1,17 @@
-"""Hang watchdog: a rank that reaches no step boundary in time writes every thread's stack and exits.
+"""How a run stops other than by finishing: preemption signals, the hang watchdog, and the markers a
+stopped run leaves for the cluster script (cluster/launch.sh).
 
-A daemon thread waits on a monotonic deadline that the trainer moves forward at each step boundary
-(`between_steps`). Waiting needs no help from the main thread, so a rank stuck in C code (a gloo or NCCL
-collective, a sleep, a DataLoader wait) is still caught. On expiry the rank writes the Python stacks
-of all its threads (faulthandler) to `RUN_DIR/hang/rank-R.txt`, prints one line and leaves with
-`HANG_EXIT_CODE` through `os._exit` (the main thread cannot be asked to unwind). Checkpoints are
-written atomically, so a rank dying in a save leaves only a temporary that the next start removes;
+Preemption: SIGUSR1 and SIGTERM only set a flag; the trainer reads it at the next step boundary,
+agrees on it across ranks (one all-reduce, so no rank leaves a collective behind), checkpoints and exits
+with `ExitCode.REQUEUE`. Because `accelerate launch`/torchrun may replace a worker's exit code by its
+own, the trainer also writes the `requeue` marker, which the cluster script can test instead.
+
+Hangs: a daemon thread waits on a monotonic deadline that the trainer moves forward at each step
+boundary (`between_steps`). Waiting needs no help from the main thread, so a rank stuck in C code (a
+gloo or NCCL collective, a sleep, a DataLoader wait) is still caught. On expiry the rank writes the
+Python stacks of all its threads (faulthandler) to `RUN_DIR/hang/rank-R.txt`, prints one line and
+leaves with `ExitCode.HANG` through `os._exit` (the main thread cannot be asked to unwind). Checkpoints
+are written atomically, so a rank dying in a save leaves only a temporary that the next start removes;
 DataLoader workers die with it (PR_SET_PDEATHSIG, data/workers.py).
 
 Every rank's watchdog fires on its own: the rank that hangs and the ranks blocked in a collective
@@ -16,8 +22,11 @@ collective fails (and unwinds its stack) before that peer has dumped too.
 Bounds: a step gets `train.hang_timeout` seconds or, unset, the larger of `MIN_STEP_TIMEOUT_S` and
 `MEDIAN_FACTOR` times the median of the recent step times (15 minutes until steps have been timed).
 Evaluation, sampling and checkpoint saving run between steps and may rightly take longer: while
-they run (`between_steps`) the bound is `train.action_timeout` instead. A step known to be slow (the
-first compiled one: engine/compile_choice.py) is given more through `extend_next_step`.
+they run (`between_steps`) the bound is `train.action_timeout` instead.
+
+This module imports only the standard library (and the stdlib-only leaves errors.py, run_layout.py) at
+load time, so train.py installs the signal handlers before torch is imported (seconds, during which a
+signal would otherwise kill the process).
 """
 
 from __future__ import annotations
@@ -25,32 +34,82 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import os
+import signal
 import statistics
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from pathlib import Path
+from types import FrameType
 
-HANG_EXIT_CODE = 5
-HANG_DIR = "hang"
+from dist_vae.errors import ExitCode
+from dist_vae.run_layout import RunDir
+
+HANDLED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 MIN_STEP_TIMEOUT_S = 900.0
 MEDIAN_FACTOR = 50
 TIMED_STEPS = 100  # the median is over this many recent steps
 GRACE_S = 5.0
 
 
-def hang_file(run_dir: Path, rank: int) -> Path:
-    return run_dir / HANG_DIR / f"rank-{rank}.txt"
+class PreemptionFlag:
+    """Remembers that a handled signal arrived; installing replaces the previous handlers until `restore`."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> PreemptionFlag:
+        for sig in HANDLED_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+
+def write_marker(run: RunDir, name: str, lines: str, stale: tuple[str, ...]) -> None:
+    """Leave marker `name` with `lines` (and the time) after removing the `stale` ones."""
+    # files.py imports torch: loaded here, not at import (see the module docstring).
+    from dist_vae.files import write_text_atomic
+
+    for old in stale:
+        run.marker(old).unlink(missing_ok=True)
+    write_text_atomic(run.marker(name), f"{lines}time {time.time():.0f}\n")
+
+
+def write_requeue_marker(run: RunDir, step: int, reason: str) -> None:
+    """Tell the cluster script that the run stopped early and wants to be requeued (a `done` left by
+    an earlier, shorter train.steps would tell it otherwise)."""
+    write_marker(run, "requeue", f"step {step}\nreason {reason}\n", stale=("done", "diverged"))
+
+
+def write_done_marker(run: RunDir, step: int) -> None:
+    """Tell the cluster script (and a later `resume=auto`) that the run reached train.steps."""
+    write_marker(run, "done", f"step {step}\n", stale=("requeue", "diverged"))
+
+
+def write_diverged_marker(run: RunDir, step: int, why: str) -> None:
+    """Tell the cluster script that the run diverged: requeueing would only repeat it."""
+    write_marker(run, "diverged", f"step {step}\nreason {why}\n", stale=("requeue",))
 
 
 class Watchdog:
     """`with watchdog.watching(step):` around the loop, `with watchdog.between_steps(step):` around
     the work at each step boundary."""
 
-    def __init__(self, run_dir: Path, rank: int, hang_timeout: float | None, action_timeout: float) -> None:
-        self.rank, self.path = rank, hang_file(run_dir, rank)
+    def __init__(self, run: RunDir, rank: int, hang_timeout: float | None, action_timeout: float) -> None:
+        self.rank, self.path = rank, run.hang_stacks(rank)
         self.hang_timeout, self.action_timeout = hang_timeout, action_timeout
         self.fired = threading.Event()
         self._stopped = False
@@ -58,7 +117,6 @@ class Watchdog:
         self._durations: deque[float] = deque(maxlen=TIMED_STEPS)
         self._started = self._deadline = time.monotonic()
         self._what = ""  # what the current deadline bounds, for the message
-        self._extension = 0.0  # seconds the next step gets on top of step_timeout()
 
     def step_timeout(self) -> float:
         if self.hang_timeout is not None:
@@ -96,24 +154,16 @@ class Watchdog:
         yield
         self._next_step(step)
 
-    def extend_next_step(self, seconds: float) -> None:
-        """Give the next step (only) `seconds` more than `step_timeout()`; called between steps."""
-        self._extension = seconds
-
     def _next_step(self, step: int) -> None:
-        """Update `step + 1` begins: it has `step_timeout()` seconds (and any extension) to reach its
-        boundary."""
+        """Update `step + 1` begins: it has `step_timeout()` seconds to reach its boundary."""
         if self.hang_timeout is not None:
             key = f"train.hang_timeout={self.hang_timeout:g}"
         else:
             key = (
                 f"train.hang_timeout unset: max({MIN_STEP_TIMEOUT_S:g} s, {MEDIAN_FACTOR} x median step time)"
             )
-        if self._extension:
-            key += f", + {self._extension:.0f} s for this step"
         self._what = f"no step boundary after step {step} ({key})"
-        self._set_deadline(time.monotonic(), self.step_timeout() + self._extension)
-        self._extension = 0.0
+        self._set_deadline(time.monotonic(), self.step_timeout())
 
     def _set_deadline(self, now: float, timeout: float) -> None:
         with self._changed:  # wake the watcher: the new deadline may be earlier than the one it waits for
@@ -140,9 +190,9 @@ class Watchdog:
             os.fsync(f.fileno())
         print(
             f"error: {what}; stacks of all threads in {self.path}; "
-            f"exit {HANG_EXIT_CODE}: run the same command again to resume from the newest checkpoint",
+            f"exit {int(ExitCode.HANG)}: run the same command again to resume from the newest checkpoint",
             file=sys.stderr,
             flush=True,
         )
         time.sleep(GRACE_S)
-        os._exit(HANG_EXIT_CODE)
+        os._exit(ExitCode.HANG)

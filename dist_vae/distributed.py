@@ -1,0 +1,97 @@
+"""Every collective and process-group helper of the project, and the one rule for a rank's share.
+
+The trainer reaches its collectives through an Accelerator (`agree`, `sum_over_ranks`); metrics and
+the tools use the default process group (`world`, `agreed`, `gather_rows`) and Accelerate's process
+state (`tool_state`, `tool_device`). Work over ranks is always split by `share`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from accelerate import Accelerator, PartialState
+from torch import distributed as dist
+
+from dist_vae.errors import ConfigError
+
+
+def share(total: int, rank: int, world_size: int) -> range:
+    """Rank's contiguous part of range(total), sizes differing by at most one, in rank order."""
+    base, extra = divmod(total, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+def agree(acc: Accelerator, values: list[torch.Tensor]) -> list[float]:
+    """Every rank's maximum of each value, read on the host: a step's one device read."""
+    votes = torch.stack([v.float().reshape(()) for v in values])
+    if acc.num_processes > 1:
+        dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    return votes.tolist()
+
+
+def sum_over_ranks(acc: Accelerator, counts: list[int]) -> list[int]:
+    """Integer counts summed over every rank (collective)."""
+    total = torch.tensor(counts, device=acc.device)
+    if acc.num_processes > 1:
+        dist.all_reduce(total)
+    return total.tolist()
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def agreed(value: int, op: dist.ReduceOp.RedOpType) -> int:
+    """`value` reduced over the ranks with `op` (MIN of flags: every rank's; MAX: any rank's)."""
+    if world()[1] == 1:
+        return value
+    count = torch.tensor([value], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(count, op=op)
+    return int(count.item())
+
+
+def gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows, concatenated in rank order, on every rank (shares may differ in size)."""
+    if world()[1] == 1:
+        return local
+    # torchmetrics is the optional [metrics] extra: loaded only where rows are gathered.
+    from torchmetrics.utilities.distributed import gather_all_tensors
+
+    return torch.cat(gather_all_tensors(local.contiguous()))
+
+
+def needs_gloo() -> bool:
+    """Several processes (torchrun's WORLD_SIZE) and no GPU: Accelerate would pick MPI, so the
+    trainer and the tools ask for gloo."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def tool_state() -> PartialState:
+    """Accelerate's process state for the tools, with gloo when there is no GPU.
+
+    Without a GPU, Accelerate needs cpu=True to see torchrun's processes as MULTI_CPU.
+    """
+    return PartialState(cpu=not torch.cuda.is_available(), **({"backend": "gloo"} if needs_gloo() else {}))
+
+
+def tool_device(name: str | None, state: PartialState) -> torch.device:
+    """The device `--device NAME` names (None: this process's own), refused in one line (ConfigError)
+    when this torch build or machine cannot use it, rather than an AssertionError deep inside `.to`."""
+    if name is None:
+        return state.device
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device {name!r} is not a device: {exc}") from exc
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ConfigError(
+            f"--device {name}: no such CUDA device here (torch {torch.__version__}, {build}, "
+            f"{torch.cuda.device_count()} GPUs visible); use --device cpu or leave --device out"
+        )
+    return device

@@ -1,0 +1,49 @@
+"""The trainer's data: the train stream it resumes, the val stream each evaluation reads from its
+start, and the bad data met, summed over ranks and over the runs this one continues. The only engine
+module that builds a ShardStream (data/stream.py)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from accelerate import Accelerator
+
+from dist_vae.data.config import DataConfig
+from dist_vae.data.stream import ShardStream, read_manifest
+from dist_vae.distributed import sum_over_ranks
+
+log = logging.getLogger(__name__)
+
+
+def check_data(data: DataConfig) -> None:
+    """A wrong data.path fails before any process group exists."""
+    read_manifest(data.path)
+
+
+class Streams:
+    def __init__(self, data: DataConfig, seed: int, acc: Accelerator) -> None:
+        self.accelerator = acc
+        self.batch_size = data.batch_size  # per rank, as train.resize settled it
+        rank, world = acc.process_index, acc.num_processes
+        self.train = ShardStream(
+            data, "train", rank, world, seed, batch_size=self.batch_size, device=acc.device
+        )
+        # A missing val split fails now, not at the first evaluation; an empty one turns validation off.
+        self.val = ShardStream(
+            data, "val", rank, world, seed, batch_size=self.batch_size, training=False, device=acc.device
+        )
+        self.validate = self.val.total > 0
+        if not self.validate and acc.is_main_process:
+            log.warning("split 'val' of %s is empty: validation is off", data.path)
+        self.skipped_before = {"shards": 0, "samples": 0}  # by the runs this one resumes
+
+    def skipped(self) -> dict[str, int]:
+        """Bad shards and replaced samples met since the run began, summed over ranks (collective)."""
+        counts = sum_over_ranks(self.accelerator, [self.train.skipped[key] for key in self.skipped_before])
+        return {key: self.skipped_before[key] + n for key, n in zip(self.skipped_before, counts, strict=True)}
+
+    def load_state_dict(self, meta: dict[str, Any]) -> None:
+        """The position and bad-data counts a checkpoint's meta recorded."""
+        self.train.load_state_dict(meta["data"])
+        self.skipped_before = {key: int(meta["skipped"][key]) for key in self.skipped_before}

@@ -1,0 +1,107 @@
+"""When things happen between steps (log points, the periodic actions, checkpoints) and the periodic
+looks at the model: validation bits/dim, sample quality (FID, KID, precision, recall) and a grid of
+samples, all from the EMA weights when kept, with randomness derived from (seed, step). A new
+periodic action is one more `Periodic` in `periodic_actions`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from dist_vae.config import Config, TrainConfig
+from dist_vae.engine.backend import Backend
+from dist_vae.engine.feeds import Streams
+from dist_vae.engine.monitor import RunLogger
+from dist_vae.metrics.during_training import fid_during_training
+from dist_vae.models import evaluating
+from dist_vae.sampling import grid_samples
+
+
+@dataclass(frozen=True)
+class Periodic:
+    """`action(step)` after every `every`-th step; collective actions run on every rank."""
+
+    every: int
+    action: Callable[[int], None]
+
+
+class Cadence:
+    def __init__(self, train: TrainConfig, actions: list[Periodic]) -> None:
+        self.train, self.actions = train, actions
+
+    def log_due(self, step: int, diverged: bool) -> bool:
+        """Every train.log_every steps, at the last step, and before a divergence stops the run."""
+        return diverged or step % self.train.log_every == 0 or step == self.train.steps
+
+    def run_actions(self, step: int) -> None:
+        for periodic in self.actions:
+            if step % periodic.every == 0:
+                periodic.action(step)
+
+    def save_due(self, step: int, preempted: bool) -> bool:
+        """Every train.checkpoint_every steps, at the last step, and before a preempted run stops."""
+        return preempted or step % self.train.checkpoint_every == 0 or step == self.train.steps
+
+
+class Evaluation:
+    def __init__(self, cfg: Config, backend: Backend, streams: Streams, logger: RunLogger) -> None:
+        self.cfg, self.backend, self.streams, self.logger = cfg, backend, streams, logger
+
+    @torch.no_grad()
+    def val_bpd(self, step: int) -> float:
+        """Mean bits/dim over (at most train.eval_batches batches per rank of) the val split."""
+        acc, cfg = self.backend.accelerator, self.cfg
+        totals = torch.zeros(2, dtype=torch.float64, device=acc.device)
+        with evaluating(self.backend.eval_model) as net, self.backend.autocast():
+            torch.manual_seed(cfg.seed + step)
+            for i, x in enumerate(self.streams.val):
+                if i == cfg.train.eval_batches:
+                    break
+                out = net(x, step=step)
+                totals[0] += out.scalars["bpd"].double() * x.shape[0]
+                totals[1] += x.shape[0]
+        totals = acc.reduce(totals, "sum")
+        return float(totals[0] / totals[1])
+
+    def log_val_bpd(self, step: int) -> None:
+        """val/bpd (collective: every rank evaluates its share), also as one line on rank 0."""
+        bpd = self.val_bpd(step)
+        self.logger.scalars({"val/bpd": bpd}, step)
+        self.logger.line(f"step {step}: validation bits/dim {bpd:.4f}")
+
+    def log_sample_quality(self, step: int) -> None:
+        """eval/fid, eval/kid, eval/precision, eval/recall (collective: every rank embeds its share)."""
+        cfg, device = self.cfg, self.backend.accelerator.device
+        quality = fid_during_training(
+            self.backend.eval_model,
+            cfg.eval,
+            cfg.data,
+            step,
+            device,
+            seed=cfg.seed,
+            precision=cfg.train.precision,
+        )
+        if quality:
+            self.logger.scalars(quality, step)
+
+    @torch.no_grad()
+    def log_samples(self, step: int) -> None:
+        """A sample grid (rank 0 alone): samples/step-N.png and the 'samples' image."""
+        acc = self.backend.accelerator
+        if not acc.is_main_process:
+            return
+        generator = torch.Generator(acc.device).manual_seed(self.cfg.seed + step)
+        with evaluating(self.backend.eval_model) as net, self.backend.autocast():
+            rows = grid_samples(net, self.cfg.train.sample_count, generator=generator)
+        self.logger.samples(rows, step)
+
+
+def periodic_actions(cfg: Config, evaluation: Evaluation, validate: bool) -> list[Periodic]:
+    """In the order they run at a step where several are due."""
+    t = cfg.train
+    actions = [Periodic(t.eval_every, evaluation.log_val_bpd)] if validate else []
+    if cfg.eval.fid_every:
+        actions.append(Periodic(cfg.eval.fid_every, evaluation.log_sample_quality))
+    return [*actions, Periodic(t.sample_every, evaluation.log_samples)]
