@@ -16,9 +16,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shutil
+import signal
+import sys
 import tarfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from multiprocessing import Pool
 from pathlib import Path
@@ -27,7 +31,7 @@ from typing import Any
 from tqdm import tqdm
 
 from dist_vae.data.demo import DEFAULT_DEMO_SIZE, ensure_demo_lmdb
-from dist_vae.data.encode import RESIZE_RULE, encode, square_image
+from dist_vae.data.encode import MAX_PIXELS, RESIZE_RULE, encode, square_image
 from dist_vae.data.index import index_document, index_name, index_tar
 from dist_vae.data.jobs import SPLIT_RULE, ShardJob, sample_name, shard_jobs
 from dist_vae.data.keylist import key_digest, source_change
@@ -35,12 +39,15 @@ from dist_vae.data.scenes import SceneSource, parse_scene_spec
 from dist_vae.data.sources import FolderSource, LmdbSource, SkipImage, SourceError
 from dist_vae.errors import DataError
 from dist_vae.files import atomic_path, file_sha256, write_bytes_atomic, write_text_atomic
+from dist_vae.lease import Lease, LeaseHeld
 
 FORMATS = ("webp", "png", "jpg")
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 3  # 3: image rules of encode.RESIZE_RULE, min_size, source_keys
+MANIFEST_VERSION = 4  # 4: every Pillow format, ICC, max_pixels, notes; 3: min_size, source_keys
 CACHE_DIR = ".cache"
 PROGRESS_DIR = ".progress"
+LEASE = ".lease.json"  # one make_shards per output (dist_vae.lease)
+SHARD_FILE = re.compile(r"(train|val)-\d{6}\.(tar|idx\.json)")
 
 Source = LmdbSource | FolderSource | SceneSource
 
@@ -61,6 +68,7 @@ class ShardSettings:
     val_fraction: float = 0.01
     limit: int | None = None
     min_size: int | None = None  # shorter sides below it are skipped; None: a quarter of the resolution
+    max_pixels: int = MAX_PIXELS  # larger images (width x height) are skipped before decoding
 
     def __post_init__(self) -> None:
         if self.min_size is None:  # resolved here, so the manifest records the value used
@@ -73,6 +81,7 @@ class ShardSettings:
             (0.0 <= self.val_fraction <= 1.0, f"val fraction must be in [0, 1], got {self.val_fraction}"),
             (self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}"),
             (self.min_size >= 1, f"min size must be >= 1, got {self.min_size}"),
+            (self.max_pixels >= 1, f"max pixels must be >= 1, got {self.max_pixels}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -112,15 +121,18 @@ def _write_json(path: Path, obj: Any) -> None:
 def write_shard(source: Source, job: ShardJob, settings: ShardSettings, out: Path) -> dict[str, Any]:
     """Write one shard (temporary name, then rename), then its index, and return its record."""
     final = out / job.name
-    skipped = []
+    skipped, notes = [], []
     with atomic_path(final) as tmp:
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for key in job.keys:
                 try:
-                    img = square_image(source.read(key), settings.resolution, settings.min_size)
+                    img, said = square_image(
+                        source.read(key), settings.resolution, settings.min_size, settings.max_pixels
+                    )
                 except SkipImage as exc:
                     skipped.append({"key": key, "reason": exc.reason, "detail": exc.detail})
                     continue
+                notes += [{"key": key, "note": kind, "detail": detail} for kind, detail in said]
                 stem = sample_name(key)
                 _add_member(tar, f"{stem}.{settings.format}", encode(img, settings.format, settings.quality))
                 meta = {
@@ -141,7 +153,7 @@ def write_shard(source: Source, job: ShardJob, settings: ShardSettings, out: Pat
             "sha256": hashlib.sha256(index).hexdigest(),
         },
     }
-    _write_json(out / PROGRESS_DIR / f"{job.name}.json", {**record, "skipped": skipped})
+    _write_json(out / PROGRESS_DIR / f"{job.name}.json", {**record, "skipped": skipped, "notes": notes})
     return record
 
 
@@ -149,6 +161,7 @@ _worker_state: dict[str, Any] = {}
 
 
 def _init_worker(source: Source, settings: ShardSettings, out: Path) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     _worker_state.update(source=source, settings=settings, out=out)
 
 
@@ -171,8 +184,9 @@ def _finished_manifest(out: Path, settings: ShardSettings) -> dict[str, Any] | N
         return None  # made before per-sample indexes: rebuild (same shard bytes, plus the indexes)
     if manifest.get("settings") != asdict(settings):
         raise ShardError(
-            f"{out} already holds shards made with settings {manifest.get('settings')}, not "
-            f"{asdict(settings)}: choose another --out or remove {path}"
+            f"{out} already holds shards made with settings that differ "
+            f"({differences(manifest.get('settings') or {}, asdict(settings))}): write to a new --out, "
+            f"or delete {out} to rebuild it with these"
         )
     for split in manifest["splits"].values():
         for shard in split["shards"]:
@@ -183,14 +197,25 @@ def _finished_manifest(out: Path, settings: ShardSettings) -> dict[str, Any] | N
     return manifest
 
 
+def differences(before: dict[str, Any], now: dict[str, Any]) -> str:
+    """'resolution: 16 -> 32, format: 'webp' -> 'png'': the settings that changed, in a stable order."""
+    changed = [k for k in [*before, *(k for k in now if k not in before)] if before.get(k) != now.get(k)]
+    return ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
 def _claim_progress(out: Path, settings: ShardSettings, keys: list[str]) -> None:
     """Mark `.progress/` as the work of these settings on this key list. An unfinished run with other
     settings is refused, and so is one whose source changed since: its finished shards hold other keys."""
     path, held = out / PROGRESS_DIR / "settings.json", out / PROGRESS_DIR / "source_keys.json"
-    if path.is_file() and json.loads(path.read_text()) != asdict(settings):
+    if path.is_file() and (before := json.loads(path.read_text())) != asdict(settings):
+        diff = differences(before, asdict(settings))
         raise ShardError(
-            f"{out} holds an unfinished run with settings {json.loads(path.read_text())}, not "
-            f"{asdict(settings)}: finish it with those settings, or choose another --out"
+            f"{out} holds an unfinished run with settings that differ ({diff}): "
+            f"finish it with those settings, write to a new --out, or delete {out} to start again"
         )
     digest = key_digest(keys)
     if held.is_file() and (before := json.loads(held.read_text())) != digest:
@@ -220,9 +245,17 @@ def _done_record(out: Path, job: ShardJob) -> dict[str, Any] | None:
 
 
 def build_shards(
-    settings: ShardSettings, out: str | Path, workers: int = 1, progress: bool = True
+    settings: ShardSettings,
+    out: str | Path,
+    workers: int = 1,
+    progress: bool = True,
+    say: Callable[[str], None] = _say,
 ) -> dict[str, Any]:
-    """Make (or finish) the shards of `settings.source` in `out`; returns the manifest."""
+    """Make (or finish) the shards of `settings.source` in `out`; returns the manifest.
+
+    One process at a time writes `out` (its lease, OUT/.lease.json); a second is refused with a
+    ShardError naming the holder, and a gone holder's lease is taken over with one line to `say`.
+    """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ShardError(f"--out {out} exists and is not a directory")
@@ -235,9 +268,47 @@ def build_shards(
         change = source_change(out, finished, keys)
         if change is not None:
             raise ShardError(change)
-        return finished
+        return _usable(out, finished)
+    out.mkdir(parents=True, exist_ok=True)
+    lease = Lease(out / LEASE, owner="make_shards")
+    try:
+        lease.acquire()
+    except LeaseHeld as exc:
+        raise ShardError(f"{exc}; a second make_shards on one --out is refused") from exc
+    try:
+        taken = f"{out}: taking over the output from {lease.taken_over} (gone)" if lease.taken_over else None
+        return _usable(
+            out, _build(source, keys, settings, out, workers, progress, lambda: taken and say(taken))
+        )
+    finally:
+        lease.release()
+
+
+def _usable(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest, or a ShardError when it holds no image at all (training would find nothing)."""
+    if sum(split["count"] for split in manifest["splits"].values()) == 0:
+        skipped = manifest["skipped"]
+        raise ShardError(
+            f"{out}: none of the {manifest['source_keys']['count']} source images of {manifest['source']} "
+            f"could be used ({skipped['reasons']}); the reason for each is in {out / MANIFEST}"
+        )
+    return manifest
+
+
+def _build(
+    source: Source,
+    keys: list[str],
+    settings: ShardSettings,
+    out: Path,
+    workers: int,
+    progress: bool,
+    claimed: Callable[[], object],
+) -> dict[str, Any]:
+    """The build proper, under the lease: every temporary left in `out` is a gone owner's.
+    `claimed` is called once the output is known to be this build's (to say a lease was taken over)."""
     jobs = shard_jobs(keys, settings.val_fraction, settings.shard_size)
     _claim_progress(out, settings, keys)
+    claimed()
     for stale in [*out.glob("*.tmp-*"), *(out / PROGRESS_DIR).glob("*.tmp-*")]:
         stale.unlink()
     pending = [job for job in jobs if _done_record(out, job) is None]
@@ -253,18 +324,28 @@ def build_shards(
                 write_shard(source, job, settings, out)
                 bar.update(len(job.keys))
         else:
-            with Pool(min(workers, len(pending)), _init_worker, (source, settings, out)) as pool:
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # workers are born ignoring Ctrl-C
+            try:
+                pool = Pool(min(workers, len(pending)), _init_worker, (source, settings, out))
+            finally:
+                signal.signal(signal.SIGINT, previous)
+            with pool:
                 for n, _ in pool.imap_unordered(_run_job, pending):
                     bar.update(n)
     manifest = _manifest(out, jobs, settings, keys)
     _write_json(out / MANIFEST, manifest)
     shutil.rmtree(out / PROGRESS_DIR)
+    listed = {name for job in jobs for name in (job.name, index_name(job.name))}
+    for old in out.iterdir():  # shards of an earlier output in the same place
+        if SHARD_FILE.fullmatch(old.name) and old.name not in listed:
+            old.unlink()
     return manifest
 
 
 def _manifest(out: Path, jobs: list[ShardJob], settings: ShardSettings, keys: list[str]) -> dict[str, Any]:
     records = [json.loads((out / PROGRESS_DIR / f"{job.name}.json").read_text()) for job in jobs]
     skipped = sorted((s for r in records for s in r.pop("skipped")), key=lambda s: s["key"])
+    notes = sorted((n for r in records for n in r.pop("notes", [])), key=lambda n: (n["key"], n["note"]))
     splits = {}
     for split in ("train", "val"):
         shards = [r for r, job in zip(records, jobs, strict=True) if job.split == split]
@@ -290,5 +371,10 @@ def _manifest(out: Path, jobs: list[ShardJob], settings: ShardSettings, keys: li
             "count": len(skipped),
             "reasons": dict(sorted(Counter(s["reason"] for s in skipped).items())),
             "items": skipped,
+        },
+        "notes": {
+            "count": len(notes),
+            "kinds": dict(sorted(Counter(n["note"] for n in notes).items())),
+            "items": notes,
         },
     }
