@@ -8,15 +8,15 @@ included. While held, a daemon thread renews the heartbeat every `interval` seco
 
 A lease is stale, and taken over with one line, when its holder is gone: its pid is not running on
 this host, or its heartbeat is older than `timeout` seconds (a holder on another node, or a frozen
-one; clocks of the nodes must agree to well within `timeout`). Taking over renames the stale file to
-a name unique to the taker, so of two takers one wins and the other sees a live lease.
+one; clocks of the nodes must agree to well within `timeout`). Taking over happens under a second,
+short-lived lock file (created the same way), so of several takers one wins and the others then see
+its live lease.
 
 Stdlib only: the trainer's run directories and make_shards' outputs use the same module.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -28,6 +28,7 @@ from typing import Any
 
 TIMEOUT_S = 60.0  # a heartbeat older than this marks the holder as gone
 INTERVAL_S = 5.0  # how often the holder renews its heartbeat
+LOCK_STALE_S = 10.0  # a take-over lock is held for milliseconds; one this old belongs to a dead taker
 
 
 class LeaseHeld(RuntimeError):
@@ -106,17 +107,43 @@ class Lease:
             return True
         return time.time() - float(holder.get("heartbeat", 0)) > self.timeout
 
-    def _publish(self) -> bool:
-        """Link a fully written private file to the lease name: True if this process now holds it."""
-        private = self.path.with_name(f"{self.path.name}.{self.token}")
-        private.write_text(json.dumps(self._body, sort_keys=True))
+    def _link(self, path: Path, body: dict[str, Any]) -> bool:
+        """Create `path` holding `body`, atomically and only if it does not exist (link of a fully
+        written private file: NFS-safe): True if this process created it."""
+        private = path.with_name(f"{path.name}.{self.token}")
+        private.write_text(json.dumps(body, sort_keys=True))
         try:
-            os.link(private, self.path)
+            os.link(private, path)
             return True
         except FileExistsError:
             return False
         finally:
             private.unlink(missing_ok=True)
+
+    def _take_over(self, holder: dict[str, Any]) -> bool:
+        """Replace the stale lease `holder`; True if this process now holds the lease. Only the holder
+        of the short-lived take-over lock removes a lease, and only the one it judged stale, so of
+        several takers one wins and the others then find its fresh lease."""
+        lock = self.path.with_name(f"{self.path.name}.takeover")
+        if not self._link(lock, {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}):
+            other = _read(lock)
+            if other is not None and (
+                time.time() - float(other.get("time", 0)) > LOCK_STALE_S
+                or (other.get("host") == socket.gethostname() and not _pid_running(int(other.get("pid", -1))))
+            ):
+                lock.unlink(missing_ok=True)  # its taker died within the few milliseconds it holds it
+            return False
+        try:
+            current = _read(self.path)
+            if current is not None and current.get("token") != holder.get("token"):
+                return False  # the lease changed meanwhile: look at it again
+            self.path.unlink(missing_ok=True)
+            if not self._link(self.path, self._body):
+                return False
+            self.taken_over = describe(holder) if holder else "an unreadable lease file"
+            return True
+        finally:
+            lock.unlink(missing_ok=True)
 
     def acquire(self) -> Lease:
         now = time.time()
@@ -131,29 +158,18 @@ class Lease:
             "token": self.token,
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(5):  # a lost race against another taker is retried a few times, then refused
-            if self._publish():
-                break
+        deadline = time.monotonic() + 2 * LOCK_STALE_S
+        while not self._link(self.path, self._body):
             holder = _read(self.path)
             if holder is None:
                 continue  # released meanwhile
             if not self._stale(holder):
                 raise LeaseHeld(self.path, holder, self.timeout)
-            aside = self.path.with_name(f"{self.path.name}.stale-{self.token}")
-            try:
-                os.rename(self.path, aside)
-            except FileNotFoundError:
-                continue
-            moved = _read(aside) or {}
-            if moved.get("token") != holder.get("token"):  # another taker's fresh lease: put it back
-                with contextlib.suppress(FileExistsError):
-                    os.link(aside, self.path)
-                aside.unlink(missing_ok=True)
-                continue
-            aside.unlink(missing_ok=True)
-            self.taken_over = describe(holder) if holder else "an unreadable lease file"
-        else:
-            raise LeaseHeld(self.path, _read(self.path) or {}, self.timeout)
+            if self._take_over(holder):
+                break
+            if time.monotonic() > deadline:
+                raise LeaseHeld(self.path, _read(self.path) or holder, self.timeout)
+            time.sleep(0.01)
         self._thread = threading.Thread(target=self._beat, name=f"lease {self.path}", daemon=True)
         self._thread.start()
         return self
