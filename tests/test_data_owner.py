@@ -190,3 +190,13 @@ def test_one_of_many_racing_takers_wins(tmp_path: Path, round_: int) -> None:
     assert json.loads(path.read_text())["token"] == won[0].token
     won[0].release()
     assert list(tmp_path.iterdir()) == []  # no lock, private or stale file left behind
+
+
+def test_lease_is_a_stdlib_only_leaf() -> None:
+    """The trainer's run directories will use it too: it may import nothing of the project."""
+    import ast
+
+    tree = ast.parse((ROOT / "dist_vae" / "lease.py").read_text())
+    modules = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    modules += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert all(m.split(".")[0] in sys.stdlib_module_names for m in modules), modules
