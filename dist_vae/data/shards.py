@@ -7,8 +7,9 @@ alone (encode.py), and tar headers carry fixed metadata. So a killed run started
 the shards that were not finished, and a finished output is left untouched. Each shard is written
 under a temporary name and renamed when complete (dist_vae.files), then its per-sample index
 `NAME.idx.json` (key, member, offset, size, sha256 per image: the stream checks each image alone);
-its record (count, bytes, sha256, index, skipped keys) goes to `.progress/` until the manifest
-gathers them all.
+its record (count, bytes, sha256, index, skipped keys, notes) goes to `.progress/` until the manifest
+gathers them all. One process writes an output at a time, under its lease; what an earlier run left
+there (a manifest, `.progress/`, old shards) is judged by output.py.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
 import shutil
 import signal
 import sys
@@ -35,25 +35,28 @@ from dist_vae.data.encode import MAX_PIXELS, RESIZE_RULE, encode, square_image
 from dist_vae.data.index import index_document, index_name, index_tar
 from dist_vae.data.jobs import SPLIT_RULE, ShardJob, sample_name, shard_jobs
 from dist_vae.data.keylist import key_digest, source_change
+from dist_vae.data.output import (
+    MANIFEST,
+    MANIFEST_VERSION,
+    PROGRESS_DIR,
+    ShardError,
+    claim_progress,
+    done_record,
+    finished_manifest,
+    held,
+    prune,
+    usable,
+    write_json,
+)
 from dist_vae.data.scenes import SceneSource, parse_scene_spec
 from dist_vae.data.sources import FolderSource, LmdbSource, SkipImage, SourceError
 from dist_vae.errors import DataError
-from dist_vae.files import atomic_path, file_sha256, write_bytes_atomic, write_text_atomic
-from dist_vae.lease import Lease, LeaseHeld
+from dist_vae.files import atomic_path, file_sha256, write_bytes_atomic
 
 FORMATS = ("webp", "png", "jpg")
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 4  # 4: every Pillow format, ICC, max_pixels, notes; 3: min_size, source_keys
 CACHE_DIR = ".cache"
-PROGRESS_DIR = ".progress"
-LEASE = ".lease.json"  # one make_shards per output (dist_vae.lease)
-SHARD_FILE = re.compile(r"(train|val)-\d{6}\.(tar|idx\.json)")
 
 Source = LmdbSource | FolderSource | SceneSource
-
-
-class ShardError(DataError):
-    """An output directory or setting that cannot be used; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -114,10 +117,6 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
-
-
 def write_shard(source: Source, job: ShardJob, settings: ShardSettings, out: Path) -> dict[str, Any]:
     """Write one shard (temporary name, then rename), then its index, and return its record."""
     final = out / job.name
@@ -153,7 +152,7 @@ def write_shard(source: Source, job: ShardJob, settings: ShardSettings, out: Pat
             "sha256": hashlib.sha256(index).hexdigest(),
         },
     }
-    _write_json(out / PROGRESS_DIR / f"{job.name}.json", {**record, "skipped": skipped, "notes": notes})
+    write_json(out / PROGRESS_DIR / f"{job.name}.json", {**record, "skipped": skipped, "notes": notes})
     return record
 
 
@@ -170,78 +169,8 @@ def _run_job(job: ShardJob) -> tuple[int, dict[str, Any]]:
     return len(job.keys), write_shard(s["source"], job, s["settings"], s["out"])
 
 
-def _finished_manifest(out: Path, settings: ShardSettings) -> dict[str, Any] | None:
-    """The existing manifest if it was made with `settings` and every shard it lists is in place."""
-    path = out / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-        manifest["splits"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ShardError(f"{path} is not a shard manifest ({exc}): remove it to rebuild {out}") from exc
-    if manifest.get("version") != MANIFEST_VERSION:
-        return None  # made before per-sample indexes: rebuild (same shard bytes, plus the indexes)
-    if manifest.get("settings") != asdict(settings):
-        raise ShardError(
-            f"{out} already holds shards made with settings that differ "
-            f"({differences(manifest.get('settings') or {}, asdict(settings))}): write to a new --out, "
-            f"or delete {out} to rebuild it with these"
-        )
-    for split in manifest["splits"].values():
-        for shard in split["shards"]:
-            for entry in (shard, shard["index"]):
-                f = out / entry["name"]
-                if not f.is_file() or f.stat().st_size != entry["bytes"]:
-                    return None
-    return manifest
-
-
-def differences(before: dict[str, Any], now: dict[str, Any]) -> str:
-    """'resolution: 16 -> 32, format: 'webp' -> 'png'': the settings that changed, in a stable order."""
-    changed = [k for k in [*before, *(k for k in now if k not in before)] if before.get(k) != now.get(k)]
-    return ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
-
-
 def _say(line: str) -> None:
     print(line, file=sys.stderr)
-
-
-def _claim_progress(out: Path, settings: ShardSettings, keys: list[str]) -> None:
-    """Mark `.progress/` as the work of these settings on this key list. An unfinished run with other
-    settings is refused, and so is one whose source changed since: its finished shards hold other keys."""
-    path, held = out / PROGRESS_DIR / "settings.json", out / PROGRESS_DIR / "source_keys.json"
-    if path.is_file() and (before := json.loads(path.read_text())) != asdict(settings):
-        diff = differences(before, asdict(settings))
-        raise ShardError(
-            f"{out} holds an unfinished run with settings that differ ({diff}): "
-            f"finish it with those settings, write to a new --out, or delete {out} to start again"
-        )
-    digest = key_digest(keys)
-    if held.is_file() and (before := json.loads(held.read_text())) != digest:
-        raise ShardError(
-            f"{out} holds an unfinished run from {before['count']} source keys of {settings.source}, now "
-            f"{digest['count']}: its finished shards hold other keys, so restore the source to finish it, "
-            f"or delete {out} to start again"
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(path, asdict(settings))
-    _write_json(held, digest)
-
-
-def _done_record(out: Path, job: ShardJob) -> dict[str, Any] | None:
-    """The record of a shard a previous run finished, if its file still matches it."""
-    progress = out / PROGRESS_DIR / f"{job.name}.json"
-    shard = out / job.name
-    if not (progress.is_file() and shard.is_file()):
-        return None
-    record = json.loads(progress.read_text())
-    index = out / index_name(job.name)
-    if record["bytes"] != shard.stat().st_size or record["sha256"] != file_sha256(shard):
-        return None
-    if not index.is_file() or record.get("index", {}).get("sha256") != file_sha256(index):
-        return None
-    return record
 
 
 def build_shards(
@@ -259,40 +188,28 @@ def build_shards(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ShardError(f"--out {out} exists and is not a directory")
-    finished = _finished_manifest(out, settings)
-    source = open_source(settings.source, out, settings.resolution)
-    keys = source.keys()
-    if settings.limit is not None:
-        keys = keys[: settings.limit]
-    if finished is not None:
+    finished = finished_manifest(out, asdict(settings))
+    if finished is not None:  # nothing to write: no lease needed
+        source, keys = _source_keys(settings, out)
         change = source_change(out, finished, keys)
         if change is not None:
             raise ShardError(change)
-        return _usable(out, finished)
-    out.mkdir(parents=True, exist_ok=True)
-    lease = Lease(out / LEASE, owner="make_shards")
+        return usable(out, finished)
+    created = not out.exists()
     try:
-        lease.acquire()
-    except LeaseHeld as exc:
-        raise ShardError(f"{exc}; a second make_shards on one --out is refused") from exc
-    try:
-        taken = f"{out}: taking over the output from {lease.taken_over} (gone)" if lease.taken_over else None
-        return _usable(
-            out, _build(source, keys, settings, out, workers, progress, lambda: taken and say(taken))
-        )
-    finally:
-        lease.release()
+        with held(out, say) as check:
+            source, keys = _source_keys(settings, out)  # the demo source writes under OUT/.cache
+            return usable(out, _build(source, keys, settings, out, workers, progress, check))
+    except DataError:
+        if created and not any(out.iterdir()):
+            out.rmdir()  # a refused source leaves no empty output behind
+        raise
 
 
-def _usable(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """The manifest, or a ShardError when it holds no image at all (training would find nothing)."""
-    if sum(split["count"] for split in manifest["splits"].values()) == 0:
-        skipped = manifest["skipped"]
-        raise ShardError(
-            f"{out}: none of the {manifest['source_keys']['count']} source images of {manifest['source']} "
-            f"could be used ({skipped['reasons']}); the reason for each is in {out / MANIFEST}"
-        )
-    return manifest
+def _source_keys(settings: ShardSettings, out: Path) -> tuple[Source, list[str]]:
+    source = open_source(settings.source, out, settings.resolution)
+    keys = source.keys()
+    return source, keys[: settings.limit] if settings.limit is not None else keys
 
 
 def _build(
@@ -302,16 +219,16 @@ def _build(
     out: Path,
     workers: int,
     progress: bool,
-    claimed: Callable[[], object],
+    check: Callable[[], None],
 ) -> dict[str, Any]:
-    """The build proper, under the lease: every temporary left in `out` is a gone owner's.
-    `claimed` is called once the output is known to be this build's (to say a lease was taken over)."""
+    """The build proper, under the lease (`check` between shards): every temporary left in `out` is
+    a gone owner's."""
     jobs = shard_jobs(keys, settings.val_fraction, settings.shard_size)
-    _claim_progress(out, settings, keys)
-    claimed()
+    claim_progress(out, asdict(settings), keys)
+    check()
     for stale in [*out.glob("*.tmp-*"), *(out / PROGRESS_DIR).glob("*.tmp-*")]:
         stale.unlink()
-    pending = [job for job in jobs if _done_record(out, job) is None]
+    pending = [job for job in jobs if done_record(out, job.name) is None]
     bar = tqdm(
         total=len(keys),
         initial=len(keys) - sum(len(j.keys) for j in pending),
@@ -323,6 +240,7 @@ def _build(
             for job in pending:
                 write_shard(source, job, settings, out)
                 bar.update(len(job.keys))
+                check()
         else:
             previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # workers are born ignoring Ctrl-C
             try:
@@ -332,13 +250,11 @@ def _build(
             with pool:
                 for n, _ in pool.imap_unordered(_run_job, pending):
                     bar.update(n)
+                    check()
     manifest = _manifest(out, jobs, settings, keys)
-    _write_json(out / MANIFEST, manifest)
+    write_json(out / MANIFEST, manifest)
     shutil.rmtree(out / PROGRESS_DIR)
-    listed = {name for job in jobs for name in (job.name, index_name(job.name))}
-    for old in out.iterdir():  # shards of an earlier output in the same place
-        if SHARD_FILE.fullmatch(old.name) and old.name not in listed:
-            old.unlink()
+    prune(out, {name for job in jobs for name in (job.name, index_name(job.name))})
     return manifest
 
 
