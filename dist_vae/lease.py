@@ -170,6 +170,7 @@ class Lease:
             if time.monotonic() > deadline:
                 raise LeaseHeld(self.path, _read(self.path) or holder, self.timeout)
             time.sleep(0.01)
+        self._sweep()
         self._thread = threading.Thread(target=self._beat, name=f"lease {self.path}", daemon=True)
         self._thread.start()
         return self
@@ -183,6 +184,22 @@ class Lease:
             fresh = self.path.with_name(f"{self.path.name}.{self.token}")
             fresh.write_text(json.dumps(self._body, sort_keys=True))
             os.replace(fresh, self.path)
+
+    def still_held(self) -> bool:
+        """Whether the lease file still names this process (one small read; callers check between
+        units of work so that a process taken over as gone stops before writing more)."""
+        if not self.lost and (_read(self.path) or {}).get("token") != self.token:
+            self.lost = True
+        return not self.lost
+
+    def _sweep(self) -> None:
+        """Remove private files (`NAME.HOST-PID-RANDOM`) that dead processes on this host left behind
+        between writing and linking them; other hosts' are left alone."""
+        host = socket.gethostname()
+        for private in self.path.parent.glob(f"{self.path.name}.{host}-*"):
+            pid = private.name.removeprefix(f"{self.path.name}.{host}-").split("-")[0]
+            if pid.isdigit() and not _pid_running(int(pid)):
+                private.unlink(missing_ok=True)
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lease if it is still this process's."""

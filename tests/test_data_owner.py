@@ -98,6 +98,23 @@ def test_a_holder_killed_with_9_is_taken_over_in_one_line(folder: Path, whole, t
     assert shards_of(out) == whole and not list(out.rglob("*.tmp-*"))
 
 
+def test_a_make_shards_whose_lease_was_taken_stops_before_writing_more(folder: Path, tmp_path: Path) -> None:
+    """It looked gone (say, frozen past the timeout) and another took over: it must not go on too."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        cli(folder, out), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    wait_for_progress(out, 2, proc)
+    taker = {**json.loads((out / ".lease.json").read_text()), "host": "node-elsewhere", "token": "taker"}
+    (out / ".lease.json").write_text(json.dumps(taker))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "another make_shards took this output over" in lines[0], err
+    assert json.loads((out / ".lease.json").read_text())["token"] == "taker"  # the taker's, left alone
+    assert not (out / "manifest.json").exists()
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_ctrl_c_stops_in_one_line_with_130_and_the_same_command_finishes(
     folder: Path, whole, tmp_path: Path, workers: int
@@ -152,6 +169,18 @@ def test_lease_refuses_a_live_holder_and_takes_over_a_gone_one(tmp_path: Path) -
     lease = Lease(path, owner="trainer").acquire()
     assert lease.taken_over and f"pid {dead.pid}" in lease.taken_over
     lease.release()
+
+
+def test_lease_sweeps_private_files_of_dead_processes_on_this_host(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    left = tmp_path / f".lease.json.{host}-{dead.pid}-0123456789ab"
+    other_node = tmp_path / ".lease.json.node-elsewhere-1-0123456789ab"
+    for f in (left, other_node):
+        f.write_text("{}")
+    Lease(tmp_path / ".lease.json", owner="trainer").acquire().release()
+    assert not left.exists() and other_node.exists()
 
 
 def test_lease_heartbeat_is_renewed_and_a_lost_lease_is_noticed(tmp_path: Path) -> None:

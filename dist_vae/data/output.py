@@ -54,7 +54,7 @@ def held(out: Path, say: Callable[[str], None]) -> Iterator[Callable[[], None]]:
     def check() -> None:
         while taken:
             say(taken.pop())
-        if lease.lost:
+        if not lease.still_held():
             raise ShardError(
                 f"{out}: another make_shards took this output over (this one was silent for longer than "
                 f"{lease.timeout:.0f} s); stopped so that two do not write it"
