@@ -124,15 +124,18 @@ def test_an_animated_gif_stores_its_first_frame_and_is_counted(tmp_path: Path) -
     frames = [Image.new("RGB", (RES, RES), colour) for colour in ((250, 0, 0), (0, 250, 0), (0, 0, 250))]
     frames[0].save(src / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
     Image.new("RGB", (RES, RES), (9, 9, 9)).save(src / "still.gif")
+    frames[2].save(src / "pages.tif", save_all=True, append_images=frames[:2])  # a 3-page scan
     result, manifest, stored = shard_folder(src, tmp_path / "out")
     assert Image.open(src / "anim.gif").n_frames == 3
     assert np.abs(stored["anim.gif"].astype(int) - (250, 0, 0)).max() <= 4  # frame 0, not 1 or 2
-    assert manifest["notes"]["kinds"] == {"animated": 1}
+    assert np.abs(stored["pages.tif"].astype(int) - (0, 0, 250)).max() <= 4
+    assert manifest["notes"]["kinds"] == {"animated": 1, "multi-frame": 1}
     assert manifest["notes"]["items"] == [
-        {"key": "anim.gif", "note": "animated", "detail": "3 frames, frame 0 stored"}
+        {"key": "anim.gif", "note": "animated", "detail": "3 frames, frame 0 stored"},
+        {"key": "pages.tif", "note": "multi-frame", "detail": "3 frames, frame 0 stored"},
     ]
     assert "frame 0 (the first)" in manifest["resize"]
-    assert "notes {'animated': 1}" in result.stdout
+    assert "notes {'animated': 1, 'multi-frame': 1}" in result.stdout
 
 
 def test_max_pixels_skips_larger_images_naming_their_size(tmp_path: Path) -> None:

@@ -18,14 +18,15 @@ from dist_vae.data.sources import SkipImage, sniff_format
 BACKGROUND = (255, 255, 255)  # under transparency: what a viewer on a white page shows
 MAX_PIXELS = 100_000_000  # larger sources are skipped (make_shards --max-pixels): ~300 MB as RGB
 FRAME = 0  # the frame of an animated image that is stored: the first, a still viewer's choice
+ANIMATED = {"GIF", "PNG", "WEBP", "FLI", "AVIF"}  # formats whose frames are an animation
 RESIZE_RULE = (
-    "every format Pillow decodes; animated images: frame 0 (the first), counted in notes; images above "
-    "max_pixels skipped before decoding; EXIF orientation applied; an embedded ICC profile converted "
-    "to sRGB (Pillow ImageCms, perceptual intent; one that cannot be used ignored, with a note), "
-    "CMYK without one by Pillow's CMYK->RGB, LAB by the CIE D50 profile; 16-bit greyscale scaled to 8 bits "
-    "(v*255/65535, rounded), and 32-bit integer greyscale (mode I) likewise, by 65535 when every "
-    "value fits 16 bits, else by 2**31-1, negatives as 0; 32-bit float greyscale (mode F) scaled by "
-    "255 when every value is within [0, 1], else clipped to [0, 255], NaN as 0; "
+    "every format Pillow decodes; animated and multi-frame images: frame 0 (the first), counted in "
+    "notes; images above max_pixels skipped before decoding; EXIF orientation applied; an embedded ICC "
+    "profile converted to sRGB (Pillow ImageCms, perceptual intent; one that cannot be used ignored, "
+    "with a note), CMYK without one by Pillow's CMYK->RGB, LAB by the CIE D50 profile; 16-bit "
+    "greyscale scaled to 8 bits (v*255/65535, rounded), and 32-bit integer greyscale (mode I) likewise, "
+    "by 65535 when every value fits 16 bits, else by 2**31-1, negatives as 0; 32-bit float greyscale "
+    "(mode F) scaled by 255 when every value is within [0, 1], else clipped to [0, 255], NaN as 0; "
     f"transparency composited on white {BACKGROUND}; images whose shorter side is below min_size "
     "skipped; shorter side to resolution (PIL Lanczos, antialiased), centre crop, RGB"
 )
@@ -120,9 +121,10 @@ def decode_source(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[Image.Imag
                 raise SkipImage("too large", f"{w}x{h} = {w * h} pixels, above max_pixels {max_pixels}")
             try:
                 frames = getattr(img, "n_frames", 1)
-                if frames > 1:
+                if frames > 1:  # animations; also TIFF pages and MPO's second pictures (depth maps)
                     img.seek(FRAME)
-                    notes.append(("animated", f"{frames} frames, frame {FRAME} stored"))
+                    kind = "animated" if img.format in ANIMATED else "multi-frame"
+                    notes.append((kind, f"{frames} frames, frame {FRAME} stored"))
                 img.load()
                 img = _as_shown(img, notes)
             except SkipImage:
