@@ -54,7 +54,15 @@ def describe(holder: dict[str, Any]) -> str:
     )
 
 
-def _pid_running(pid: int) -> bool:
+def _pid_running(pid: object) -> bool:
+    """Whether a process of that id runs on this host (a reused id reads as running: the lease then
+    waits for the heartbeat timeout, the safe side)."""
+    try:
+        pid = int(pid)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return False
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -92,7 +100,7 @@ class Lease:
         self.timeout, self.interval = timeout, interval
         self.token = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.taken_over: str | None = None
-        self.lost = False  # set by the heartbeat when another process took the lease
+        self.lost = False  # set when another process took the lease (or it could not be renewed)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._body: dict[str, Any] = {}
@@ -103,7 +111,7 @@ class Lease:
                 return time.time() - self.path.stat().st_mtime > self.timeout
             except FileNotFoundError:
                 return True
-        if holder.get("host") == socket.gethostname() and not _pid_running(int(holder.get("pid", -1))):
+        if holder.get("host") == socket.gethostname() and not _pid_running(holder.get("pid")):
             return True
         return time.time() - float(holder.get("heartbeat", 0)) > self.timeout
 
@@ -129,7 +137,7 @@ class Lease:
             other = _read(lock)
             if other is not None and (
                 time.time() - float(other.get("time", 0)) > LOCK_STALE_S
-                or (other.get("host") == socket.gethostname() and not _pid_running(int(other.get("pid", -1))))
+                or (other.get("host") == socket.gethostname() and not _pid_running(other.get("pid")))
             ):
                 lock.unlink(missing_ok=True)  # its taker died within the few milliseconds it holds it
             return False
@@ -177,13 +185,17 @@ class Lease:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.interval):
-            if (_read(self.path) or {}).get("token") != self.token:
+            try:
+                if (_read(self.path) or {}).get("token") != self.token:
+                    self.lost = True
+                    return
+                self._body["heartbeat"] = time.time()
+                fresh = self.path.with_name(f"{self.path.name}.{self.token}")
+                fresh.write_text(json.dumps(self._body, sort_keys=True))
+                os.replace(fresh, self.path)
+            except OSError:  # the directory removed, the disk full: the holder learns it by still_held()
                 self.lost = True
                 return
-            self._body["heartbeat"] = time.time()
-            fresh = self.path.with_name(f"{self.path.name}.{self.token}")
-            fresh.write_text(json.dumps(self._body, sort_keys=True))
-            os.replace(fresh, self.path)
 
     def still_held(self) -> bool:
         """Whether the lease file still names this process (one small read; callers check between

@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:  # a source, setting or output directory that cannot be used
         print(f"make_shards.py: error: {exc}", file=sys.stderr)
         return ExitCode.REFUSED
+    except OSError as exc:  # a full or read-only disk, an unreadable LMDB page: the finished shards stay
+        print(f"make_shards.py: error: {exc}", file=sys.stderr)
+        return ExitCode.REFUSED
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this line short
         done = len(list((Path(args.out) / PROGRESS_DIR).glob("*.tar.json")))

@@ -57,7 +57,8 @@ def held(out: Path, say: Callable[[str], None]) -> Iterator[Callable[[], None]]:
         if not lease.still_held():
             raise ShardError(
                 f"{out}: another make_shards took this output over (this one was silent for longer than "
-                f"{lease.timeout:.0f} s); stopped so that two do not write it"
+                f"{lease.timeout:.0f} s, or its lease file could not be renewed); stopped so that two do "
+                "not write it: run the same command again once the other has finished"
             )
 
     try:
