@@ -151,3 +151,26 @@ def test_shards_larger_than_data_resolution_are_resized_with_one_line(
     assert len(lines) == 1 and "shards are 16 px and data.resolution is 8" in lines[0], caplog.text
     assert "--resolution 8" in lines[0]
     shutil.rmtree(out)
+
+
+def test_an_older_output_is_rebuilt_only_when_the_settings_it_had_agree(
+    good_lmdb: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    args = ("--source", f"lmdb:{good_lmdb}", "--out", str(out), "--resolution", "16", "--val-fraction", "0.2")
+    assert make_shards(*args).returncode == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    older = {
+        **manifest,
+        "version": 3,
+        "settings": {k: v for k, v in manifest["settings"].items() if k != "max_pixels"},
+    }
+    (out / "manifest.json").write_text(
+        json.dumps({**older, "settings": {**older["settings"], "resolution": 32}})
+    )
+    line = one_line_refusal(make_shards(*args), "resolution: 32 -> 16")
+    assert "max_pixels" not in line  # a setting the older make_shards did not have is not a difference
+    (out / "manifest.json").write_text(json.dumps(older))
+    again = make_shards(*args)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((out / "manifest.json").read_text()) == manifest

@@ -77,14 +77,16 @@ def finished_manifest(out: Path, settings: dict[str, Any]) -> dict[str, Any] | N
         manifest["splits"]
     except (ValueError, KeyError, TypeError) as exc:
         raise ShardError(f"{path} is not a shard manifest ({exc}): remove it to rebuild {out}") from exc
-    if manifest.get("version") != MANIFEST_VERSION:
-        return None  # made by an older make_shards, by other image rules: rebuild
-    if manifest.get("settings") != settings:
+    before = manifest.get("settings") or {}
+    old = manifest.get("version") != MANIFEST_VERSION  # an older make_shards: older rules, fewer settings
+    compared = {k: settings.get(k) for k in before} if old else settings  # settings it had, only
+    if before != compared:
         raise ShardError(
-            f"{out} already holds shards made with settings that differ "
-            f"({differences(manifest.get('settings') or {}, settings)}): write to a new --out, "
-            f"or delete {out} to rebuild it with these"
+            f"{out} already holds shards made with settings that differ ({differences(before, compared)}): "
+            f"write to a new --out, or delete {out} to rebuild it with these"
         )
+    if old:
+        return None  # the same settings under older image rules: rebuilt in place, old shards pruned
     for split in manifest["splits"].values():
         for shard in split["shards"]:
             for entry in (shard, shard["index"]):
