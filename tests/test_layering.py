@@ -103,8 +103,8 @@ def test_checkpoint_component_imports_neither_the_run_directory_nor_the_engine(p
 
 
 DATA_MAY_IMPORT = (
-    "dist_vae.schema", "dist_vae.errors", "dist_vae.files", "dist_vae.compat", "dist_vae.distributed",
-    "dist_vae.data",
+    "dist_vae.schema", "dist_vae.errors", "dist_vae.files", "dist_vae.lease", "dist_vae.compat",
+    "dist_vae.distributed", "dist_vae.data",
 )  # fmt: skip
 
 

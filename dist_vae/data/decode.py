@@ -9,13 +9,29 @@ scaling, would save a worker less time than it costs a CPU consumer.)
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
 
 import numpy as np
 import torch
 from PIL import Image
 
 from dist_vae.data.index import BadSample, ShardReader
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def say_resized(directory: str, stored: int, resolution: int) -> None:
+    """One line per directory and process when shards are larger than data.resolution: they are
+    downscaled on load (the cache is the memory)."""
+    log.warning(
+        "%s: shards are %d px and data.resolution is %d: every image is resized on load (Lanczos), "
+        "which costs time in the workers and resamples a resampled image; for speed and exact pixels, "
+        "make shards at %d px (tools/make_shards.py --resolution %d)",
+        directory, stored, resolution, resolution, resolution,
+    )  # fmt: skip
 
 
 def decode(data: bytes, pil_format: str, resolution: int) -> np.ndarray:

@@ -10,6 +10,7 @@ truncated shard only the images past its end. Shard directories made before inde
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import tarfile
@@ -17,6 +18,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from dist_vae.data.sources import IMAGE_SUFFIXES
 from dist_vae.errors import DataError
 
 PIL_FORMATS = {"webp": "WEBP", "png": "PNG", "jpg": "JPEG"}  # manifest format -> the one decoder to try
@@ -40,7 +42,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     """The shard directory's manifest.json, checked for the fields the stream relies on."""
     path = Path(directory) / "manifest.json"
     if not path.is_file():
-        raise DataError(f"{path} is missing: build shards with tools/make_shards.py --out {directory}")
+        raise DataError(_no_manifest(Path(directory)))
     try:
         manifest = json.loads(path.read_text())
     except ValueError as exc:
@@ -68,6 +70,31 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
                 f"'splits.{split}.shards[{i}]' with name, count and (optionally) index name/bytes/sha256",
             )
     return manifest
+
+
+def _no_manifest(directory: Path) -> str:
+    """Why `directory` has no manifest, as one line saying what to run: it holds raw images or an
+    LMDB (shards go to another directory), an unfinished make_shards run, or nothing of ours."""
+    new = "--out NEW_DIR (another directory), then set data.path to NEW_DIR"
+    if (directory / "data.mdb").is_file():
+        return (
+            f"{directory} holds an LMDB, not shards: build them with tools/make_shards.py "
+            f"--source lmdb:{directory} {new}"
+        )
+    if (directory / ".progress").is_dir():
+        return (
+            f"{directory} holds an unfinished make_shards run: run the same make_shards command to finish it"
+        )
+    if directory.is_dir():
+        first = itertools.islice(directory.rglob("*"), 10_000)  # a look, not a listing of millions
+        if any(p.suffix.lower() in IMAGE_SUFFIXES for p in first):
+            return (
+                f"{directory} holds image files, not shards: build them with tools/make_shards.py "
+                f"--source folder:{directory} {new}"
+            )
+    return (
+        f"{directory / 'manifest.json'} is missing: build shards with tools/make_shards.py --out {directory}"
+    )
 
 
 def index_tar(path: Path, hashes: bool) -> list[list[Any]]:

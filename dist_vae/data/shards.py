@@ -7,8 +7,9 @@ alone (encode.py), and tar headers carry fixed metadata. So a killed run started
 the shards that were not finished, and a finished output is left untouched. Each shard is written
 under a temporary name and renamed when complete (dist_vae.files), then its per-sample index
 `NAME.idx.json` (key, member, offset, size, sha256 per image: the stream checks each image alone);
-its record (count, bytes, sha256, index, skipped keys) goes to `.progress/` until the manifest
-gathers them all.
+its record (count, bytes, sha256, index, skipped keys, notes) goes to `.progress/` until the manifest
+gathers them all. One process writes an output at a time, under its lease; what an earlier run left
+there (a manifest, `.progress/`, old shards) is judged by output.py.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ import hashlib
 import io
 import json
 import shutil
+import signal
+import sys
 import tarfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from multiprocessing import Pool
 from pathlib import Path
@@ -27,26 +31,32 @@ from typing import Any
 from tqdm import tqdm
 
 from dist_vae.data.demo import DEFAULT_DEMO_SIZE, ensure_demo_lmdb
-from dist_vae.data.encode import RESIZE_RULE, encode, square_image
+from dist_vae.data.encode import MAX_PIXELS, RESIZE_RULE, encode, square_image
 from dist_vae.data.index import index_document, index_name, index_tar
 from dist_vae.data.jobs import SPLIT_RULE, ShardJob, sample_name, shard_jobs
 from dist_vae.data.keylist import key_digest, source_change
+from dist_vae.data.output import (
+    MANIFEST,
+    MANIFEST_VERSION,
+    PROGRESS_DIR,
+    ShardError,
+    claim_progress,
+    done_record,
+    finished_manifest,
+    held,
+    prune,
+    usable,
+    write_json,
+)
 from dist_vae.data.scenes import SceneSource, parse_scene_spec
 from dist_vae.data.sources import FolderSource, LmdbSource, SkipImage, SourceError
 from dist_vae.errors import DataError
-from dist_vae.files import atomic_path, file_sha256, write_bytes_atomic, write_text_atomic
+from dist_vae.files import atomic_path, file_sha256, write_bytes_atomic
 
 FORMATS = ("webp", "png", "jpg")
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 3  # 3: image rules of encode.RESIZE_RULE, min_size, source_keys
 CACHE_DIR = ".cache"
-PROGRESS_DIR = ".progress"
 
 Source = LmdbSource | FolderSource | SceneSource
-
-
-class ShardError(DataError):
-    """An output directory or setting that cannot be used; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,7 @@ class ShardSettings:
     val_fraction: float = 0.01
     limit: int | None = None
     min_size: int | None = None  # shorter sides below it are skipped; None: a quarter of the resolution
+    max_pixels: int = MAX_PIXELS  # larger images (width x height) are skipped before decoding
 
     def __post_init__(self) -> None:
         if self.min_size is None:  # resolved here, so the manifest records the value used
@@ -73,6 +84,7 @@ class ShardSettings:
             (0.0 <= self.val_fraction <= 1.0, f"val fraction must be in [0, 1], got {self.val_fraction}"),
             (self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}"),
             (self.min_size >= 1, f"min size must be >= 1, got {self.min_size}"),
+            (self.max_pixels >= 1, f"max pixels must be >= 1, got {self.max_pixels}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -105,22 +117,21 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
-
-
 def write_shard(source: Source, job: ShardJob, settings: ShardSettings, out: Path) -> dict[str, Any]:
     """Write one shard (temporary name, then rename), then its index, and return its record."""
     final = out / job.name
-    skipped = []
+    skipped, notes = [], []
     with atomic_path(final) as tmp:
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for key in job.keys:
                 try:
-                    img = square_image(source.read(key), settings.resolution, settings.min_size)
+                    img, said = square_image(
+                        source.read(key), settings.resolution, settings.min_size, settings.max_pixels
+                    )
                 except SkipImage as exc:
                     skipped.append({"key": key, "reason": exc.reason, "detail": exc.detail})
                     continue
+                notes += [{"key": key, "note": kind, "detail": detail} for kind, detail in said]
                 stem = sample_name(key)
                 _add_member(tar, f"{stem}.{settings.format}", encode(img, settings.format, settings.quality))
                 meta = {
@@ -141,7 +152,7 @@ def write_shard(source: Source, job: ShardJob, settings: ShardSettings, out: Pat
             "sha256": hashlib.sha256(index).hexdigest(),
         },
     }
-    _write_json(out / PROGRESS_DIR / f"{job.name}.json", {**record, "skipped": skipped})
+    write_json(out / PROGRESS_DIR / f"{job.name}.json", {**record, "skipped": skipped, "notes": notes})
     return record
 
 
@@ -149,6 +160,7 @@ _worker_state: dict[str, Any] = {}
 
 
 def _init_worker(source: Source, settings: ShardSettings, out: Path) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     _worker_state.update(source=source, settings=settings, out=out)
 
 
@@ -157,90 +169,66 @@ def _run_job(job: ShardJob) -> tuple[int, dict[str, Any]]:
     return len(job.keys), write_shard(s["source"], job, s["settings"], s["out"])
 
 
-def _finished_manifest(out: Path, settings: ShardSettings) -> dict[str, Any] | None:
-    """The existing manifest if it was made with `settings` and every shard it lists is in place."""
-    path = out / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-        manifest["splits"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ShardError(f"{path} is not a shard manifest ({exc}): remove it to rebuild {out}") from exc
-    if manifest.get("version") != MANIFEST_VERSION:
-        return None  # made before per-sample indexes: rebuild (same shard bytes, plus the indexes)
-    if manifest.get("settings") != asdict(settings):
-        raise ShardError(
-            f"{out} already holds shards made with settings {manifest.get('settings')}, not "
-            f"{asdict(settings)}: choose another --out or remove {path}"
-        )
-    for split in manifest["splits"].values():
-        for shard in split["shards"]:
-            for entry in (shard, shard["index"]):
-                f = out / entry["name"]
-                if not f.is_file() or f.stat().st_size != entry["bytes"]:
-                    return None
-    return manifest
-
-
-def _claim_progress(out: Path, settings: ShardSettings, keys: list[str]) -> None:
-    """Mark `.progress/` as the work of these settings on this key list. An unfinished run with other
-    settings is refused, and so is one whose source changed since: its finished shards hold other keys."""
-    path, held = out / PROGRESS_DIR / "settings.json", out / PROGRESS_DIR / "source_keys.json"
-    if path.is_file() and json.loads(path.read_text()) != asdict(settings):
-        raise ShardError(
-            f"{out} holds an unfinished run with settings {json.loads(path.read_text())}, not "
-            f"{asdict(settings)}: finish it with those settings, or choose another --out"
-        )
-    digest = key_digest(keys)
-    if held.is_file() and (before := json.loads(held.read_text())) != digest:
-        raise ShardError(
-            f"{out} holds an unfinished run from {before['count']} source keys of {settings.source}, now "
-            f"{digest['count']}: its finished shards hold other keys, so restore the source to finish it, "
-            f"or delete {out} to start again"
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(path, asdict(settings))
-    _write_json(held, digest)
-
-
-def _done_record(out: Path, job: ShardJob) -> dict[str, Any] | None:
-    """The record of a shard a previous run finished, if its file still matches it."""
-    progress = out / PROGRESS_DIR / f"{job.name}.json"
-    shard = out / job.name
-    if not (progress.is_file() and shard.is_file()):
-        return None
-    record = json.loads(progress.read_text())
-    index = out / index_name(job.name)
-    if record["bytes"] != shard.stat().st_size or record["sha256"] != file_sha256(shard):
-        return None
-    if not index.is_file() or record.get("index", {}).get("sha256") != file_sha256(index):
-        return None
-    return record
+def _say(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def build_shards(
-    settings: ShardSettings, out: str | Path, workers: int = 1, progress: bool = True
+    settings: ShardSettings,
+    out: str | Path,
+    workers: int = 1,
+    progress: bool = True,
+    say: Callable[[str], None] = _say,
 ) -> dict[str, Any]:
-    """Make (or finish) the shards of `settings.source` in `out`; returns the manifest."""
+    """Make (or finish) the shards of `settings.source` in `out`; returns the manifest.
+
+    One process at a time writes `out` (its lease, OUT/.lease.json); a second is refused with a
+    ShardError naming the holder, and a gone holder's lease is taken over with one line to `say`.
+    """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ShardError(f"--out {out} exists and is not a directory")
-    finished = _finished_manifest(out, settings)
-    source = open_source(settings.source, out, settings.resolution)
-    keys = source.keys()
-    if settings.limit is not None:
-        keys = keys[: settings.limit]
-    if finished is not None:
+    finished = finished_manifest(out, asdict(settings))
+    if finished is not None:  # nothing to write: no lease needed
+        source, keys = _source_keys(settings, out)
         change = source_change(out, finished, keys)
         if change is not None:
             raise ShardError(change)
-        return finished
+        return usable(out, finished)
+    created = not out.exists()
+    try:
+        with held(out, say) as check:
+            source, keys = _source_keys(settings, out)  # the demo source writes under OUT/.cache
+            return usable(out, _build(source, keys, settings, out, workers, progress, check))
+    except DataError:
+        if created and not any(out.iterdir()):
+            out.rmdir()  # a refused source leaves no empty output behind
+        raise
+
+
+def _source_keys(settings: ShardSettings, out: Path) -> tuple[Source, list[str]]:
+    source = open_source(settings.source, out, settings.resolution)
+    keys = source.keys()
+    return source, keys[: settings.limit] if settings.limit is not None else keys
+
+
+def _build(
+    source: Source,
+    keys: list[str],
+    settings: ShardSettings,
+    out: Path,
+    workers: int,
+    progress: bool,
+    check: Callable[[], None],
+) -> dict[str, Any]:
+    """The build proper, under the lease (`check` between shards): every temporary left in `out` is
+    a gone owner's."""
     jobs = shard_jobs(keys, settings.val_fraction, settings.shard_size)
-    _claim_progress(out, settings, keys)
+    claim_progress(out, asdict(settings), keys)
+    check()
     for stale in [*out.glob("*.tmp-*"), *(out / PROGRESS_DIR).glob("*.tmp-*")]:
         stale.unlink()
-    pending = [job for job in jobs if _done_record(out, job) is None]
+    pending = [job for job in jobs if done_record(out, job.name) is None]
     bar = tqdm(
         total=len(keys),
         initial=len(keys) - sum(len(j.keys) for j in pending),
@@ -252,19 +240,28 @@ def build_shards(
             for job in pending:
                 write_shard(source, job, settings, out)
                 bar.update(len(job.keys))
+                check()
         else:
-            with Pool(min(workers, len(pending)), _init_worker, (source, settings, out)) as pool:
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # workers are born ignoring Ctrl-C
+            try:
+                pool = Pool(min(workers, len(pending)), _init_worker, (source, settings, out))
+            finally:
+                signal.signal(signal.SIGINT, previous)
+            with pool:
                 for n, _ in pool.imap_unordered(_run_job, pending):
                     bar.update(n)
+                    check()
     manifest = _manifest(out, jobs, settings, keys)
-    _write_json(out / MANIFEST, manifest)
+    write_json(out / MANIFEST, manifest)
     shutil.rmtree(out / PROGRESS_DIR)
+    prune(out, {name for job in jobs for name in (job.name, index_name(job.name))})
     return manifest
 
 
 def _manifest(out: Path, jobs: list[ShardJob], settings: ShardSettings, keys: list[str]) -> dict[str, Any]:
     records = [json.loads((out / PROGRESS_DIR / f"{job.name}.json").read_text()) for job in jobs]
     skipped = sorted((s for r in records for s in r.pop("skipped")), key=lambda s: s["key"])
+    notes = sorted((n for r in records for n in r.pop("notes", [])), key=lambda n: (n["key"], n["note"]))
     splits = {}
     for split in ("train", "val"):
         shards = [r for r, job in zip(records, jobs, strict=True) if job.split == split]
@@ -290,5 +287,10 @@ def _manifest(out: Path, jobs: list[ShardJob], settings: ShardSettings, keys: li
             "count": len(skipped),
             "reasons": dict(sorted(Counter(s["reason"] for s in skipped).items())),
             "items": skipped,
+        },
+        "notes": {
+            "count": len(notes),
+            "kinds": dict(sorted(Counter(n["note"] for n in notes).items())),
+            "items": notes,
         },
     }

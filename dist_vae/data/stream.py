@@ -27,7 +27,7 @@ import torch
 from dist_vae.compat.torch_data import check_supported
 from dist_vae.data.buffers import BatchBuffers
 from dist_vae.data.config import DataConfig
-from dist_vae.data.decode import to_unit_range
+from dist_vae.data.decode import say_resized, to_unit_range
 from dist_vae.data.index import PIL_FORMATS, read_manifest
 from dist_vae.data.order import SampleOrder
 from dist_vae.data.plan import Plan
@@ -73,6 +73,8 @@ class ShardStream:
                 f"data.resolution={cfg.resolution} but the shards in {directory} are "
                 f"{manifest['resolution']} px: re-shard at >= {cfg.resolution} px"
             )
+        if cfg.resolution < manifest["resolution"]:
+            say_resized(str(directory), manifest["resolution"], cfg.resolution)
         shards = manifest["splits"][split]["shards"]
         if any("index" not in s for s in shards):
             _warn_unindexed(str(directory))
