@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, SelectiveCheckpointContext
+from torch.utils.checkpoint import checkpoint
 
 LATENT_GRID = 8  # latents are read from and written to feature maps pooled/broadcast at most this side
 
@@ -42,20 +42,23 @@ def upsample_conv(h: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return F.conv_transpose2d(h, weight, conv.bias, stride=2, padding=1)
 
 
-def keep_coarse_convolutions(
-    resolution: int, ctx: SelectiveCheckpointContext, op: object, *args: Any, **kwargs: Any
-) -> CheckpointPolicy:
-    """Checkpointing policy: keep the outputs of convolutions whose input is at most a quarter of the
-    image's side, recompute everything else.
+def fine_levels(sizes: Sequence[int]) -> int:
+    """How many of the finest levels gradient checkpointing recomputes: those wider than a quarter of
+    the image's side.
 
     Every level costs about the same convolution FLOPs (4x fewer pixels, 2x the channels, squared) but
-    half the memory of the one above it, so the levels from a quarter of the side down hold most of
-    the step's convolution FLOPs (at 256 px: ~60%) in a small part of its activations (their
-    convolutions' outputs: ~17 MB per step at 256 px, batch 1). The backward then reruns only their
-    cheap elementwise work there; the recomputed values are bitwise those of the forward.
+    holds half the activations of the one above it, so the two finest levels hold about three quarters
+    of a step's activations and a third of its FLOPs and operations: recomputing them alone keeps most
+    of the memory saving of recomputing the whole step, without dispatching the coarse levels' many
+    small operations twice (at 256 px the whole-step recomputation was a third of the step's aten ops).
     """
-    keep = op is torch.ops.aten.convolution.default and args[0].shape[-1] * 4 <= resolution
-    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+    return sum(4 * side > sizes[0] for side in sizes)
+
+
+def recomputed(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) with its activations dropped after forward and recomputed in backward (bitwise the
+    same: no randomness inside, so no RNG state is stashed)."""
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -94,15 +97,24 @@ class DownPath(nn.Module):
             nn.Conv2d(w, w_next, 3, stride=2, padding=1) for w, w_next in itertools.pairwise(widths)
         )
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        h = self.stem(x)
+    def _levels(self, h: torch.Tensor, start: int, stop: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Levels start..stop-1 from the map entering level `start`: their features, and the map
+        entering level `stop` (the step down included)."""
         features = []
-        for i, stage in enumerate(self.stages):
-            if i > 0:
-                h = self.down[i - 1](h)
-            h = stage(h)
+        for i in range(start, stop):
+            h = self.stages[i](h)
             features.append(h)
-        return features
+            if i < len(self.down):
+                h = self.down[i](h)
+        return features, h
+
+    def _fine(self, x: torch.Tensor, stop: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        return self._levels(self.stem(x), 0, stop)
+
+    def forward(self, x: torch.Tensor, fine: int = 0) -> list[torch.Tensor]:
+        """The feature map of every level, finest first; the first `fine` levels `recomputed`."""
+        features, h = recomputed(self._fine, x, fine) if fine else ([], self.stem(x))
+        return features + self._levels(h, fine, len(self.stages))[0]
 
 
 class Encoder(nn.Module):
@@ -125,9 +137,11 @@ class Encoder(nn.Module):
                 _norm(widths[level]), nn.SiLU(), nn.AdaptiveAvgPool2d(grid), nn.Flatten(), linear
             )
 
-    def forward(self, x: torch.Tensor, canvas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, canvas: torch.Tensor, fine: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log-variance of all ladder latents, concatenated in ladder order."""
-        features = self.path(torch.cat([x, canvas], dim=1))
+        features = self.path(torch.cat([x, canvas], dim=1), fine)
         stats = [self.heads[str(level)](features[level]) for level in self.ladder]
         mean, raw_logvar = torch.cat(stats, dim=1).float().chunk(2, dim=1)
         # Soft bound on the log-variance keeps exp() finite under bf16/fp16 autocast.
@@ -168,23 +182,35 @@ class Generator(nn.Module):
         h = self.inject[str(level)](z).view(z.shape[0], self.widths[level], grid, grid)
         return F.interpolate(h, size=self.sizes[level], mode="nearest") if grid < self.sizes[level] else h
 
-    def forward(
-        self, z: torch.Tensor, canvas: torch.Tensor | None
+    def _level(
+        self,
+        h: torch.Tensor | None,
+        level: int,
+        zs: dict[int, torch.Tensor],
+        skips: list[torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """One level of the U-Net: the upsampled coarser map (none at the coarsest), plus the canvas
+        skip and the latent map where there are, through the level's stage."""
+        if h is not None:
+            h = upsample_conv(h, self.up[level])
+        parts = [] if h is None else [h]
+        if skips is not None:
+            parts.append(skips[level])
+        if level in zs:
+            parts.append(self._latent_map(level, zs[level]))
+        return self.stages[level](sum(parts[1:], parts[0]))
+
+    def _fine(
+        self,
+        h: torch.Tensor | None,
+        zs: dict[int, torch.Tensor],
+        skips: list[torch.Tensor] | None,
+        canvas: torch.Tensor | None,
+        fine: int,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """New canvas in [-1, 1] and the gate (None for the first step)."""
-        zs = dict(zip(self.ladder, z.split(list(self.ladder.values()), dim=1), strict=True))
-        skips = self.canvas_path(canvas) if self.canvas_path is not None else None
-        h: torch.Tensor | None = None
-        for level in reversed(range(len(self.sizes))):
-            if h is not None:
-                h = upsample_conv(h, self.up[level])
-            parts = [] if h is None else [h]
-            if skips is not None:
-                parts.append(skips[level])
-            if level in zs:
-                parts.append(self._latent_map(level, zs[level]))
-            h = self.stages[level](sum(parts[1:], parts[0]))
-        assert h is not None
+        """The levels fine-1..0 (none for 0) and the output: the new canvas in [-1, 1] and the gate."""
+        for level in reversed(range(fine)):
+            h = self._level(h, level, zs, skips)
         out = self.out(h)
         if canvas is None:
             return torch.tanh(out), None
@@ -192,3 +218,17 @@ class Generator(nn.Module):
         # gate * new + (1 - gate) * canvas in one pass: a convex mix of two images in [-1, 1] stays there.
         dtype = torch.promote_types(new.dtype, canvas.dtype)
         return torch.lerp(canvas.to(dtype), new.to(dtype), gate.to(dtype)), gate
+
+    def forward(
+        self, z: torch.Tensor, canvas: torch.Tensor | None, fine: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """New canvas in [-1, 1] and the gate (None for the first step); the `fine` finest levels and
+        the output `recomputed` when fine > 0."""
+        zs = dict(zip(self.ladder, z.split(list(self.ladder.values()), dim=1), strict=True))
+        skips = self.canvas_path(canvas, fine) if self.canvas_path is not None else None
+        h: torch.Tensor | None = None
+        for level in reversed(range(fine, len(self.sizes))):
+            h = self._level(h, level, zs, skips)
+        if fine:
+            return recomputed(self._fine, h, zs, skips, canvas, fine)
+        return self._fine(h, zs, skips, canvas, 0)

@@ -19,7 +19,6 @@ of earlier steps are auxiliary losses that shape the refinement and are not part
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,9 +26,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
-from dist_vae.models.iterative_nets import Encoder, Generator, keep_coarse_convolutions, level_width
+from dist_vae.models.iterative_nets import Encoder, Generator, fine_levels, level_width
 from dist_vae.models.output import CodeStats, LossOutput
 from dist_vae.models.protocol import Posterior
 from dist_vae.models.regularizers import diag_normal_log_density, gaussian_kl
@@ -88,11 +86,11 @@ class RefineStep(nn.Module):
         self.encoder = Encoder(sizes, widths, ladder, blocks)
         self.generator = Generator(sizes, widths, ladder, blocks, refine=not first)
 
-    def forward(self, x: torch.Tensor, canvas: torch.Tensor, eps: torch.Tensor) -> StepOutput:
-        """Step t on a batch with z_t = mean + std * eps."""
-        mean, logvar = self.encoder(x, canvas)
+    def forward(self, x: torch.Tensor, canvas: torch.Tensor, eps: torch.Tensor, fine: int = 0) -> StepOutput:
+        """Step t on a batch with z_t = mean + std * eps; its `fine` finest levels recomputed in backward."""
+        mean, logvar = self.encoder(x, canvas, fine)
         z = mean + torch.exp(0.5 * logvar) * eps
-        new_canvas, gate = self.generator(z, None if self.first else canvas)
+        new_canvas, gate = self.generator(z, None if self.first else canvas, fine)
         sse = (new_canvas.float() - x.float()).square().flatten(1).sum(dim=1)
         gate_mean = None if gate is None else gate.detach().float().flatten(1).mean(dim=1)
         return StepOutput(new_canvas, sse, gaussian_kl(mean, logvar), gate_mean, mean, logvar, z)
@@ -123,6 +121,7 @@ class IterativeVAE(nn.Module):
         self.rec_weight = float(cfg.rec_weight)
         self.kl_warmup = float(cfg.kl_warmup)
         self.latent_size = int(sum(latent_dims))
+        self.fine = fine_levels(sizes)
         widths = [level_width(s, cfg.channels) for s in sizes]
         first_level = len(sizes) - len(latent_dims)
         ladder = {first_level + i: int(d) for i, d in enumerate(latent_dims)}
@@ -159,24 +158,18 @@ class IterativeVAE(nn.Module):
         """Run the T steps on x with z_t = mean + std * eps[t] (eps drawn here when not given).
 
         Greedy mode detaches the canvas handed to the next step, so step t's loss trains step t alone.
-        With checkpointing each step but the last is recomputed in backward (noise is drawn outside, so
-        identically), all but its coarse convolutions (`keep_coarse_convolutions`). The last step's
-        backward comes first, right after its forward: recomputing it would save no memory, since
-        backward holds one step's activations at a time anyway.
+        With checkpointing each step but the last recomputes its finest levels in backward
+        (`fine_levels`). The last step's backward comes first, right after its forward: recomputing
+        it would save no memory, since backward holds one step's activations at a time anyway.
         """
         self._check_input(x)
         canvas = torch.zeros_like(x)
         outputs = []
-        policy = functools.partial(keep_coarse_convolutions, self.resolution)
         for t, step in enumerate(self.steps):
             noise = eps[t] if eps is not None else torch.randn(x.shape[0], self.latent_size, device=x.device)
             previous = canvas.detach() if self.mode == "greedy" else canvas
-            recompute = t < len(self.steps) - 1 and torch.is_grad_enabled()
-            if self.gradient_checkpointing and recompute:
-                contexts = functools.partial(create_selective_checkpoint_contexts, policy)
-                out = checkpoint(step, x, previous, noise, use_reentrant=False, context_fn=contexts)
-            else:
-                out = step(x, previous, noise)
+            recompute = self.gradient_checkpointing and t < len(self.steps) - 1 and torch.is_grad_enabled()
+            out = step(x, previous, noise, self.fine if recompute else 0)
             outputs.append(out)
             canvas = out.canvas
         return outputs
