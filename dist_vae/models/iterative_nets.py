@@ -24,21 +24,43 @@ def level_width(size: int, channels: int) -> int:
     return max(1, min(4 * channels, channels * 64 // size))
 
 
-def upsample_conv(h: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+def fold_matrix() -> torch.Tensor:
+    """[9, 16]: maps a 3x3 kernel's taps to the 4x4 stride-2 transposed-convolution kernel that equals
+    nearest 2x upsampling followed by that convolution (`upsample_conv`).
+
+    Along each axis, output pixel 2i reads rows i-1, i, i of h (taps 0 | 1+2) and pixel 2i+1 rows
+    i, i, i+1 (taps 0+1 | 2): sums of neighbouring taps of the zero-padded kernel, [0, 0+1, 1+2, 2],
+    which in the transposed convolution's (flipped) order puts tap r at positions a with r in {2-a, 3-a}.
+    """
+    axis = torch.tensor([[float(r in (2 - a, 3 - a)) for a in range(4)] for r in range(3)])
+    return torch.kron(axis, axis)  # [(r, c), (a, b)]
+
+
+def folded_weights(convs: Sequence[nn.Conv2d], fold: torch.Tensor) -> list[torch.Tensor]:
+    """`upsample_conv`'s weights [in, out, 4, 4] for several 3x3 convs, folded by one matrix product
+    (sums of 0/1-weighted taps: exact up to summation order)."""
+    if not convs:
+        return []
+    with torch.autocast(fold.device.type, enabled=False):  # fold the fp32 weights, then let conv cast
+        flat = torch.cat([conv.weight.reshape(-1, 9) for conv in convs]) @ fold
+    sizes = [conv.weight.shape[0] * conv.weight.shape[1] for conv in convs]
+    return [
+        part.view(*conv.weight.shape[:2], 4, 4).transpose(0, 1)
+        for conv, part in zip(convs, flat.split(sizes), strict=True)
+    ]
+
+
+def upsample_conv(h: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor | None = None) -> torch.Tensor:
     """conv(nearest 2x upsampling of h) for a 3x3, padding-1 conv, without the upsampled map.
 
     Each output pixel of that pair reads a 2x2 window of h through sums of the 3x3 taps that land on
-    the same pixel of h: a stride-2 transposed convolution with a 4x4 kernel, 4 taps per output pixel
-    instead of 9, and no 4x-sized input written and read back. Equal up to summation order (1e-15
-    relative in float64); the parameters stay the 3x3 conv's, so checkpoints load unchanged.
+    the same pixel of h: a stride-2 transposed convolution with a 4x4 kernel (`weight`, from
+    `folded_weights`; folded here when None), 4 taps per output pixel instead of 9, and no 4x-sized
+    input written and read back. Equal up to summation order (1e-15 relative in float64); the
+    parameters stay the 3x3 conv's, so checkpoints load unchanged.
     """
-    # Along each axis, output pixel 2i reads rows i-1, i, i of h (taps 0 | 1+2) and pixel 2i+1 rows
-    # i, i, i+1 (taps 0+1 | 2): the sums of neighbouring taps of the zero-padded kernel, [0, 0+1, 1+2, 2],
-    # flipped into the transposed convolution's order. No constant tensor: works on fake tensors too.
-    with torch.autocast(h.device.type, enabled=False):  # fold the fp32 weights, then let conv cast
-        w = F.pad(conv.weight, (1, 1, 1, 1))
-        folded = F.avg_pool2d(w.flatten(0, 1)[:, None], 2, stride=1).mul(4.0)  # 2x2 sums; 4 is exact
-    weight = folded.view(*conv.weight.shape[:2], 4, 4).flip(2, 3).transpose(0, 1)
+    if weight is None:
+        weight = folded_weights([conv], fold_matrix().to(conv.weight))[0]
     return F.conv_transpose2d(h, weight, conv.bias, stride=2, padding=1)
 
 
@@ -176,6 +198,8 @@ class Generator(nn.Module):
         self.out = nn.Sequential(
             _norm(widths[0]), nn.SiLU(), nn.Conv2d(widths[0], 4 if refine else 3, 3, padding=1)
         )
+        # A constant, not state: outside the state dict, moved and cast with the weights.
+        self.register_buffer("fold", fold_matrix(), persistent=False)
 
     def _latent_map(self, level: int, z: torch.Tensor) -> torch.Tensor:
         grid = min(self.sizes[level], LATENT_GRID)
@@ -188,11 +212,12 @@ class Generator(nn.Module):
         level: int,
         zs: dict[int, torch.Tensor],
         skips: list[torch.Tensor] | None,
+        ups: list[torch.Tensor],
     ) -> torch.Tensor:
         """One level of the U-Net: the upsampled coarser map (none at the coarsest), plus the canvas
         skip and the latent map where there are, through the level's stage."""
         if h is not None:
-            h = upsample_conv(h, self.up[level])
+            h = upsample_conv(h, self.up[level], ups[level])
         parts = [] if h is None else [h]
         if skips is not None:
             parts.append(skips[level])
@@ -205,12 +230,13 @@ class Generator(nn.Module):
         h: torch.Tensor | None,
         zs: dict[int, torch.Tensor],
         skips: list[torch.Tensor] | None,
+        ups: list[torch.Tensor],
         canvas: torch.Tensor | None,
         fine: int,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The levels fine-1..0 (none for 0) and the output: the new canvas in [-1, 1] and the gate."""
         for level in reversed(range(fine)):
-            h = self._level(h, level, zs, skips)
+            h = self._level(h, level, zs, skips, ups)
         out = self.out(h)
         if canvas is None:
             return torch.tanh(out), None
@@ -226,9 +252,10 @@ class Generator(nn.Module):
         the output `recomputed` when fine > 0."""
         zs = dict(zip(self.ladder, z.split(list(self.ladder.values()), dim=1), strict=True))
         skips = self.canvas_path(canvas, fine) if self.canvas_path is not None else None
+        ups = folded_weights(self.up, self.fold)  # once per forward, never recomputed
         h: torch.Tensor | None = None
         for level in reversed(range(fine, len(self.sizes))):
-            h = self._level(h, level, zs, skips)
+            h = self._level(h, level, zs, skips, ups)
         if fine:
-            return recomputed(self._fine, h, zs, skips, canvas, fine)
-        return self._fine(h, zs, skips, canvas, 0)
+            return recomputed(self._fine, h, zs, skips, ups, canvas, fine)
+        return self._fine(h, zs, skips, ups, canvas, 0)
