@@ -23,7 +23,9 @@ def reference_concat_elu(xs: tuple[torch.Tensor, ...], padding, keep, dropout: f
     return F.pad(h, padding)
 
 
-def reference_block(self, x, z, keep, *skips):  # GatedResnet._block as main had it at bf2ea00
+def reference_block(self, x, z, keep, *skips, cond=None, weights=None):
+    """GatedResnet._block as main had it at bf2ea00: each convolution normalises its own weight and the
+    block computes its own latent bias (this forward's precomputed `cond` and `weights` are ignored)."""
     h = self.conv_in(layers.concat_elu(x))
     if self.skip is not None:
         h = h + self.skip(layers.concat_elu(torch.cat(skips, dim=1)))
