@@ -29,7 +29,7 @@ from dist_vae.models.layers import (
     right_shift,
 )
 from dist_vae.models.logistic_mixture import num_params
-from dist_vae.models.weight_norm import Weights, WNConv2d, normalized_weights
+from dist_vae.models.weight_norm import Weights, WNConv2d, concat, normalized_weights
 
 IMAGE = -1  # `Layer.source` of the layers that read the input image
 
@@ -121,8 +121,8 @@ class PixelCNNpp(nn.Module):
         blocks = [m for m in self.modules() if isinstance(m, GatedResnet) and m.cond is not None]
         if z is None or not blocks:
             return {}
-        weight = torch.cat([block.cond.weight for block in blocks])
-        bias = torch.cat([block.cond.bias for block in blocks])
+        weight = concat(block.cond.weight for block in blocks)
+        bias = concat(block.cond.bias for block in blocks)
         out = F.linear(z, weight, bias)[:, :, None, None]
         return dict(zip(blocks, out.split([block.cond.out_features for block in blocks], 1), strict=True))
 

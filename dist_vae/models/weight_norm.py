@@ -69,6 +69,25 @@ def nin(in_ch: int, out_ch: int) -> WNConv2d:
     return WNConv2d(in_ch, out_ch, (1, 1))
 
 
+class _Concat(torch.autograd.Function):
+    """torch.cat whose backward hands the inputs their gradients by one split (one view each) rather
+    than a narrow per input (three operations each): the same values, a third of the operations."""
+
+    @staticmethod
+    def forward(ctx, dim: int, *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.dim, ctx.sizes = dim, [t.shape[dim] for t in tensors]
+        return torch.cat(tensors, dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, *grad.split(ctx.sizes, ctx.dim)
+
+
+def concat(tensors: Iterable[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """torch.cat(tensors, dim), for many parameters concatenated once per forward (see `_Concat`)."""
+    return _Concat.apply(dim, *tensors)
+
+
 def normalized_weights(convs: Iterable[WNConv2d]) -> dict[nn.Module, torch.Tensor]:
     """Every conv's weight, those of one shape (output channels aside) normalised as one tensor."""
     groups: dict[tuple, list[WNConv2d]] = {}
@@ -79,8 +98,7 @@ def normalized_weights(convs: Iterable[WNConv2d]) -> dict[nn.Module, torch.Tenso
     weights: dict[nn.Module, torch.Tensor] = {}
     for group in groups.values():
         dim, first = group[0].out_dim, group[0]
-        v = torch.cat([conv.v for conv in group], dim)
-        g = torch.cat([conv.g for conv in group], dim)
+        v, g = concat((conv.v for conv in group), dim), concat((conv.g for conv in group), dim)
         w = g * v / torch.linalg.vector_norm(v, dim=first._norm_dims, keepdim=True)
         weights.update(zip(group, w.split([conv.v.shape[dim] for conv in group], dim), strict=True))
     return weights
