@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dist_vae.models.fused_ops import padded_concat_elu
+from dist_vae.models.fused_ops import gated_residual, padded_concat_elu
 from dist_vae.models.weight_norm import Weights, WNConv2d, nin
 
 __all__ = ["WNConv2d", "nin"]  # with the blocks below, what pixelcnnpp builds from
@@ -213,9 +213,9 @@ class GatedResnet(nn.Module):
         if self.skip is not None:
             h = h + self.skip(padded_concat_elu(skips), weights)
         h = self.conv_out.on_concat_elu(h, keep, self.dropout, weights)
-        if self.cond is not None:
-            h = h + (self.cond(z)[:, :, None, None] if cond is None else cond)
-        return gated_sum(x, h)
+        if self.cond is not None and cond is None:
+            cond = self.cond(z)[:, :, None, None]
+        return gated_residual(x, h, cond)
 
     def forward(
         self,
