@@ -1,5 +1,6 @@
 """The gated resnet's elementwise work in few tensors and operations: its activation, dropout and
-padding as one tensor instead of five, and its gated residual sum.
+padding as one tensor instead of five, and its gated residual sum; and a concatenation of many
+parameters whose backward is one split.
 
 Written as `pad(dropout(elu(cat([*xs, *-xs]))))`, the block's input to each shifted convolution costs a
 negation, a concatenation, an ELU, a dropout product and quotient and a zero-padded copy: six
@@ -17,6 +18,7 @@ each avoided tensor is an avoided kernel launch and a round trip through memory.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -111,3 +113,22 @@ class _GatedResidual(torch.autograd.Function):
 def gated_residual(x: torch.Tensor, h: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
     """x + a * sigmoid(b) for [a, b] = h + cond along channels (cond [B, C, 1, 1] or None)."""
     return _GatedResidual.apply(x, h, cond)
+
+
+class _Concat(torch.autograd.Function):
+    """torch.cat whose backward hands the inputs their gradients by one split (one view each) rather
+    than a narrow per input (three operations each): the same values, a third of the operations."""
+
+    @staticmethod
+    def forward(ctx, dim: int, *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.dim, ctx.sizes = dim, [t.shape[dim] for t in tensors]
+        return torch.cat(tensors, dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, *grad.split(ctx.sizes, ctx.dim)
+
+
+def concat(tensors: Iterable[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """torch.cat(tensors, dim), for many parameters concatenated once per forward (see `_Concat`)."""
+    return _Concat.apply(dim, *tensors)

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from dist_vae.models.fused_ops import concat
+
 LATENT_GRID = 8  # latents are read from and written to feature maps pooled/broadcast at most this side
 
 
@@ -42,7 +44,7 @@ def folded_weights(convs: Sequence[nn.Conv2d], fold: torch.Tensor) -> list[torch
     if not convs:
         return []
     with torch.autocast(fold.device.type, enabled=False):  # fold the fp32 weights, then let conv cast
-        flat = torch.cat([conv.weight.reshape(-1, 9) for conv in convs]) @ fold
+        flat = concat(conv.weight.reshape(-1, 9) for conv in convs) @ fold
     sizes = [conv.weight.shape[0] * conv.weight.shape[1] for conv in convs]
     return [
         part.view(*conv.weight.shape[:2], 4, 4).transpose(0, 1)
