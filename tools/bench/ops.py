@@ -21,8 +21,9 @@ Attribution: every module whose path has at most --depth names (indices collapse
 profiler scope around its forward; a forward op belongs to its innermost scope, and a backward op to
 the scope of the forward op that created its autograd node (matched by sequence number). `(model)`
 is the model's own forward outside those modules (the loss terms), `(AccumulateGrad)` the one op per
-parameter that hands autograd's gradient to `.grad`, `(autograd)` what backward runs outside any
-node of the model (the seed gradient).
+parameter that hands autograd's gradient to `.grad`, `(autograd)` backward work matched to no
+forward scope: the seed gradient and the backward of custom autograd functions (whose forward
+records no sequence number), such as the models' fused ops.
 
 Host floor: the same step with the arithmetic shrunk (every width field of the model's config set
 to --floor-width, same resolution, batch 1), timed (fastest of --floor-steps after a warm-up), with
