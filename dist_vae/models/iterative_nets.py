@@ -73,7 +73,7 @@ def fine_levels(sizes: Sequence[int]) -> int:
     Every level costs about the same convolution FLOPs (4x fewer pixels, 2x the channels, squared) but
     holds half the activations of the one above it, so the two finest levels hold about three quarters
     of a step's activations and only their share of its FLOPs and operations. At 256 px, batch 1,
-    recomputing them alone keeps 263 MiB per image (691 MiB without checkpointing) for 26k aten
+    recomputing them alone keeps 279 MiB per image (706 MiB without checkpointing) for 26k aten
     operations per step; recomputing whole steps, keeping the coarse convolutions' outputs, would keep
     94 MiB but dispatch the coarse levels' many small operations twice: 43k operations.
     """
