@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_vae.models import layers
+from dist_vae.models import layers, pixelcnnpp
 from dist_vae.models import logistic_mixture as lm
 from dist_vae.models.fused_ops import padded_concat_elu
 from dist_vae.models.pixelcnnpp import PixelCNNpp
@@ -23,7 +23,9 @@ def reference_concat_elu(xs: tuple[torch.Tensor, ...], padding, keep, dropout: f
     return F.pad(h, padding)
 
 
-def reference_block(self, x, z, keep, *skips):  # GatedResnet._block, unfused
+def reference_block(self, x, z, keep, *skips, cond=None, weights=None):
+    """GatedResnet._block, unfused: each convolution normalises its own weight and the block computes
+    its own latent bias (this forward's precomputed `cond` and `weights` are ignored)."""
     h = self.conv_in(layers.concat_elu(x))
     if self.skip is not None:
         h = h + self.skip(layers.concat_elu(torch.cat(skips, dim=1)))
@@ -40,9 +42,32 @@ class ReferenceGatedResnet(layers.GatedResnet):
     _block = reference_block
 
 
+def reference_forward(self, x, z=None):  # PixelCNNpp.forward at bf2ea00: every layer on its own
+    x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+    outputs = []
+    for layer in self.schedule:
+        source = x if layer.source == pixelcnnpp.IMAGE else outputs[layer.source]
+        skips, first = tuple(outputs[s] for s in layer.skips), layer.modules[0]
+        if layer.kind == "init_u":
+            outputs.append(layers.down_shift(first(source)))
+        elif layer.kind == "init_ul":
+            outputs.append(layers.down_shift(first(source)) + layers.right_shift(layer.modules[1](source)))
+        elif layer.kind == "block":
+            outputs.append(first(source, skips, z=z))
+        else:
+            outputs.append(first(source))
+    return self.out(F.elu(outputs[-1]))
+
+
+class ReferencePixelCNNpp(PixelCNNpp):
+    forward = reference_forward
+
+
 def as_reference(model: PixelCNNpp) -> PixelCNNpp:
-    """A copy (same parameters, same names) whose gated resnets run the unfused reference maths."""
+    """A copy (same parameters, same names) that runs the reference maths: unfused gated resnets, each
+    layer normalising its own weights and computing its own latent bias at every call."""
     ref = copy.deepcopy(model)
+    ref.__class__ = ReferencePixelCNNpp
     for module in ref.modules():
         if type(module) is layers.GatedResnet:
             module.__class__ = ReferenceGatedResnet

@@ -1,9 +1,10 @@
 """The iterative VAE's faster step against the plain reference maths, written out here:
-the generator's nearest-2x upsampling + 3x3 conv and its gate mix, and checkpointing that recomputes
-every step whole."""
+the generator's nearest-2x upsampling + 3x3 conv and its gate mix, checkpointing that recomputes
+every step whole, and the loss and logged scalars computed step by step."""
 
 import copy
 import hashlib
+import math
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dist_vae.models import iterative_nets
 from dist_vae.models.iterative_vae import IterativeVAE, IterativeVAEConfig
+from dist_vae.models.output import LossOutput
 from tests.model_fixtures import one_thread  # noqa: F401
 from tests.test_iterative_vae import images, perturb
 
@@ -23,7 +25,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 FORMAT2_STATE = "264a3eb25c199869526e1516f96a6f974db1680ca58c114c4545da1631c92305"
 
 
-def reference_generator_forward(self, z, canvas):  # Generator.forward, the plain reference
+def reference_generator_forward(
+    self, z, canvas, fine=0
+):  # Generator.forward, the plain reference (no `fine`)
     zs = dict(zip(self.ladder, z.split(list(self.ladder.values()), dim=1), strict=True))
     skips = self.canvas_path(canvas) if self.canvas_path is not None else None
     h = None
@@ -58,12 +62,33 @@ def reference_unroll(self, x, eps=None):  # IterativeVAE.unroll, reference: ever
     return outputs
 
 
+def reference_forward(self, x, step=0):  # IterativeVAE.forward at bf2ea00: each step's terms apart
+    outputs = self.unroll(x)
+    dims = x[0].numel()
+    beta = self.kl_weight(step)
+    loss = torch.stack([(self.rec_weight * o.sse + beta * o.kl).mean() for o in outputs]).sum() / dims
+    scalars = {}
+    for t, o in enumerate(outputs, start=1):
+        scalars[f"rec/step{t}"] = o.sse.detach().mean() / dims
+        scalars[f"kl/step{t}"] = o.kl.detach().mean()
+        if o.gate is not None:
+            scalars[f"gate/step{t}"] = o.gate.float().flatten(1).mean(dim=1).mean()
+    scalars["rec"] = torch.stack([scalars[f"rec/step{t}"] for t in range(1, len(outputs) + 1)]).sum()
+    total_kl = torch.stack([o.kl.detach() for o in outputs]).sum(0)
+    scalars["kl"] = total_kl.mean()
+    scalars["kl_weight"] = torch.tensor(beta)
+    nll = (-self._log_likelihood(outputs[-1].sse.detach(), dims) + total_kl).mean() / dims
+    scalars["bpd"] = nll / math.log(2.0)
+    return LossOutput(loss=loss, scalars=scalars)
+
+
 class ReferenceGenerator(iterative_nets.Generator):
     forward = reference_generator_forward
 
 
 class ReferenceIterativeVAE(IterativeVAE):
     unroll = reference_unroll
+    forward = reference_forward
 
 
 def model(dtype: torch.dtype = torch.float32, **kwargs: object) -> IterativeVAE:
@@ -86,16 +111,18 @@ def as_reference(vae: IterativeVAE) -> IterativeVAE:
     return ref
 
 
-def loss_and_grads(vae: IterativeVAE, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def loss_and_grads(
+    vae: IterativeVAE, x: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     torch.manual_seed(7)  # the same noise for both, drawn in the default dtype: set it to x's
     default = torch.get_default_dtype()
     torch.set_default_dtype(x.dtype)
     try:
-        loss = vae(x, step=500).loss
+        out = vae(x, step=500)
     finally:
         torch.set_default_dtype(default)
-    loss.backward()
-    return loss.detach(), {n: p.grad for n, p in vae.named_parameters()}
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad for n, p in vae.named_parameters()}, out.scalars
 
 
 @pytest.mark.parametrize(("dtype", "rtol"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
@@ -105,9 +132,12 @@ def test_loss_and_gradients_equal_the_reference_maths(
 ) -> None:
     fast = model(dtype, mode=mode, checkpointing=checkpointing)
     x = images(3, 32).to(dtype)
-    loss, grads = loss_and_grads(fast, x)
-    ref_loss, ref_grads = loss_and_grads(as_reference(fast), x)
+    loss, grads, scalars = loss_and_grads(fast, x)
+    ref_loss, ref_grads, ref_scalars = loss_and_grads(as_reference(fast), x)
     torch.testing.assert_close(loss, ref_loss, rtol=rtol, atol=0)
+    assert scalars.keys() == ref_scalars.keys()
+    for key, value in ref_scalars.items():
+        torch.testing.assert_close(scalars[key].to(value), value, rtol=rtol, atol=0, msg=key)
     # Relative to the largest gradient: a conv bias before a GroupNorm has a true gradient of 0, so its
     # computed one is rounding noise (1e-17 in float64) that no per-tensor relative bound fits.
     scale = max(g.abs().max() for g in ref_grads.values())
@@ -150,12 +180,13 @@ def test_checkpointing_recomputes_only_the_fine_levels_of_all_but_the_last_step(
     plain, ckpt = model(), model(checkpointing=True)
     whole = as_reference(ckpt)  # recomputes every step whole
     calls = [0, 0, 0]
-    for t, step in enumerate(ckpt.steps):
-        step.encoder.register_forward_hook(lambda *_, t=t: calls.__setitem__(t, calls[t] + 1))
+    for t, step in enumerate(ckpt.steps):  # the stem is in the recomputed finest levels
+        step.encoder.path.stem.register_forward_hook(lambda *_, t=t: calls.__setitem__(t, calls[t] + 1))
     base = conv_flops(plain, x)
     extra, extra_whole = conv_flops(ckpt, x) - base, conv_flops(whole, x) - base
     assert calls == [2, 2, 1]  # steps 1 and 2 ran again in backward, the last did not
-    # The reference recomputes all 3 steps' forward convolutions; this, steps 1 and 2 less their 8 and
-    # 4 px ones (in this 4-level pyramid ~40% of the FLOPs; ~60% at 256 px).
+    # The reference recomputes all 3 steps' forward convolutions; now steps 1 and 2 recompute their 32
+    # and 16 px levels and nothing of the 8 and 4 px ones
+    # (in this 4-level pyramid ~40% of the FLOPs; ~60% at 256 px).
     recomputed = extra / (2 * extra_whole / 3)  # of steps 1 and 2's forward convolution FLOPs
     assert 0.4 < recomputed < 0.6  # measured 0.55

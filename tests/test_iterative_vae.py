@@ -97,7 +97,7 @@ def test_checkpointing_keeps_loss_and_gradients(mode: str) -> None:
     perturb(plain)
     ckpt.load_state_dict(plain.state_dict())
     calls = [0]
-    ckpt.steps[1].encoder.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    ckpt.steps[1].encoder.path.stem.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     x = images(3)
     results = []
     for model in (plain, ckpt):

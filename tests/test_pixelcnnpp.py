@@ -55,7 +55,8 @@ def test_checkpointing_leaves_loss_and_gradients_unchanged() -> None:
 
         def pack(t: torch.Tensor) -> torch.Tensor:
             nonlocal saved
-            saved += t.numel() * t.element_size()
+            if t.shape[:1] == x.shape[:1]:  # activations; the weights, normalised once per forward
+                saved += t.numel() * t.element_size()  # outside the blocks, are kept alike by both
             return t
 
         torch.manual_seed(7)  # same dropout masks in both models

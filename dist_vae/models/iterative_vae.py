@@ -19,7 +19,6 @@ of earlier steps are auxiliary losses that shape the refinement and are not part
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,12 +26,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
-from dist_vae.models.iterative_nets import Encoder, Generator, keep_coarse_convolutions, level_width
+from dist_vae.models.iterative_nets import Encoder, Generator, fine_levels, level_width
 from dist_vae.models.output import CodeStats, LossOutput
 from dist_vae.models.protocol import Posterior
-from dist_vae.models.regularizers import diag_normal_log_density, gaussian_kl
+from dist_vae.models.regularizers import diag_normal_log_density, gaussian_kl, gaussian_kl_per_unit
 from dist_vae.schema import ConfigError, at_least, choice
 
 COARSEST = 4  # side in pixels of the lowest-resolution level
@@ -63,18 +61,33 @@ def level_sizes(resolution: int) -> list[int]:
     return [resolution >> i for i in range(int(math.log2(resolution // COARSEST)) + 1)]
 
 
+def squared_error(canvas: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """||x - canvas||^2 per image (fp32) over the last three dimensions: [B] or, stacked, [T, B]."""
+    return (canvas.float() - x.float()).square().flatten(-3).sum(-1)
+
+
 @dataclass
 class StepOutput:
-    """One refinement step on a batch: the new canvas, per-example squared error and KL (nats), the
-    mean gate (None for the first step), and the posterior q(z_t | x, canvas_{t-1}) with its draw z."""
+    """One refinement step on a batch: the new canvas, the gate (detached; None for the first step),
+    the posterior q(z_t | x, canvas_{t-1}) with its draw z, and the target x. `sse` and `kl` give the
+    step's own terms; the loss computes all steps' at once (`IterativeVAE.forward`)."""
 
     canvas: torch.Tensor
-    sse: torch.Tensor
-    kl: torch.Tensor
     gate: torch.Tensor | None
     mean: torch.Tensor
     logvar: torch.Tensor
     z: torch.Tensor
+    x: torch.Tensor
+
+    @property
+    def sse(self) -> torch.Tensor:
+        """Squared error per example [B]."""
+        return squared_error(self.canvas, self.x)
+
+    @property
+    def kl(self) -> torch.Tensor:
+        """KL(q(z_t | x, canvas_{t-1}) || N(0, I)) per example in nats [B]."""
+        return gaussian_kl(self.mean, self.logvar)
 
 
 class RefineStep(nn.Module):
@@ -88,14 +101,12 @@ class RefineStep(nn.Module):
         self.encoder = Encoder(sizes, widths, ladder, blocks)
         self.generator = Generator(sizes, widths, ladder, blocks, refine=not first)
 
-    def forward(self, x: torch.Tensor, canvas: torch.Tensor, eps: torch.Tensor) -> StepOutput:
-        """Step t on a batch with z_t = mean + std * eps."""
-        mean, logvar = self.encoder(x, canvas)
+    def forward(self, x: torch.Tensor, canvas: torch.Tensor, eps: torch.Tensor, fine: int = 0) -> StepOutput:
+        """Step t on a batch with z_t = mean + std * eps; its `fine` finest levels recomputed in backward."""
+        mean, logvar = self.encoder(x, canvas, fine)
         z = mean + torch.exp(0.5 * logvar) * eps
-        new_canvas, gate = self.generator(z, None if self.first else canvas)
-        sse = (new_canvas.float() - x.float()).square().flatten(1).sum(dim=1)
-        gate_mean = None if gate is None else gate.detach().float().flatten(1).mean(dim=1)
-        return StepOutput(new_canvas, sse, gaussian_kl(mean, logvar), gate_mean, mean, logvar, z)
+        new_canvas, gate = self.generator(z, None if self.first else canvas, fine)
+        return StepOutput(new_canvas, None if gate is None else gate.detach(), mean, logvar, z, x)
 
 
 class IterativeVAE(nn.Module):
@@ -123,6 +134,7 @@ class IterativeVAE(nn.Module):
         self.rec_weight = float(cfg.rec_weight)
         self.kl_warmup = float(cfg.kl_warmup)
         self.latent_size = int(sum(latent_dims))
+        self.fine = fine_levels(sizes)
         widths = [level_width(s, cfg.channels) for s in sizes]
         first_level = len(sizes) - len(latent_dims)
         ladder = {first_level + i: int(d) for i, d in enumerate(latent_dims)}
@@ -159,24 +171,18 @@ class IterativeVAE(nn.Module):
         """Run the T steps on x with z_t = mean + std * eps[t] (eps drawn here when not given).
 
         Greedy mode detaches the canvas handed to the next step, so step t's loss trains step t alone.
-        With checkpointing each step but the last is recomputed in backward (noise is drawn outside, so
-        identically), all but its coarse convolutions (`keep_coarse_convolutions`). The last step's
-        backward comes first, right after its forward: recomputing it would save no memory, since
-        backward holds one step's activations at a time anyway.
+        With checkpointing each step but the last recomputes its finest levels in backward
+        (`fine_levels`). The last step's backward comes first, right after its forward: recomputing
+        it would save no memory, since backward holds one step's activations at a time anyway.
         """
         self._check_input(x)
         canvas = torch.zeros_like(x)
         outputs = []
-        policy = functools.partial(keep_coarse_convolutions, self.resolution)
         for t, step in enumerate(self.steps):
             noise = eps[t] if eps is not None else torch.randn(x.shape[0], self.latent_size, device=x.device)
             previous = canvas.detach() if self.mode == "greedy" else canvas
-            recompute = t < len(self.steps) - 1 and torch.is_grad_enabled()
-            if self.gradient_checkpointing and recompute:
-                contexts = functools.partial(create_selective_checkpoint_contexts, policy)
-                out = checkpoint(step, x, previous, noise, use_reentrant=False, context_fn=contexts)
-            else:
-                out = step(x, previous, noise)
+            recompute = self.gradient_checkpointing and t < len(self.steps) - 1 and torch.is_grad_enabled()
+            out = step(x, previous, noise, self.fine if recompute else 0)
             outputs.append(out)
             canvas = out.canvas
         return outputs
@@ -190,31 +196,29 @@ class IterativeVAE(nn.Module):
         'gate/step<t>' mean gate r (t >= 2), their sums 'rec' and 'kl', 'kl_weight', and 'bpd'.
         """
         outputs = self.unroll(x)
-        dims = x[0].numel()
+        dims, steps = x[0].numel(), len(outputs)
         beta = self.kl_weight(step)
-        loss = torch.stack([(self.rec_weight * o.sse + beta * o.kl).mean() for o in outputs]).sum() / dims
-        scalars: dict[str, torch.Tensor] = {}
-        for t, o in enumerate(outputs, start=1):
-            scalars[f"rec/step{t}"] = o.sse.detach().mean() / dims
-            scalars[f"kl/step{t}"] = o.kl.detach().mean()
-            if o.gate is not None:
-                scalars[f"gate/step{t}"] = o.gate.mean()
-        scalars["rec"] = torch.stack([scalars[f"rec/step{t}"] for t in range(1, len(outputs) + 1)]).sum()
-        total_kl = torch.stack([o.kl.detach() for o in outputs]).sum(0)
-        scalars["kl"] = total_kl.mean()
-        scalars["kl_weight"] = torch.tensor(beta, device=loss.device)
-        nll = (-self._log_likelihood(outputs[-1].sse.detach(), dims) + total_kl).mean() / dims
-        scalars["bpd"] = nll / math.log(2.0)
-        return LossOutput(loss=loss, scalars=scalars, code=self._code_stats(outputs, beta))
-
-    def _code_stats(self, outputs: Sequence[StepOutput], beta: float) -> CodeStats:
-        """Every ladder latent of every step is one unit: D = T x sum(latent_dims), in `posterior()`'s
-        order, so a step or a level that stopped carrying information shows as its own units. The means
-        of steps 2..T are those of q(z_t | x, canvas_{t-1}) along the sampled path the loss used."""
+        # Every step's terms at once, [T, B]: the same sums as step by step, in fewer operations.
+        sse = squared_error(torch.stack([o.canvas.float() for o in outputs]), x)
         mean = torch.cat([o.mean for o in outputs], dim=1)
         logvar = torch.cat([o.logvar for o in outputs], dim=1)
+        kl = gaussian_kl_per_unit(mean, logvar).view(x.shape[0], steps, -1).sum(2).T
+        loss = (self.rec_weight * sse + beta * kl).mean(dim=1).sum() / dims
+        rec_steps, kl_steps = sse.detach().mean(dim=1) / dims, kl.detach().mean(dim=1)
+        scalars = {f"rec/step{t}": r for t, r in enumerate(rec_steps.unbind(), start=1)}
+        scalars.update({f"kl/step{t}": k for t, k in enumerate(kl_steps.unbind(), start=1)})
+        if steps > 1:
+            gates = torch.stack([o.gate for o in outputs[1:]]).float().flatten(2).mean(2).mean(1)
+            scalars.update({f"gate/step{t}": g for t, g in enumerate(gates.unbind(), start=2)})
+        total_kl = kl.detach().sum(0)
+        scalars["rec"], scalars["kl"] = rec_steps.sum(), total_kl.mean()
+        scalars["kl_weight"] = torch.tensor(beta, device=loss.device)
+        nll = (-self._log_likelihood(sse[-1].detach(), dims) + total_kl).mean() / dims
+        scalars["bpd"] = nll / math.log(2.0)
+        # Every ladder latent of every step is one unit: D = T x sum(latent_dims), in `posterior()`'s
+        # order, so a step or a level that stopped carrying information shows as its own units.
         regularizer = f"ELBO, KL weight {beta:.3g} (model.kl_warmup={self.kl_warmup:g})"
-        return CodeStats.of_gaussian(mean, logvar, regularizer)
+        return LossOutput(loss=loss, scalars=scalars, code=CodeStats.of_gaussian(mean, logvar, regularizer))
 
     def _log_likelihood(self, sse: torch.Tensor, dims: int) -> torch.Tensor:
         """log P(x | z) in nats per image [B] of the 8-bit data under N(canvas_T, sigma^2 I), from the

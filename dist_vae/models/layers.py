@@ -8,14 +8,15 @@ a cached (incremental) sampler possible later.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dist_vae.models.fused_ops import padded_concat_elu
+from dist_vae.models.fused_ops import gated_residual, padded_concat_elu
+from dist_vae.models.weight_norm import Weights, WNConv2d, nin
+
+__all__ = ["WNConv2d", "nin"]  # with the blocks below, what pixelcnnpp builds from
 
 
 def concat_elu(x: torch.Tensor) -> torch.Tensor:
@@ -31,48 +32,6 @@ def down_shift(x: torch.Tensor) -> torch.Tensor:
 def right_shift(x: torch.Tensor) -> torch.Tensor:
     """Move every column one right (zero column on the left)."""
     return F.pad(x, (1, 0))[..., :-1]
-
-
-class WNConv2d(nn.Module):
-    """Weight-normalised (transposed) convolution: weight = g * v / ||v|| per output channel.
-
-    Written out rather than through torch's parametrisations so that the state dict is two plain
-    tensors, and the weight is recomputed inside a checkpointed block like any other activation.
-    """
-
-    def __init__(
-        self,
-        in_ch: int,
-        out_ch: int,
-        kernel: tuple[int, int],
-        stride: int = 1,
-        transpose: bool = False,
-    ) -> None:
-        super().__init__()
-        self.stride, self.transpose = stride, transpose
-        shape = (in_ch, out_ch, *kernel) if transpose else (out_ch, in_ch, *kernel)
-        self.v = nn.Parameter(torch.empty(shape))
-        nn.init.kaiming_uniform_(self.v, a=math.sqrt(5))
-        self._norm_dims = (0, 2, 3) if transpose else (1, 2, 3)
-        self.g = nn.Parameter(torch.linalg.vector_norm(self.v.detach(), dim=self._norm_dims, keepdim=True))
-        self.bias = nn.Parameter(torch.zeros(out_ch))
-
-    def weight(self) -> torch.Tensor:
-        return self.g * self.v / torch.linalg.vector_norm(self.v, dim=self._norm_dims, keepdim=True)
-
-    def frozen(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weight and bias as constants, computed once for many inference steps."""
-        return self.weight().detach(), self.bias.detach()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.transpose:
-            return F.conv_transpose2d(x, self.weight(), self.bias, stride=self.stride, output_padding=1)
-        return F.conv2d(x, self.weight(), self.bias, stride=self.stride)
-
-
-def nin(in_ch: int, out_ch: int) -> WNConv2d:
-    """Network-in-network: a weight-normed 1x1 convolution (a per-pixel linear map)."""
-    return WNConv2d(in_ch, out_ch, (1, 1))
 
 
 class FrozenConv:
@@ -113,14 +72,18 @@ class ShiftedConv2d(nn.Module):
         self.padding = padding
         self.conv = WNConv2d(in_ch, out_ch, kernel, stride)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, self.padding))
+    def forward(self, x: torch.Tensor, weights: Weights | None = None) -> torch.Tensor:
+        return self.conv(F.pad(x, self.padding), weights)
 
     def on_concat_elu(
-        self, x: torch.Tensor, keep: torch.Tensor | None = None, dropout: float = 0.0
+        self,
+        x: torch.Tensor,
+        keep: torch.Tensor | None = None,
+        dropout: float = 0.0,
+        weights: Weights | None = None,
     ) -> torch.Tensor:
         """forward(concat_elu(x) * keep / (1 - dropout)), its input built in one padded buffer."""
-        return self.conv(padded_concat_elu((x,), self.padding, keep, dropout))
+        return self.conv(padded_concat_elu((x,), self.padding, keep, dropout), weights)
 
     def frozen(self) -> FrozenConv:
         return FrozenConv(self.conv, top=self.padding[2], left=self.padding[0])
@@ -158,8 +121,8 @@ class DownShiftedDeconv2d(nn.Module):
         """The transposed convolution's output cut back to twice the input's size, causally."""
         return out[:, :, : out.shape[2] - self.kernel[0] + 1, self._columns(out.shape[3])]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.crop(self.deconv(x))
+    def forward(self, x: torch.Tensor, weights: Weights | None = None) -> torch.Tensor:
+        return self.crop(self.deconv(x, weights))
 
     def frozen(self) -> FrozenDeconv:
         return FrozenDeconv(self)
@@ -237,26 +200,41 @@ class GatedResnet(nn.Module):
         self.gradient_checkpointing = gradient_checkpointing
 
     def _block(
-        self, x: torch.Tensor, z: torch.Tensor | None, keep: torch.Tensor | None, *skips: torch.Tensor
+        self,
+        x: torch.Tensor,
+        z: torch.Tensor | None,
+        keep: torch.Tensor | None,
+        *skips: torch.Tensor,
+        cond: torch.Tensor | None = None,
+        weights: Weights | None = None,
     ) -> torch.Tensor:
-        h = self.conv_in.on_concat_elu(x)
+        h = self.conv_in.on_concat_elu(x, weights=weights)
         if self.skip is not None:
-            h = h + self.skip(padded_concat_elu(skips))
-        h = self.conv_out.on_concat_elu(h, keep, self.dropout)
-        if self.cond is not None:
-            h = h + self.cond(z)[:, :, None, None]
-        return gated_sum(x, h)
+            h = h + self.skip(padded_concat_elu(skips), weights)
+        h = self.conv_out.on_concat_elu(h, keep, self.dropout, weights)
+        if self.cond is not None and cond is None:
+            cond = self.cond(z)[:, :, None, None]
+        return gated_residual(x, h, cond)
 
     def forward(
-        self, x: torch.Tensor, skips: tuple[torch.Tensor, ...] = (), z: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        skips: tuple[torch.Tensor, ...] = (),
+        z: torch.Tensor | None = None,
+        cond: torch.Tensor | None = None,
+        weights: Weights | None = None,
     ) -> torch.Tensor:
+        """The block on x; `cond` (its latent bias [B, 2F, 1, 1]) and `weights` (its convolutions'),
+        when given, are this forward's, computed by the caller for all blocks at once: the recomputation
+        under checkpointing then reuses them rather than computing them again."""
         keep = None
         if self.training and self.dropout > 0:
             b, c, h, w = x.shape
             keep = torch.rand(b, 2 * c, h, w, device=x.device) >= self.dropout
+        inputs = {"cond": cond, "weights": weights}
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(self._block, x, z, keep, *skips, use_reentrant=False)
-        return self._block(x, z, keep, *skips)
+            return checkpoint(self._block, x, z, keep, *skips, use_reentrant=False, **inputs)
+        return self._block(x, z, keep, *skips, **inputs)
 
     def frozen(self, z: torch.Tensor | None) -> FrozenGatedResnet:
         return FrozenGatedResnet(self, z)

@@ -29,6 +29,7 @@ from dist_vae.models.layers import (
     right_shift,
 )
 from dist_vae.models.logistic_mixture import num_params
+from dist_vae.models.weight_norm import Weights, WNConv2d, concat, normalized_weights
 
 IMAGE = -1  # `Layer.source` of the layers that read the input image
 
@@ -115,17 +116,31 @@ class PixelCNNpp(nn.Module):
             got = None if z is None else tuple(z.shape)
             raise ValueError(f"z must be [B, cond_dim] = [{x.shape[0]}, {self.cond_dim}], got {got}")
 
+    def _conds(self, z: torch.Tensor | None) -> dict[nn.Module, torch.Tensor]:
+        """Every gated block's latent bias [B, 2F, 1, 1], from one matrix product over all of theirs."""
+        blocks = [m for m in self.modules() if isinstance(m, GatedResnet) and m.cond is not None]
+        if z is None or not blocks:
+            return {}
+        weight = concat(block.cond.weight for block in blocks)
+        bias = concat(block.cond.bias for block in blocks)
+        out = F.linear(z, weight, bias)[:, :, None, None]
+        return dict(zip(blocks, out.split([block.cond.out_features for block in blocks], 1), strict=True))
+
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """The mixture parameters; each layer's weights and latent bias are computed for all layers at
+        once first (`normalized_weights`, `_conds`): a few operations instead of a few per layer."""
         self._check(x, z)
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        weights = normalized_weights(m for m in self.modules() if isinstance(m, WNConv2d))
+        conds = self._conds(z)
         outputs: list[torch.Tensor | None] = []
         for index, layer in enumerate(self.schedule):
             source = x if layer.source == IMAGE else outputs[layer.source]
             skips = tuple(outputs[s] for s in layer.skips)
-            outputs.append(_apply(layer, source, skips, z))
+            outputs.append(_apply(layer, source, skips, z, weights, conds))
             for done in self._released[index]:  # no later layer reads it: free it now
                 outputs[done] = None
-        return self.out(F.elu(outputs[-1]))
+        return self.out(F.elu(outputs[-1]), weights)
 
     def _build_schedule(self) -> list[Layer]:
         """The U-net's wiring in forward order; every up-pass output is consumed once, in reverse."""
@@ -170,14 +185,20 @@ def _last_reads(schedule: list[Layer]) -> list[list[int]]:
 
 
 def _apply(
-    layer: Layer, x: torch.Tensor, skips: tuple[torch.Tensor, ...], z: torch.Tensor | None
+    layer: Layer,
+    x: torch.Tensor,
+    skips: tuple[torch.Tensor, ...],
+    z: torch.Tensor | None,
+    weights: Weights,
+    conds: dict[nn.Module, torch.Tensor],
 ) -> torch.Tensor:
-    """A layer on whole maps."""
+    """A layer on whole maps, with this forward's weights and latent biases."""
     if layer.kind == "init_u":
-        return down_shift(layer.modules[0](x))
+        return down_shift(layer.modules[0](x, weights))
     if layer.kind == "init_ul":
         up, left = layer.modules
-        return down_shift(up(x)) + right_shift(left(x))
+        return down_shift(up(x, weights)) + right_shift(left(x, weights))
     if layer.kind == "block":
-        return layer.modules[0](x, skips, z=z)
-    return layer.modules[0](x)
+        block = layer.modules[0]
+        return block(x, skips, z=z, cond=conds.get(block), weights=weights)
+    return layer.modules[0](x, weights)
