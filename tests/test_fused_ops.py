@@ -42,7 +42,7 @@ class ReferenceGatedResnet(layers.GatedResnet):
     _block = reference_block
 
 
-def reference_forward(self, x, z=None):  # PixelCNNpp.forward at bf2ea00: every layer on its own
+def reference_forward(self, x, z=None):  # PixelCNNpp.forward, plain: every layer on its own
     x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
     outputs = []
     for layer in self.schedule:

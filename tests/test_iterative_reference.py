@@ -25,9 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 FORMAT2_STATE = "264a3eb25c199869526e1516f96a6f974db1680ca58c114c4545da1631c92305"
 
 
-def reference_generator_forward(
-    self, z, canvas, fine=0
-):  # Generator.forward, the plain reference (no `fine`)
+def reference_generator_forward(self, z, canvas, fine=0):  # Generator.forward, plain (no `fine`)
     zs = dict(zip(self.ladder, z.split(list(self.ladder.values()), dim=1), strict=True))
     skips = self.canvas_path(canvas) if self.canvas_path is not None else None
     h = None
@@ -62,7 +60,7 @@ def reference_unroll(self, x, eps=None):  # IterativeVAE.unroll, reference: ever
     return outputs
 
 
-def reference_forward(self, x, step=0):  # IterativeVAE.forward at bf2ea00: each step's terms apart
+def reference_forward(self, x, step=0):  # IterativeVAE.forward, plain: each step's terms apart
     outputs = self.unroll(x)
     dims = x[0].numel()
     beta = self.kl_weight(step)
