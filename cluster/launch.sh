@@ -41,6 +41,7 @@ LEASE_FILE=".lease.json" # RunDir.lease: the trainer's rank 0 holds it while it 
 REFUSED_EXIT=2
 DIVERGED_EXIT=4
 HANG_EXIT=5
+INTERRUPTED_EXIT=130 # Ctrl-C (SIGINT): the trainer checkpointed as asked; a stop, not a preemption
 
 log() { printf '[cluster %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 die() {
@@ -190,6 +191,10 @@ decide() {
 	if fresh "$REQUEUE_MARKER"; then
 		log "trainer checkpointed after a signal sent to it directly ($RUN_DIR/$REQUEUE_MARKER)"
 		requeue "preempted"
+	fi
+	if ((status == INTERRUPTED_EXIT)); then
+		log "trainer interrupted (SIGINT, e.g. scancel --signal=INT): checkpointed as asked, not requeueing"
+		exit "$INTERRUPTED_EXIT"
 	fi
 	hung=$(hang_files)
 	if [[ -n $hung ]]; then
