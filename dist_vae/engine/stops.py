@@ -144,6 +144,9 @@ class RunOwner:
         except LeaseHeld as exc:
             self.refused = f"{exc}; two trainers on one run_dir are refused"
             return None
+        except OSError as exc:  # read-only or full file system: exit 2, like any write to run_dir
+            self.refused = f"run_dir {self.run.root} is not writable: {exc.strerror} ({exc.filename})"
+            return None
         self.held = True
         taken = self.lease.taken_over
         return f"{self.run.root}: taking over the run directory from {taken} (gone)" if taken else None
