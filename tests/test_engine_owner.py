@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,11 +35,28 @@ from tests.engine_util import (
 QUIET = ["train.eval_every=1000", "train.sample_every=1000", "train.log_every=1000"]
 
 
+_started: list[subprocess.Popen] = []
+
+
 def start(cmd: list[str], **extra_env: str) -> subprocess.Popen:
-    return subprocess.Popen(
+    """A trainer in a session of its own (its group gets the signals a terminal would send)."""
+    proc = subprocess.Popen(
         cmd, env=env(**extra_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )  # fmt: skip
+    _started.append(proc)
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def _no_trainer_left() -> Iterator[None]:
+    """A failed test leaves no trainer running behind it."""
+    yield
+    while _started:
+        proc = _started.pop()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
 
 
 def final(run_dir: Path, step: int) -> dict:
