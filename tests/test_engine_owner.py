@@ -21,6 +21,7 @@ import pytest
 
 from dist_vae.checkpoint import complete_checkpoints
 from dist_vae.errors import ExitCode
+from dist_vae.lease import Lease, LeaseHeld
 from dist_vae.run_layout import RunDir
 from tests.engine_util import (
     accelerate_cmd,
@@ -111,6 +112,34 @@ def test_a_lease_whose_holder_was_killed_is_taken_over(demo_shards: Path, tmp_pa
     taken = f"{tmp_path}: taking over the run directory from dist_vae train pid {holder.pid} on "
     assert any(line.startswith(taken) and line.endswith("(gone)") for line in proc.stderr.splitlines())
     assert complete_checkpoints(tmp_path)[-1][0] == 1
+
+
+def test_a_trainer_whose_lease_was_taken_over_stops_without_writing_more(
+    demo_shards: Path, tmp_path: Path
+) -> None:
+    proc = start(python_cmd(tmp_path, demo_shards, "train.steps=400", "train.checkpoint_every=1", *QUIET))
+    while not complete_checkpoints(tmp_path) and proc.poll() is None:
+        time.sleep(0.02)
+    # Another process judges the trainer gone (a timeout shorter than its heartbeat interval) and
+    # takes the lease over, as it would a frozen trainer's after 60 s.
+    taker = Lease(RunDir(tmp_path).lease, owner="dist_vae train", timeout=0.2)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            taker.acquire()
+            break
+        except LeaseHeld:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+    try:
+        newest = complete_checkpoints(tmp_path)[-1][0]
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == ExitCode.REFUSED, err[-3000:]
+        assert "another process took this run directory over at step" in err and "Traceback" not in err
+        assert complete_checkpoints(tmp_path)[-1][0] <= newest + 1  # at most the save under way
+        assert taker.still_held()  # the stopped trainer left the taker's lease alone
+    finally:
+        taker.release()
 
 
 STEPS = 12
