@@ -44,13 +44,7 @@ from dist_vae.distributed import rank0_says
 from dist_vae.engine.backend import Backend
 from dist_vae.engine.feeds import Streams
 from dist_vae.engine.step import TrainingDiverged, UpdateGate
-from dist_vae.engine.stops import (
-    RunOwner,
-    clear_markers,
-    write_diverged_marker,
-    write_done_marker,
-    write_requeue_marker,
-)
+from dist_vae.engine.stops import write_diverged_marker, write_done_marker, write_stop_marker
 from dist_vae.errors import CheckpointError, ExitCode
 from dist_vae.files import fsync_dir, write_text_atomic
 from dist_vae.run_layout import RunDir
@@ -204,12 +198,12 @@ def check_resume(cfg: Config, resume_from: Path | None, step: int) -> ConfigChan
     return ConfigChange(step, checkpoint.config_changes(resume_from, cfg))
 
 
-def claim_run_dir(acc: Accelerator, cfg: Config, change: ConfigChange, owner: RunOwner) -> None:
-    """Every rank learns whether rank 0 holds the run directory's lease (refused: ConfigError naming the
+def claim_run_dir(acc: Accelerator, cfg: Config, change: ConfigChange, refused: str | None) -> None:
+    """Every rank learns whether rank 0 was `refused` the run directory's lease (ConfigError naming the
     holder, on every rank); then rank 0 clears a killed save's leftovers and records the config this
     run trains with, and every rank waits for it. A refused resume (`check_resume`) never gets here,
     leaving config.yaml as it was."""
-    refused = rank0_says(acc, owner.refused)
+    refused = rank0_says(acc, refused)
     if refused is not None:
         raise ConfigError(refused)
     run = RunDir(cfg.run_dir)
@@ -287,10 +281,7 @@ class Checkpointer:
         if interrupted:
             signal_name = "SIGINT"
         if acc.is_main_process:
-            if interrupted:
-                clear_markers(self.run, ("requeue", "done"))
-            else:
-                write_requeue_marker(self.run, step, signal_name or "peer")
+            write_stop_marker(self.run, step, signal_name or "peer", interrupted)
             saved = checkpoint.complete_checkpoints(self.run.root)
             where = f"checkpoint {saved[-1][1]}" if saved else "no checkpoint yet"
             tqdm.write(  # on a line of its own, not after the open progress bar

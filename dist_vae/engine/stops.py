@@ -189,9 +189,13 @@ def write_done_marker(run: RunDir, step: int) -> None:
     write_marker(run, "done", f"step {step}\n", stale=("requeue", "diverged"))
 
 
-def clear_markers(run: RunDir, names: tuple[str, ...]) -> None:
-    """Remove markers that no longer say how the run ended (a Ctrl-C leaves none)."""
-    for name in names:
+def write_stop_marker(run: RunDir, step: int, reason: str, interrupted: bool) -> None:
+    """A preempted run leaves the requeue marker; an interrupted one (Ctrl-C) leaves none, and removes
+    a `requeue` or `done` that no longer says how the run ended."""
+    if not interrupted:
+        write_requeue_marker(run, step, reason)
+        return
+    for name in ("requeue", "done"):
         run.marker(name).unlink(missing_ok=True)
 
 

@@ -93,7 +93,7 @@ class Trainer:
         self.cfg, self.run = cfg, RunDir(cfg.run_dir)
         self.backend = build_backend(cfg, self.resize.world[1], self.resize.lr_scale)
         self.accelerator = self.backend.accelerator
-        claim_run_dir(self.accelerator, cfg, change, self.owner)
+        claim_run_dir(self.accelerator, cfg, change, self.owner.refused)
         self.gate = make_gate(cfg.train)
         self.streams = Streams(cfg.data, cfg.seed, self.accelerator)
         pending = change if change.changes else None  # config.yaml waits for this run's first save
