@@ -1,7 +1,8 @@
 """One owner per run directory, and Ctrl-C as a preemption the user asked for.
 
 Two trainers on one run directory: exactly one trains, the other exits 2 naming the holder, and the
-run continues bit-exactly afterwards; a lease whose holder was killed with -9 is taken over. The
+run continues bit-exactly afterwards; a lease whose holder was killed with -9 is taken over; a
+trainer whose lease was taken over stops without writing more. The
 first SIGINT to a 2-process run checkpoints that step and exits 130 without a traceback, and the
 run resumes bit-exactly; a second SIGINT during the save exits at once, and the run resumes from the
 checkpoint before."""
@@ -66,22 +67,11 @@ def final(run_dir: Path, step: int) -> dict:
     return checkpoint_contents(path)
 
 
-@pytest.fixture(scope="module")
-def reference(demo_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An uninterrupted single-process run of 4 steps."""
-    run_dir = tmp_path_factory.mktemp("reference")
-    check(run(python_cmd(run_dir, demo_shards, "train.steps=4", *QUIET)))
-    return run_dir
-
-
-@pytest.mark.parametrize("delay", [0.0, 1.5, 3.0])
-def test_two_trainers_on_one_run_dir_one_trains_the_other_is_refused(
-    demo_shards: Path, reference: Path, tmp_path: Path, delay: float
-) -> None:
-    first_cmd = python_cmd(tmp_path, demo_shards, "train.steps=2", *QUIET)
-    first = start(first_cmd)
+def race(cmd: list[str], delay: float) -> None:
+    """Start `cmd` twice, `delay` seconds apart: exactly one trains, the other exits 2 naming it."""
+    first = start(cmd)
     time.sleep(delay)
-    second = start(python_cmd(tmp_path, demo_shards, "train.steps=2", *QUIET))
+    second = start(cmd)
     results = [(p.wait(timeout=120), *p.communicate()) for p in (first, second)]
     codes = sorted(code for code, _, _ in results)
     assert codes == [ExitCode.SUCCESS, ExitCode.REFUSED], [err[-2000:] for _, _, err in results]
@@ -90,11 +80,22 @@ def test_two_trainers_on_one_run_dir_one_trains_the_other_is_refused(
     assert len(lines) == 1 and "Traceback" not in refused, refused
     winner = next(p for p, (code, _, _) in zip((first, second), results, strict=True) if code == 0)
     assert f"is in use by dist_vae train pid {winner.pid} on " in lines[0], lines[0]
-    assert str(RunDir(tmp_path).lease) in lines[0]
-    assert not RunDir(tmp_path).lease.exists()  # released at the end
-    # The run continues from the winner's checkpoint exactly as an uninterrupted one.
-    check(run(python_cmd(tmp_path, demo_shards, "train.steps=4", *QUIET)))
-    assert_same(final(reference, 4), final(tmp_path, 4))
+    assert "(lease " in lines[0] and "/.lease.json); wait for it to finish" in lines[0], lines[0]
+
+
+def test_two_trainers_on_one_run_dir_one_trains_the_other_is_refused(
+    demo_shards: Path, tmp_path: Path
+) -> None:
+    """Started together, 1.5 s and 3 s apart (the later races resume the run, as a requeued job
+    does); afterwards the run equals an uninterrupted one bit for bit."""
+    reference, run_dir = tmp_path / "reference", tmp_path / "raced"
+    constant = "train.schedule=constant"  # the LR does not depend on train.steps, which grows here
+    for steps, delay in ((2, 0.0), (4, 1.5), (6, 3.0)):
+        race(python_cmd(run_dir, demo_shards, f"train.steps={steps}", constant, *QUIET), delay)
+        assert complete_checkpoints(run_dir)[-1][0] == steps
+        assert not RunDir(run_dir).lease.exists()  # released at the end
+    check(run(python_cmd(reference, demo_shards, "train.steps=6", constant, *QUIET)))
+    assert_same(final(reference, 6), final(run_dir, 6))
 
 
 def test_a_lease_whose_holder_was_killed_is_taken_over(demo_shards: Path, tmp_path: Path) -> None:
