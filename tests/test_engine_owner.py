@@ -2,10 +2,9 @@
 
 Two trainers on one run directory: exactly one trains, the other exits 2 naming the holder, and the
 run continues bit-exactly afterwards; a lease whose holder was killed with -9 is taken over; a
-trainer whose lease was taken over stops without writing more. The
-first SIGINT to a 2-process run checkpoints that step and exits 130 without a traceback, and the
-run resumes bit-exactly; a second SIGINT during the save exits at once, and the run resumes from the
-checkpoint before."""
+trainer whose lease was taken over stops without writing more. The first SIGINT to a 2-process run
+checkpoints that step and exits 130 without a traceback, and the run resumes bit-exactly; a second
+SIGINT during the save exits at once, and the run resumes from the checkpoint before."""
 
 from __future__ import annotations
 
