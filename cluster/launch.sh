@@ -24,6 +24,9 @@
 #   MAX_HANG_REQUEUES    how often one job is requeued after a hang: a trainer's watchdog wrote
 #                        RUN_DIR/hang/rank-R.txt (exit 5) (2)
 #   WARNING_REPEAT       seconds between repeats of the warning until the launchers exit (30)
+#   LEASE_WAIT           seconds to wait, before launching, for the run directory's lease (RUN_DIR/.lease.json)
+#                        to be released or to expire: a requeued job can start while the trainers of its
+#                        previous run still exit; after that the job fails with exit 2 naming the holder (180)
 #   LAUNCH_ARGS          extra arguments for `accelerate launch`
 
 set -euo pipefail
@@ -34,9 +37,11 @@ REQUEUE_MARKER="requeue"
 DONE_MARKER="done"
 DIVERGED_MARKER="diverged"
 HANG_DIR="hang" # rank-R.txt: the stacks a hung rank wrote before exiting with HANG_EXIT
+LEASE_FILE=".lease.json" # RunDir.lease: the trainer's rank 0 holds it while it runs
 REFUSED_EXIT=2
 DIVERGED_EXIT=4
 HANG_EXIT=5
+INTERRUPTED_EXIT=130 # Ctrl-C (SIGINT): the trainer checkpointed as asked; a stop, not a preemption
 
 log() { printf '[cluster %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 die() {
@@ -60,6 +65,7 @@ check_inputs() {
 	[[ ${MAX_CRASH_REQUEUES:-1} =~ ^[0-9]+$ ]] || die "MAX_CRASH_REQUEUES=$MAX_CRASH_REQUEUES: expected an integer >= 0"
 	[[ ${MAX_HANG_REQUEUES:-2} =~ ^[0-9]+$ ]] || die "MAX_HANG_REQUEUES=$MAX_HANG_REQUEUES: expected an integer >= 0"
 	[[ ${WARNING_REPEAT:-30} =~ ^[1-9][0-9]*$ ]] || die "WARNING_REPEAT=$WARNING_REPEAT: expected seconds >= 1"
+	[[ ${LEASE_WAIT:-180} =~ ^[0-9]+$ ]] || die "LEASE_WAIT=$LEASE_WAIT: expected seconds >= 0"
 }
 
 submit() {
@@ -83,6 +89,22 @@ newest_checkpoint() {
 		[[ -e ${dir}COMPLETE ]] && newest=$(basename "$dir")
 	done
 	echo "$newest"
+}
+
+# Wait (at most LEASE_WAIT seconds) until no live trainer holds the run directory: released, or its
+# holder gone (dead pid on this host, or no heartbeat for the lease timeout, 60 s). The trainer would
+# refuse to start while it is held; a requeued job waits for its predecessor instead of failing.
+wait_for_lease() {
+	local waited=0 holder
+	while holder=$(PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m dist_vae.lease "$RUN_DIR/$LEASE_FILE") &&
+		[[ -n $holder ]]; do
+		((waited < LEASE_WAIT)) ||
+			die "run dir $RUN_DIR is still in use after LEASE_WAIT=$LEASE_WAIT s, by $holder"
+		((waited > 0)) || log "run dir $RUN_DIR is in use by $holder: waiting for it (LEASE_WAIT=$LEASE_WAIT s)"
+		sleep 2
+		waited=$((waited + 2))
+	done
+	((waited == 0)) || log "run dir $RUN_DIR released after ${waited} s"
 }
 
 # A marker counts only if the trainer wrote it during this run of the job.
@@ -170,6 +192,10 @@ decide() {
 		log "trainer checkpointed after a signal sent to it directly ($RUN_DIR/$REQUEUE_MARKER)"
 		requeue "preempted"
 	fi
+	if ((status == INTERRUPTED_EXIT)); then
+		log "trainer interrupted (SIGINT, e.g. scancel --signal=INT): checkpointed as asked, not requeueing"
+		exit "$INTERRUPTED_EXIT"
+	fi
 	hung=$(hang_files)
 	if [[ -n $hung ]]; then
 		log "trainer hung (its watchdog stopped it); stacks of all threads: $(tr '\n' ' ' <<<"$hung")"
@@ -191,6 +217,7 @@ run_job() {
 	MAX_CRASH_REQUEUES=${MAX_CRASH_REQUEUES:-1}
 	MAX_HANG_REQUEUES=${MAX_HANG_REQUEUES:-2}
 	WARNING_REPEAT=${WARNING_REPEAT:-30}
+	LEASE_WAIT=${LEASE_WAIT:-180}
 	check_inputs
 	# A range lets Slurm choose (a requeued job may get fewer or more nodes); a number must match.
 	if [[ $NODES == *-* ]]; then
@@ -218,6 +245,7 @@ run_job() {
 	log "job $SLURM_JOB_ID, run $((${SLURM_RESTART_COUNT:-0} + 1)) (restart count ${SLURM_RESTART_COUNT:-0})" \
 		"on $SLURM_JOB_NODELIST: $NODES node(s) x $GPUS_PER_NODE GPU(s), $PROCS_PER_NODE process(es) per node, rendezvous $MAIN_ADDR:$MAIN_PORT"
 	log "config $CONFIG, data $DATA, run dir $RUN_DIR, accelerate $ACCEL_CONFIG, extra: ${EXTRA:-none}"
+	wait_for_lease
 	log "resuming from newest complete checkpoint: $(newest_checkpoint)"
 
 	# Steps do not inherit --cpus-per-task from the job (Slurm >= 22.05): pass it, or each launcher gets one CPU.

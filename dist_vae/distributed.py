@@ -39,6 +39,15 @@ def sum_over_ranks(acc: Accelerator, counts: list[int]) -> list[int]:
     return total.tolist()
 
 
+def rank0_says(acc: Accelerator, text: str | None) -> str | None:
+    """Rank 0's `text` (a refusal only it could see, or None) on every rank (collective)."""
+    if acc.num_processes == 1:
+        return text
+    box = [text]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def world() -> tuple[int, int]:
     """(rank, world size) of the default process group; (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +20,14 @@ from typing import BinaryIO
 import numpy as np
 import torch
 from PIL import Image
+
+_NONCE = uuid.uuid4().hex[:8]
+
+
+def process_tag() -> str:
+    """HOST-PID-RANDOM: unique to this process, also across the nodes of a shared filesystem, for the
+    names of its temporaries (two writers never share one)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{_NONCE}"
 
 
 def file_sha256(path: Path) -> str:
@@ -46,7 +56,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{process_tag()}")
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)

@@ -13,6 +13,8 @@ short-lived lock file (created the same way), so of several takers one wins and 
 its live lease.
 
 Stdlib only: the trainer's run directories and make_shards' outputs use the same module.
+`python -m dist_vae.lease PATH` prints the live holder of the lease PATH in one line, or nothing when
+it is free or its holder is gone (cluster/launch.sh waits on it before starting a requeued run).
 """
 
 from __future__ import annotations
@@ -222,8 +224,21 @@ class Lease:
         if (_read(self.path) or {}).get("token") == self.token:
             self.path.unlink(missing_ok=True)
 
+    def live_holder(self) -> dict[str, Any] | None:
+        """The holder of the lease file as it is now, unless there is none or it is gone (stale)."""
+        holder = _read(self.path)
+        return holder if holder is not None and not self._stale(holder) else None
+
     def __enter__(self) -> Lease:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+if __name__ == "__main__":
+    import sys
+
+    live = Lease(sys.argv[1], owner="a check").live_holder()
+    if live is not None:
+        print(describe(live) if live else "an unreadable lease file")

@@ -31,6 +31,11 @@ class RunDir:
         return self.root / "config.yaml"
 
     @property
+    def lease(self) -> Path:
+        """The owner's lease (dist_vae/lease.py): one trainer at a time per run directory."""
+        return self.root / ".lease.json"
+
+    @property
     def pending_config(self) -> Path:
         """A changed configuration, until a checkpoint trained with it exists."""
         return self.root / "config.pending.yaml"

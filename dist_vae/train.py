@@ -6,7 +6,9 @@ DeepSpeed ZeRO-1/2, CPU gloo) is chosen by the accelerate config file alone.
 Exit codes: dist_vae/errors.py's ExitCode (the README's table): SUCCESS 0 (RUN_DIR/done written),
 REFUSED 2 (one line `error: ...` naming the key or file), REQUEUE 3 (stopped by SIGUSR1/SIGTERM after
 a checkpoint; RUN_DIR/requeue written, since multi-process launchers may report their own code),
-DIVERGED 4 (nothing new saved), HANG 5 (each rank wrote RUN_DIR/hang/rank-R.txt).
+DIVERGED 4 (nothing new saved), HANG 5 (each rank wrote RUN_DIR/hang/rank-R.txt), INTERRUPTED 130
+(Ctrl-C: checkpointed at the next step boundary, no marker; a second Ctrl-C exits at once). A run
+directory already held by another trainer is REFUSED (its lease names the holder).
 
 Signals (checked by tests/test_engine_signals.py): SIGUSR1 and SIGTERM only set a flag, installed
 before anything else starts (a signal while the process group forms or a checkpoint loads still

@@ -8,6 +8,8 @@ real forward hooks to whatever model `build_model` returns, driven by environmen
                        model's `step` argument, so a resumed run injects at the same update): finite
                        in fp32, it overflows a loss-scaled fp16 backward
   HARNESS_RECORD=DIR   append a checksum of every training input batch to DIR/rank-<RANK>.txt
+  HARNESS_SAVE_SLEEP=0.5  sleep that many seconds before each file a checkpoint save writes (a save
+                       slow enough to be interrupted in the middle)
   HARNESS_SLEEP_AT=1:4:600  rank 1 sleeps 600 s in `sleep_inside_step` before its training forward
                        call 4 (0-based): a hang inside a step, while the other ranks wait in its collective
 """
@@ -72,6 +74,20 @@ def inject_overflow(module: torch.nn.Module, _args: tuple, kwargs: dict, output:
     return LossOutput(output.loss * 1e20, output.scalars, output.aux_losses)
 
 
+def slow_saves(seconds: float) -> None:
+    from dist_vae.checkpoint import store
+
+    write = store.write_synced
+
+    def slow_write(path: Path, data: bytes) -> None:
+        time.sleep(seconds)
+        write(path, data)
+
+    store.write_synced = slow_write
+
+
+if os.environ.get("HARNESS_SAVE_SLEEP"):
+    slow_saves(float(os.environ["HARNESS_SAVE_SLEEP"]))
 register_module_forward_pre_hook(record_inputs)
 register_module_forward_hook(inject_bad_loss)
 register_module_forward_hook(inject_overflow, with_kwargs=True)

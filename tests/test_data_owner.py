@@ -175,8 +175,8 @@ def test_lease_sweeps_private_files_of_dead_processes_on_this_host(tmp_path: Pat
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     host = socket.gethostname()
-    left = tmp_path / f".lease.json.{host}-{dead.pid}-randomsuffix"
-    other_node = tmp_path / ".lease.json.node-elsewhere-1-randomsuffix"
+    left = tmp_path / f".lease.json.{host}-{dead.pid}-tokenxyzabcd"
+    other_node = tmp_path / ".lease.json.node-elsewhere-1-tokenxyzabcd"
     for f in (left, other_node):
         f.write_text("{}")
     Lease(tmp_path / ".lease.json", owner="trainer").acquire().release()

@@ -1,10 +1,10 @@
 """Saving, rotating and loading checkpoints (the files of format.py, the state of state.py).
 
-Every rank takes part in gathering (ZeRO); rank 0 writes into `.tmp-step-%08d/`, fsyncs each file,
-renames the directory and fsyncs its parent, so a kill at any moment leaves the previous checkpoints
-or the new one. A failed write (disk full, read-only) removes the temporary directory, keeps the older
-checkpoints and raises `CheckpointWriteError` on every rank. Random states are not saved: the trainer
-re-derives them from (seed, step, rank).
+Every rank takes part in gathering (ZeRO); rank 0 writes into `.tmp-step-%08d.HOST-PID-RANDOM/` (a
+name unique to the process), fsyncs each file, renames the directory and fsyncs its parent, so a kill
+at any moment leaves the previous checkpoints or the new one. A failed write (disk full, read-only)
+removes the temporary directory, keeps the older checkpoints and raises `CheckpointWriteError` on
+every rank. Random states are not saved: the trainer re-derives them from (seed, step, rank).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from dist_vae.checkpoint.state import (
     restore_engine_counters,
 )
 from dist_vae.errors import CheckpointError
-from dist_vae.files import replace_dir, write_synced
+from dist_vae.files import process_tag, replace_dir, write_synced
 from dist_vae.run_layout import RunDir
 
 
@@ -131,7 +131,8 @@ def check_resume(path: Path, cfg: Any) -> None:
 
 
 def clean_partial(run_dir: Path) -> None:
-    """Remove directories left by a save that was killed before its rename (rank 0, before training)."""
+    """Remove directories left by a save that was killed before its rename (rank 0, before training,
+    under the run directory's lease: every temporary found then belongs to an owner that is gone)."""
     root = RunDir(run_dir).checkpoints
     if root.is_dir():
         for path in root.iterdir():
@@ -191,6 +192,7 @@ def save_checkpoint(
     weights = full_weights(acc, model)
     optimizer_tensors, optimizer_meta = optimizer_state(acc, model, optimizer)
     final, tmp = RunDir(run_dir).checkpoint(step), RunDir(run_dir).checkpoint(step, tmp=True)
+    tmp = tmp.with_name(f"{tmp.name}.{process_tag()}")
     error = ""
     if acc.is_main_process:
         state = {

@@ -3,7 +3,7 @@
 Within a rank, batch j (counted from where the iteration started) is made by worker (lane) j % L,
 which computes its positions directly and preads each image by offset (plan.py, index.py).
 
-Workers die with their parent (PR_SET_PDEATHSIG) and ignore SIGTERM and SIGUSR1, which the main
+Workers die with their parent (PR_SET_PDEATHSIG) and ignore SIGTERM, SIGUSR1 and SIGINT, which the main
 process handles (it must checkpoint before anything exits). Because they ignore SIGTERM,
 multiprocessing's exit hook (terminate, then join) would wait forever for the workers of an
 iteration still open when the interpreter exits; `_stop_open_iterations` stops them first (atexit
@@ -99,9 +99,10 @@ def _stop_open_iterations() -> None:
 
 
 def _worker_init(parent: int, worker_id: int) -> None:
-    """Leave SIGTERM/SIGUSR1 to the main process and die with it (not ~5 s later by polling)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    """Leave SIGTERM/SIGUSR1/SIGINT (Ctrl-C reaches the whole process group) to the main process and
+    die with it (not ~5 s later by polling)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before prctl took effect

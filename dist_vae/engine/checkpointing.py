@@ -40,10 +40,11 @@ from tqdm import tqdm
 
 from dist_vae import checkpoint
 from dist_vae.config import Config, ConfigError, to_yaml
+from dist_vae.distributed import rank0_says
 from dist_vae.engine.backend import Backend
 from dist_vae.engine.feeds import Streams
 from dist_vae.engine.step import TrainingDiverged, UpdateGate
-from dist_vae.engine.stops import write_diverged_marker, write_done_marker, write_requeue_marker
+from dist_vae.engine.stops import write_diverged_marker, write_done_marker, write_stop_marker
 from dist_vae.errors import CheckpointError, ExitCode
 from dist_vae.files import fsync_dir, write_text_atomic
 from dist_vae.run_layout import RunDir
@@ -197,9 +198,14 @@ def check_resume(cfg: Config, resume_from: Path | None, step: int) -> ConfigChan
     return ConfigChange(step, checkpoint.config_changes(resume_from, cfg))
 
 
-def claim_run_dir(acc: Accelerator, cfg: Config, change: ConfigChange) -> None:
-    """Rank 0 clears a killed save's leftovers and records the config this run trains with; every rank
-    waits for it. A refused resume (`check_resume`) never gets here, leaving config.yaml as it was."""
+def claim_run_dir(acc: Accelerator, cfg: Config, change: ConfigChange, refused: str | None) -> None:
+    """Every rank learns whether rank 0 was `refused` the run directory's lease (ConfigError naming the
+    holder, on every rank); then rank 0 clears a killed save's leftovers and records the config this
+    run trains with, and every rank waits for it. A refused resume (`check_resume`) never gets here,
+    leaving config.yaml as it was."""
+    refused = rank0_says(acc, refused)
+    if refused is not None:
+        raise ConfigError(refused)
     run = RunDir(cfg.run_dir)
     if acc.is_main_process:
         checkpoint.clean_partial(run.root)
@@ -267,12 +273,15 @@ class Checkpointer:
             write_diverged_marker(self.run, step, str(error))
         return error
 
-    def requeue(self, step: int, signal_name: str | None) -> ExitCode:
+    def requeue(self, step: int, signal_name: str | None, interrupted: bool = False) -> ExitCode:
         """Leave the requeue marker (the reason: this rank's signal, or 'peer' when another rank's)
-        and say so in one line; ExitCode.REQUEUE once every rank knows it exists."""
+        and say so in one line; ExitCode.REQUEUE once every rank knows it exists. `interrupted` (a
+        Ctrl-C, agreed by every rank): the same line, no marker, ExitCode.INTERRUPTED."""
         acc = self.backend.accelerator
+        if interrupted:
+            signal_name = "SIGINT"
         if acc.is_main_process:
-            write_requeue_marker(self.run, step, signal_name or "peer")
+            write_stop_marker(self.run, step, signal_name or "peer", interrupted)
             saved = checkpoint.complete_checkpoints(self.run.root)
             where = f"checkpoint {saved[-1][1]}" if saved else "no checkpoint yet"
             tqdm.write(  # on a line of its own, not after the open progress bar
@@ -283,7 +292,7 @@ class Checkpointer:
         # No rank exits before the marker exists: a launcher that exits early can make the cluster
         # kill the other nodes (srun --kill-on-bad-exit) before rank 0 writes it.
         acc.wait_for_everyone()
-        return ExitCode.REQUEUE
+        return ExitCode.INTERRUPTED if interrupted else ExitCode.REQUEUE
 
     def done(self, step: int) -> None:
         acc = self.backend.accelerator

@@ -38,7 +38,7 @@ from dist_vae.data.order import mix
 from dist_vae.distributed import agree
 from dist_vae.engine.backend import Backend
 from dist_vae.engine.monitor import Window
-from dist_vae.engine.stops import PreemptionFlag
+from dist_vae.engine.stops import GO_ON, INTERRUPT, PREEMPT, PreemptionFlag
 
 
 def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
@@ -184,7 +184,12 @@ class Update:
     grad_norm: float  # the real value: NaN or inf for a non-finite update
     applied: bool
     reason: str = ""  # 'nonfinite', 'overflow' (fp16 loss scale) or 'spike' when not applied
-    preempted: bool = False  # some rank had been signalled (every rank agrees)
+    stop: int = GO_ON  # the highest of every rank's vote (stops.py): GO_ON, INTERRUPT, PREEMPT, LEASE_LOST
+
+    @property
+    def preempted(self) -> bool:
+        """Some rank was signalled: checkpoint, then stop."""
+        return self.stop in (INTERRUPT, PREEMPT)
 
 
 class UpdateStep:
@@ -201,10 +206,10 @@ class UpdateStep:
             preemption,
         )
 
-    def preempted(self) -> bool:
-        """Whether any rank has been signalled (collective; every rank gets the same answer)."""
-        requested = torch.tensor(float(self.preemption.requested), device=self.backend.accelerator.device)
-        return bool(agree(self.backend.accelerator, [requested])[0])
+    def stop_vote(self) -> int:
+        """The highest of every rank's stop vote (collective; every rank gets the same answer)."""
+        vote = torch.tensor(float(self.preemption.vote()), device=self.backend.accelerator.device)
+        return int(agree(self.backend.accelerator, [vote])[0])
 
     def __call__(self, step: int, batches: Iterator[torch.Tensor], window: Window) -> Update:
         b, t = self.backend, self.train
@@ -233,7 +238,7 @@ class UpdateStep:
         b = self.backend
         norm = b.update_path.grad_norm()
         finite = torch.isfinite(norm)
-        requested = torch.tensor(float(self.preemption.requested), device=norm.device)
+        requested = torch.tensor(float(self.preemption.vote()), device=norm.device)
         nonfinite, agreed_norm, bad_loss, preempted, value = agree(
             b.accelerator, [~finite, torch.where(finite, norm, 0.0), ~torch.isfinite(loss), requested, norm]
         )
@@ -246,4 +251,4 @@ class UpdateStep:
             b.update_path.apply()
             if b.ema is not None:
                 b.ema.update()
-        return Update(value, not reason, reason, bool(preempted))
+        return Update(value, not reason, reason, int(preempted))

@@ -6,6 +6,19 @@ agrees on it across ranks (one all-reduce, so no rank leaves a collective behind
 with `ExitCode.REQUEUE`. Because `accelerate launch`/torchrun may replace a worker's exit code by its
 own, the trainer also writes the `requeue` marker, which the cluster script can test instead.
 
+Ctrl-C is a preemption the user asked for: the first SIGINT is handled like SIGTERM (checkpoint at
+the next step boundary, the same one-line stop message) but exits with `ExitCode.INTERRUPTED` (130)
+and leaves no `requeue` marker (a stale `requeue` or `done` is removed): nobody should requeue a run
+its user stopped. A SIGINT within `SIGINT_ECHO_S` of the first is the same Ctrl-C (a terminal sends it
+to the launcher and its workers, and torchrun forwards it once more); a later one exits at once with
+one line and no traceback, leaving the newest complete checkpoint to resume from (a save it cut short
+is a temporary that the next start removes).
+
+Ownership: rank 0 holds the run directory's lease (`RunOwner`, dist_vae/lease.py, RunDir.lease) from
+before it reads or changes anything until the run ends; a second trainer is refused naming the
+holder, a gone holder's lease is taken over with one line, and a trainer whose lease another took
+over (it looked gone) stops at its next step boundary without writing more (exit 2).
+
 Hangs: a daemon thread waits on a monotonic deadline that the trainer moves forward at each step
 boundary (`between_steps`). Waiting needs no help from the main thread, so a rank stuck in C code (a
 gloo or NCCL collective, a sleep, a DataLoader wait) is still caught. On expiry the rank writes the
@@ -44,9 +57,14 @@ from collections.abc import Iterator
 from types import FrameType
 
 from dist_vae.errors import ExitCode
+from dist_vae.lease import Lease, LeaseHeld
 from dist_vae.run_layout import RunDir
 
-HANDLED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+HANDLED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+SIGINT_ECHO_S = 1.0  # a second SIGINT sooner than this is the same Ctrl-C, forwarded by the launcher
+# What a rank votes at a step boundary (every rank takes the maximum): a cluster's preemption wins
+# over a Ctrl-C (the run should be requeued), and a lost lease over both (nothing may be written).
+GO_ON, INTERRUPT, PREEMPT, LEASE_LOST = 0, 1, 2, 3
 MIN_STEP_TIMEOUT_S = 900.0
 MEDIAN_FACTOR = 50
 TIMED_STEPS = 100  # the median is over this many recent steps
@@ -54,10 +72,15 @@ GRACE_S = 5.0
 
 
 class PreemptionFlag:
-    """Remembers that a handled signal arrived; installing replaces the previous handlers until `restore`."""
+    """Remembers that a handled signal arrived; installing replaces the previous handlers until `restore`.
+
+    `owner`: the run directory's lease, once held (its loss is voted with the signals, and a second
+    Ctrl-C releases it before exiting)."""
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self.owner: RunOwner | None = None
+        self._interrupted_at: float | None = None
         self._previous: dict[int, object] = {}
 
     def install(self) -> PreemptionFlag:
@@ -74,8 +97,75 @@ class PreemptionFlag:
     def requested(self) -> bool:
         return self.signal_name is not None
 
+    def vote(self) -> int:
+        """This rank's GO_ON, INTERRUPT, PREEMPT or LEASE_LOST (rank 0 reads its lease file)."""
+        if self.owner is not None and self.owner.lost():
+            return LEASE_LOST
+        if self.signal_name is None:
+            return GO_ON
+        return INTERRUPT if self.signal_name == "SIGINT" else PREEMPT
+
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
-        self.signal_name = signal.Signals(signum).name
+        if signum != signal.SIGINT:
+            self.signal_name = signal.Signals(signum).name  # a preemption outranks a Ctrl-C
+            return
+        now = time.monotonic()
+        if self._interrupted_at is None:
+            self._interrupted_at = now
+            self.signal_name = self.signal_name or "SIGINT"
+        elif now - self._interrupted_at >= SIGINT_ECHO_S:
+            print(  # on a line of its own, not after an open progress bar
+                "\ninterrupted again (second Ctrl-C): exiting now without saving; run the same command "
+                "to resume from the newest complete checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
+            if self.owner is not None:
+                self.owner.release()
+            os._exit(ExitCode.INTERRUPTED)
+
+
+class RunOwner:
+    """Rank 0's lease on the run directory; other ranks hold nothing (`lease` None)."""
+
+    def __init__(self, run: RunDir, rank: int) -> None:
+        self.run = run
+        self.lease = Lease(run.lease, owner="dist_vae train") if rank == 0 else None
+        self.refused: str | None = None  # rank 0: the holder that refused this run, in one line
+        self.held = False
+
+    def claim(self) -> str | None:
+        """Take the lease (rank 0); the line saying a gone holder's was taken over, or None. A live
+        holder leaves `refused` set instead."""
+        if self.lease is None:
+            return None
+        try:
+            self.lease.acquire()
+        except LeaseHeld as exc:
+            self.refused = f"{exc}; two trainers on one run_dir are refused"
+            return None
+        except OSError as exc:  # read-only or full file system: exit 2, like any write to run_dir
+            self.refused = f"run_dir {self.run.root} is not writable: {exc.strerror} ({exc.filename})"
+            return None
+        self.held = True
+        taken = self.lease.taken_over
+        return f"{self.run.root}: taking over the run directory from {taken} (gone)" if taken else None
+
+    def lost(self) -> bool:
+        """Whether another process took the lease over (one small read of the lease file)."""
+        return self.held and self.lease is not None and not self.lease.still_held()
+
+    def taken_line(self, step: int) -> str:
+        return (
+            f"{self.run.root}: another process took this run directory over at step {step} (this trainer "
+            f"looked gone: no heartbeat for {self.lease.timeout if self.lease else 0:.0f} s); stopped "
+            "without writing more so that two do not train it"
+        )
+
+    def release(self) -> None:
+        if self.held and self.lease is not None:
+            self.lease.release()
+            self.held = False
 
 
 def write_marker(run: RunDir, name: str, lines: str, stale: tuple[str, ...]) -> None:
@@ -97,6 +187,16 @@ def write_requeue_marker(run: RunDir, step: int, reason: str) -> None:
 def write_done_marker(run: RunDir, step: int) -> None:
     """Tell the cluster script (and a later `resume=auto`) that the run reached train.steps."""
     write_marker(run, "done", f"step {step}\n", stale=("requeue", "diverged"))
+
+
+def write_stop_marker(run: RunDir, step: int, reason: str, interrupted: bool) -> None:
+    """A preempted run leaves the requeue marker; an interrupted one (Ctrl-C) leaves none, and removes
+    a `requeue` or `done` that no longer says how the run ended."""
+    if not interrupted:
+        write_requeue_marker(run, step, reason)
+        return
+    for name in ("requeue", "done"):
+        run.marker(name).unlink(missing_ok=True)
 
 
 def write_diverged_marker(run: RunDir, step: int, why: str) -> None:

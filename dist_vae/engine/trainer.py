@@ -8,12 +8,14 @@ The Trainer composes parts with one job each, built in this order by `Trainer._a
   step.py           one update: LR schedule, random streams, micro-batches, the skip decision
   monitor.py        progress bar, TensorBoard, the log-point scalars and the code's health
   periodic.py       when to log, evaluate, sample and save, and the evaluations themselves
-  stops.py          preemption signals, the hang watchdog (exit 5) and the run's markers
+  stops.py          the run directory's owner (its lease), preemption signals and Ctrl-C, the
+                    hang watchdog (exit 5) and the run's markers
 so that `fit` below is the loop and nothing else.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -33,8 +35,8 @@ from dist_vae.engine.feeds import Streams, check_data
 from dist_vae.engine.monitor import CodeHealth, RunLogger, ScalarLog, Window
 from dist_vae.engine.periodic import Cadence, Evaluation, periodic_actions
 from dist_vae.engine.step import UpdateStep, make_gate
-from dist_vae.engine.stops import PreemptionFlag, Watchdog
-from dist_vae.errors import ExitCode
+from dist_vae.engine.stops import INTERRUPT, LEASE_LOST, PreemptionFlag, RunOwner, Watchdog
+from dist_vae.errors import ConfigError, DistVaeError, ExitCode
 from dist_vae.metrics.during_training import check_fid_ready
 from dist_vae.run_layout import RunDir
 
@@ -53,13 +55,34 @@ class Trainer:
         step + 1 (benchmarks time the engine with it)."""
         self.preemption = preemption or PreemptionFlag().install()
         self.before_step = before_step
+        # Rank 0 (torchrun's RANK: the process group does not exist yet) owns the run directory before
+        # anything in it is read or changed; every rank learns the outcome in claim_run_dir.
+        self.owner = RunOwner(RunDir(cfg.run_dir), int(os.environ.get("RANK", "0")))
         try:
+            self._claim(cfg)
             self._assemble(cfg)
         except BaseException:
+            self.owner.release()
             self.preemption.restore()
             raise
 
+    def _claim(self, cfg: Config) -> None:
+        taken = self.owner.claim()
+        if taken:
+            print(taken, file=sys.stderr)
+        if self.owner.refused is not None and launched_world_size() == 1:
+            raise ConfigError(self.owner.refused)  # alone: refused at once, nothing read
+        self.preemption.owner = self.owner
+
     def _assemble(self, cfg: Config) -> None:
+        try:
+            self._build(cfg)
+        except DistVaeError:
+            if self.owner.refused is not None:  # what rank 0 saw while refused is not the news
+                raise ConfigError(self.owner.refused) from None
+            raise
+
+    def _build(self, cfg: Config) -> None:
         resume_from = resume_path(cfg)
         check_data(cfg.data)
         if cfg.eval.fid_every:  # no [metrics] extra or Inception file: exit 2 now, not at the first FID
@@ -70,7 +93,7 @@ class Trainer:
         self.cfg, self.run = cfg, RunDir(cfg.run_dir)
         self.backend = build_backend(cfg, self.resize.world[1], self.resize.lr_scale)
         self.accelerator = self.backend.accelerator
-        claim_run_dir(self.accelerator, cfg, change)
+        claim_run_dir(self.accelerator, cfg, change, self.owner.refused)
         self.gate = make_gate(cfg.train)
         self.streams = Streams(cfg.data, cfg.seed, self.accelerator)
         pending = change if change.changes else None  # config.yaml waits for this run's first save
@@ -105,19 +128,23 @@ class Trainer:
             print(line, file=sys.stderr)
 
     def fit(self) -> ExitCode:
-        """Train to train.steps (SUCCESS) or until preempted (REQUEUE); raises TrainingDiverged after
+        """Train to train.steps (SUCCESS), until preempted (REQUEUE) or interrupted (INTERRUPTED), or
+        until the run directory's lease is lost (REFUSED); raises TrainingDiverged after
         train.max_nonfinite_skips non-finite updates in a row. A hang ends the process from the
         watchdog's thread (HANG)."""
         try:
             with self.watchdog.watching(self.step):
-                if self.update_step.preempted():  # signalled during start-up: nothing new to save
-                    return self.checkpoints.requeue(self.step, self.preemption.signal_name)
+                stop = self.update_step.stop_vote()
+                if stop:  # signalled during start-up: nothing new to save
+                    return self._stop(stop)
                 batches, window = iter(self.streams.train), Window()
                 while self.step < self.cfg.train.steps:
                     if self.before_step is not None:
                         self.before_step(self.step)
                     update = self.update_step(self.step, batches, window)
                     self.step += 1
+                    if update.stop == LEASE_LOST:
+                        return self._stop(update.stop)
                     if self.cadence.log_due(self.step, self.gate.diverged):
                         self.logger.progress(self.step, self.scalar_log.write(window, self.step))
                         window = Window()
@@ -130,10 +157,20 @@ class Trainer:
                         if self.cadence.save_due(self.step, update.preempted):
                             self.checkpoints.save(self.step)
                     if update.preempted:
-                        return self.checkpoints.requeue(self.step, self.preemption.signal_name)
+                        return self._stop(update.stop)
                 self.checkpoints.done(self.step)
                 return ExitCode.SUCCESS
         finally:
             self.preemption.restore()
             self.logger.close()
             self.accelerator.end_training()
+            self.owner.release()
+
+    def _stop(self, stop: int) -> ExitCode:
+        """Every rank agreed on `stop` at this step boundary: a Ctrl-C (exit 130) or a preemption
+        (exit 3) after the checkpoint; a lost lease without writing anything (exit 2)."""
+        if stop == LEASE_LOST:
+            if self.accelerator.is_main_process:
+                print(f"error: {self.owner.taken_line(self.step)}", file=sys.stderr)
+            return ExitCode.REFUSED
+        return self.checkpoints.requeue(self.step, self.preemption.signal_name, stop == INTERRUPT)
