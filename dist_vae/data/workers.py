@@ -31,6 +31,7 @@ from dist_vae.compat.torch_data import shutdown_workers
 from dist_vae.data.buffers import BatchBuffers
 from dist_vae.data.index import ShardReader
 from dist_vae.data.plan import Plan
+from dist_vae.data.storage import mark_leaf
 from dist_vae.errors import DataError
 
 _PR_SET_PDEATHSIG = 1
@@ -51,7 +52,7 @@ class Lanes(IterableDataset):
         clean line."""
         info = get_worker_info()
         lane, lanes = (info.id, info.num_workers) if info is not None else (0, 1)
-        reader = ShardReader(self.plan.directory, self.plan.shards)
+        reader = ShardReader(self.plan.directory, self.plan.shards, self.plan.cache)
         try:
             j = lane
             while self.plan.training or j < self.plan.batches:
@@ -106,3 +107,4 @@ def _worker_init(parent: int, worker_id: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
+    mark_leaf()  # forks nothing: may hold its own object-store client
