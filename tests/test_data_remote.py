@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import subprocess
+import sys
 import threading
 from itertools import islice
 from pathlib import Path
@@ -22,6 +24,7 @@ from tests.data_fixtures import id_images
 from tests.remote_fixtures import FaultyProxy, create_bucket, moto_server, s3_env, upload_dir
 
 BUCKET, URL = "shards", "s3://shards/set"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +201,34 @@ def test_no_client_is_inherited_across_fork(server: int, monkeypatch: pytest.Mon
         os._exit(0 if store.read("a") == b"x" else 1)
     assert os.waitpid(pid, 0)[1] == 0
     assert dataclasses.replace(store).read("a") == b"x"
+
+
+@pytest.mark.slow
+def test_make_shards_to_s3_uploads_the_local_build_and_a_rerun_finishes_it(
+    server: int, proxy: FaultyProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = ("--source", "demo:40", "--resolution", "16", "--val-fraction", "0.2", "--workers", "1",
+            "--no-progress", "--shard-size", "8")  # fmt: skip
+    local = tmp_path / "local"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "tools" / "make_shards.py"), *args]
+    assert subprocess.run([*cmd, "--out", str(local)], env=env, capture_output=True).returncode == 0
+    url = "s3://shards/built"
+    made = [*cmd, "--out", url, "--stage", str(tmp_path / "stage")]
+    proc = subprocess.run(made, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for key, value in s3_env(f"http://127.0.0.1:{server}").items():
+        monkeypatch.setenv(key, value)  # checks straight at the server
+    store = Store(url)
+    files = sorted(p.name for p in local.iterdir() if p.is_file() and not p.name.startswith("."))
+
+    def remote(name: str) -> bytes:
+        return store.read(name)
+
+    assert all(remote(n) == (local / n).read_bytes() for n in files)
+    # An upload cut short (the manifest and a shard never arrived): the same command finishes it.
+    for name in ("manifest.json", files[0]):
+        store.delete(name)
+    proc = subprocess.run(made, env={**env, **s3_env(proxy.url)}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert all(remote(n) == (local / n).read_bytes() for n in files)

@@ -182,6 +182,11 @@ class Store:
 
         _isolated(lambda: self._retrying(name, lambda: obstore.put(self._client(), name, data)))
 
+    def delete(self, name: str) -> None:
+        import obstore
+
+        _isolated(lambda: self._retrying(name, lambda: obstore.delete(self._client(), name)))
+
     def exists(self, name: str) -> bool:
         try:
             self.head(name)
