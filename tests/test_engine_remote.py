@@ -7,8 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dist_vae.errors import ExitCode
+from dist_vae.run_layout import RunDir
 from tests.engine_util import assert_same, check, checkpoint_contents, python_cmd, run
 from tests.remote_fixtures import FaultyProxy, create_bucket, moto_server, s3_env, upload_dir
 from tests.test_engine_resume import SCHEDULE, complete_checkpoints
@@ -48,6 +50,11 @@ def test_s3_through_faults_trains_the_weights_of_the_local_copy_and_resumes_them
     check(run(python_cmd(half, URL, f"train.steps={STEPS}", *SCHEDULE, *cache, "resume=auto"), **env))  # type: ignore[arg-type]
     assert_same(expected, final(half))
     assert sum(proxy.faults.values()) > 0, proxy.faults
+    events = EventAccumulator(str(RunDir(tmp_path / "s3").tensorboard), size_guidance={"scalars": 0})
+    events.Reload()
+    downloaded = [p.value for p in events.Scalars("data/remote_bytes")]
+    assert downloaded[-1] > 0 and downloaded == sorted(downloaded), downloaded
+    assert "data/remote_retries" in events.Tags()["scalars"]
     config = (tmp_path / "s3" / "config.yaml").read_text()
     assert "testing" not in config  # no credential reaches the run directory
 

@@ -114,6 +114,8 @@ class ShardStream:
         self.position = 0
         self._bad_shards: dict[str, str] = {}
         self._bad_samples = 0
+        self._remote: dict[int, tuple[int, int]] = {}  # worker pid -> its object-store retries, bytes
+        self.is_remote = cache is not None
 
     @property
     def samples_per_epoch(self) -> int:
@@ -128,6 +130,14 @@ class ShardStream:
     def skipped(self) -> dict[str, int]:
         """Shards found bad and samples replaced by this rank so far."""
         return {"shards": len(self._bad_shards), "samples": self._bad_samples}
+
+    @property
+    def remote(self) -> dict[str, int]:
+        """Object-store retries and bytes downloaded by this stream's workers so far (0 for local data)."""
+        return {
+            "retries": sum(r for r, _ in self._remote.values()),
+            "bytes": sum(b for _, b in self._remote.values()),
+        }
 
     def __len__(self) -> int:
         """Batches of this rank's evaluation pass (a training stream has no end)."""
@@ -179,7 +189,8 @@ class ShardStream:
         """One worker's batch as this stream yields it; counts and logs the samples it replaced."""
         if isinstance(item, str):
             raise DataError(item)
-        images, slot, keys, bad = item
+        images, slot, keys, bad, (pid, retries, nbytes) = item
+        self._remote[pid] = (retries, nbytes)
         for name, why in bad:
             if name not in self._bad_shards:
                 self._bad_shards[name] = why

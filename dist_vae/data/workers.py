@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dist_vae.compat.torch_data import shutdown_workers
+from dist_vae.data import storage
 from dist_vae.data.buffers import BatchBuffers
 from dist_vae.data.index import ShardReader
 from dist_vae.data.plan import Plan
@@ -37,7 +38,8 @@ from dist_vae.errors import DataError
 _PR_SET_PDEATHSIG = 1
 _open_iterations: weakref.WeakSet[Any] = weakref.WeakSet()
 
-Batch = tuple[torch.Tensor, int, list[str], list[tuple[str, str]]]  # pixels, buffer slot, keys, replaced
+# pixels, buffer slot, keys, replaced, (worker pid, its object-store retries, bytes) so far
+Batch = tuple[torch.Tensor, int, list[str], list[tuple[str, str]], tuple[int, int, int]]
 
 
 class Lanes(IterableDataset):
@@ -66,7 +68,13 @@ class Lanes(IterableDataset):
                 except DataError as exc:
                     yield str(exc)
                     return
-                yield out, slot, keys, bad
+                yield (
+                    out,
+                    slot,
+                    keys,
+                    bad,
+                    (os.getpid(), storage.counters["retries"], storage.counters["bytes"]),
+                )
                 j += lanes
         finally:
             reader.close()
