@@ -19,7 +19,7 @@ from dist_vae.config import DataConfig
 from dist_vae.data import storage
 from dist_vae.data.shards import ShardSettings, build_shards
 from dist_vae.data.storage import RemoteError, Store, StoreUnreachable
-from dist_vae.data.stream import DataError, ShardStream, read_manifest
+from dist_vae.data.stream import DataError, ShardStream, local_root, manifest_sha256, read_manifest
 from tests.data_fixtures import id_images
 from tests.remote_fixtures import FaultyProxy, create_bucket, moto_server, s3_env, upload_dir
 
@@ -58,7 +58,7 @@ def proxy(server: int, monkeypatch: pytest.MonkeyPatch) -> object:
 
 def cfg(path: str | Path, cache: Path, **kw: object) -> DataConfig:
     base: dict = {"path": str(path), "resolution": 8, "num_workers": 2, "shuffle_group": 3,
-                  "cache_dir": str(cache), "remote_retries": 6, "remote_timeout_s": 10.0}  # fmt: skip
+                  "cache_dir": str(cache), "remote_retries": 6, "remote_timeout_s": 5.0}  # fmt: skip
     return DataConfig(**{**base, **kw})
 
 
@@ -186,7 +186,7 @@ def test_retries_are_counted_and_bounded(
     with pytest.raises(
         StoreUnreachable, match=r"^s3://shards/set/manifest.json: object store unreachable after 3 retries"
     ):
-        Store(URL, retries=3, deadline_s=5).read("manifest.json")
+        Store(URL, retries=3, deadline_s=2).read("manifest.json")
     assert storage.counters["retries"] - before == 3
     flaky.close()
 
@@ -232,3 +232,14 @@ def test_make_shards_to_s3_uploads_the_local_build_and_a_rerun_finishes_it(
     proc = subprocess.run(made, env={**env, **s3_env(proxy.url)}, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert all(remote(n) == (local / n).read_bytes() for n in files)
+
+
+def test_files_derived_from_a_remote_set_live_in_its_local_cache(
+    local_shards: Path, proxy: FaultyProxy, tmp_path: Path
+) -> None:
+    """The FID reference cache: keyed by the manifest's sha256, kept beside the cached shards."""
+    remote = cfg(URL, tmp_path / "cache")
+    assert manifest_sha256(remote) == manifest_sha256(cfg(local_shards, tmp_path))
+    assert (
+        local_root(remote) == tmp_path / "cache" and local_root(cfg(local_shards, tmp_path)) == local_shards
+    )

@@ -38,6 +38,7 @@ from dist_vae.data.plan import Plan
 from dist_vae.data.storage import Store, is_url
 from dist_vae.data.workers import Batch, Lanes, worker_batches
 from dist_vae.errors import DataError
+from dist_vae.files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +202,20 @@ class ShardStream:
         images = to_unit_range(images, self.device)
         buffers.release(slot)  # after the copy above: the worker may now refill it
         return (images, keys) if self.with_keys else images
+
+
+def local_root(cfg: DataConfig) -> Path:
+    """The local directory where files derived from the shard set are cached (the FID reference
+    features): the shard directory itself, or the node-local cache of a URL's shards."""
+    return remote_cache(cfg).directory if is_url(cfg.path) else Path(cfg.path)
+
+
+def manifest_sha256(cfg: DataConfig) -> str:
+    """The sha256 of the shard set's manifest.json, local or at a URL."""
+    if is_url(cfg.path):
+        store = Store(cfg.path, retries=cfg.remote_retries, deadline_s=cfg.remote_timeout_s)
+        return hashlib.sha256(store.read("manifest.json")).hexdigest()
+    return file_sha256(Path(cfg.path) / "manifest.json")
 
 
 def remote_cache(cfg: DataConfig) -> ShardCache:
