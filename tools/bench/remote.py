@@ -66,12 +66,9 @@ def main() -> None:
         shard_bytes = manifest["splits"]["train"]["bytes"]
         used = shard_bytes * min(1.0, args.epochs)
         requests = sum(proxy.requests.values())
-        print(
-            f"images {n}, shards {len(manifest['splits']['train']['shards'])}, +{args.latency_ms:g} ms/request"
-        )
-        print(
-            f"img/s local {local_rate:.0f}, remote {remote:.0f}, remote/local {remote / local_rate:.2f} (target >= 0.95)"
-        )
+        shards, ratio = len(manifest["splits"]["train"]["shards"]), remote / local_rate
+        print(f"images {n}, shards {shards}, +{args.latency_ms:g} ms/request")
+        print(f"img/s local {local_rate:.0f}, remote {remote:.0f}, remote/local {ratio:.2f} (target >= 0.95)")
         print(
             f"bytes downloaded / bytes used {stream.remote['bytes'] / used:.3f} (target <= 1.1); "
             f"retries {stream.remote['retries']}; requests per image {requests / n:.4f}"
