@@ -120,8 +120,12 @@ class FaultyProxy:
 
 
 def _reset(sock: socket.socket) -> None:
+    """Drop the connection at once. shutdown wakes the other thread blocked in recv on it (a bare
+    close would wait for that recv, and the client would wait for its deadline)."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
     _close(sock)
 
 

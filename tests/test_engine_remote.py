@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from dist_vae.errors import ExitCode
 from dist_vae.run_layout import RunDir
-from tests.engine_util import assert_same, check, checkpoint_contents, python_cmd, run
+from tests.engine_util import accelerate_cmd, assert_same, check, checkpoint_contents, python_cmd, run
 from tests.remote_fixtures import FaultyProxy, create_bucket, moto_server, s3_env, upload_dir
 from tests.test_engine_resume import SCHEDULE, complete_checkpoints
 
@@ -84,3 +84,16 @@ def test_a_permanent_error_is_one_line_and_exit_2(
     last = proc.stderr.strip().splitlines()[-1]
     assert says in last, last
     assert not list((tmp_path / "run").glob("checkpoint*"))
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_on_s3_through_faults_train_the_weights_of_the_local_copy(
+    proxy: FaultyProxy, demo_shards: Path, tmp_path: Path
+) -> None:
+    """Both ranks share one node-local cache: each shard is downloaded once however many read it."""
+    env = s3_env(proxy.url)
+    cache = [f"data.cache_dir={tmp_path / 'cache'}", "data.remote_retries=6", "data.remote_timeout_s=10"]
+    steps = f"train.steps={STEPS}"
+    check(run(accelerate_cmd("cpu_debug.yaml", tmp_path / "local", demo_shards, steps, *SCHEDULE)))
+    check(run(accelerate_cmd("cpu_debug.yaml", tmp_path / "s3", URL, steps, *SCHEDULE, *cache), **env))  # type: ignore[arg-type]
+    assert_same(final(tmp_path / "local"), final(tmp_path / "s3"))
