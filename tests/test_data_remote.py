@@ -209,18 +209,18 @@ def test_make_shards_to_s3_uploads_the_local_build_and_a_rerun_finishes_it(
 ) -> None:
     args = ("--source", "demo:40", "--resolution", "16", "--val-fraction", "0.2", "--workers", "1",
             "--no-progress", "--shard-size", "8")  # fmt: skip
-    local = tmp_path / "local"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(ROOT / "tools" / "make_shards.py"), *args]
-    assert subprocess.run([*cmd, "--out", str(local)], env=env, capture_output=True).returncode == 0
     url = "s3://shards/built"
-    made = [*cmd, "--out", url, "--stage", str(tmp_path / "stage")]
+    local = tmp_path / "stage"  # the local build the upload must equal, file for file
+    made = [*cmd, "--out", url, "--stage", str(local)]
     proc = subprocess.run(made, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     for key, value in s3_env(f"http://127.0.0.1:{server}").items():
         monkeypatch.setenv(key, value)  # checks straight at the server
     store = Store(url)
     files = sorted(p.name for p in local.iterdir() if p.is_file() and not p.name.startswith("."))
+    assert "manifest.json" in files and any(n.endswith(".idx.json") for n in files), files
 
     def remote(name: str) -> bytes:
         return store.read(name)

@@ -42,18 +42,15 @@ def test_s3_through_faults_trains_the_weights_of_the_local_copy_and_resumes_them
     env = s3_env(proxy.url)
     cache = [f"data.cache_dir={tmp_path / 'cache'}", "data.remote_retries=6", "data.remote_timeout_s=10"]
     check(run(python_cmd(tmp_path / "local", demo_shards, f"train.steps={STEPS}", *SCHEDULE)))
-    check(run(python_cmd(tmp_path / "s3", URL, f"train.steps={STEPS}", *SCHEDULE, *cache), **env))  # type: ignore[arg-type]
-    expected = final(tmp_path / "local")
-    assert_same(expected, final(tmp_path / "s3"))
-    half = tmp_path / "half"
-    check(run(python_cmd(half, URL, "train.steps=4", *SCHEDULE, *cache), **env))  # type: ignore[arg-type]
-    check(run(python_cmd(half, URL, f"train.steps={STEPS}", *SCHEDULE, *cache, "resume=auto"), **env))  # type: ignore[arg-type]
-    assert_same(expected, final(half))
+    s3 = tmp_path / "s3"  # half the run, then resumed: the same weights as the local run in one go
+    check(run(python_cmd(s3, URL, "train.steps=4", *SCHEDULE, *cache), **env))  # type: ignore[arg-type]
+    check(run(python_cmd(s3, URL, f"train.steps={STEPS}", *SCHEDULE, *cache, "resume=auto"), **env))  # type: ignore[arg-type]
+    assert_same(final(tmp_path / "local"), final(s3))
     assert sum(proxy.faults.values()) > 0, proxy.faults
     events = EventAccumulator(str(RunDir(tmp_path / "s3").tensorboard), size_guidance={"scalars": 0})
     events.Reload()
     downloaded = [p.value for p in events.Scalars("data/remote_bytes")]
-    assert downloaded[-1] > 0 and downloaded == sorted(downloaded), downloaded
+    assert all(d > 0 for d in downloaded), downloaded  # counted from each start (a resume counts afresh)
     assert "data/remote_retries" in events.Tags()["scalars"]
     config = (tmp_path / "s3" / "config.yaml").read_text()
     assert "testing" not in config  # no credential reaches the run directory
