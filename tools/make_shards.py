@@ -24,10 +24,13 @@ def _interrupted_early(signum: int, frame: object) -> None:  # Ctrl-C while the 
 signal.signal(signal.SIGINT, _interrupted_early)
 
 import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from dist_vae.data.encode import MAX_PIXELS  # noqa: E402
 from dist_vae.data.shards import FORMATS, PROGRESS_DIR, ShardSettings, build_shards  # noqa: E402
+from dist_vae.data.storage import NoSuchObject, Store, is_url  # noqa: E402
 from dist_vae.errors import DataError  # noqa: E402
 
 
@@ -38,7 +41,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--source", required=True, help="lmdb:PATH | folder:PATH | demo[:N] | scenes:N[:SEED]"
     )
-    parser.add_argument("--out", required=True, help="output directory (shards, manifest.json, .cache/)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output directory (shards, manifest.json, .cache/), or an s3:// gs:// az:// URL to upload to",
+    )
+    parser.add_argument(
+        "--stage",
+        default=None,
+        help="with a URL --out: the local directory the shards are built in before their upload "
+        "(default: $TMPDIR/dist-vae-make-shards/<hash of the URL>); kept, so a rerun resumes",
+    )
     parser.add_argument("--resolution", type=int, required=True, help="side of the square output images")
     parser.add_argument("--shard-size", type=int, default=1000, help="source keys per shard")
     parser.add_argument("--workers", type=int, default=1, help="worker processes")
@@ -62,6 +75,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def upload(local: Path, manifest: dict, store: Store) -> None:
+    """Each shard and index of the finished build in `local` that `store` lacks (or holds at another
+    size), then the manifest last: an output without a manifest is an unfinished one."""
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            names = [(shard["name"], shard["bytes"])]
+            if "index" in shard:
+                names.append((shard["index"]["name"], shard["index"]["bytes"]))
+            for name, size in names:
+                try:
+                    if store.head(name)[0] == size:
+                        continue
+                except NoSuchObject:
+                    pass
+                store.write(name, local / name)
+    store.write("manifest.json", (local / "manifest.json").read_bytes())
+
+
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     args = parse_args(argv)
@@ -77,7 +108,20 @@ def main(argv: list[str] | None = None) -> int:
             min_size=args.min_size,
             max_pixels=args.max_pixels,
         )
-        manifest = build_shards(settings, args.out, workers=args.workers, progress=not args.no_progress)
+        local = args.out
+        if is_url(args.out):
+            if args.out.startswith(("http://", "https://")):
+                raise DataError(
+                    f"--out {args.out}: https:// shard sets are read-only; use s3://, gs:// or az://"
+                )
+            local = args.stage or os.path.join(
+                tempfile.gettempdir(),
+                "dist-vae-make-shards",
+                hashlib.sha256(args.out.encode()).hexdigest()[:16],
+            )
+        manifest = build_shards(settings, local, workers=args.workers, progress=not args.no_progress)
+        if is_url(args.out):
+            upload(Path(local), manifest, Store(args.out))
     except DataError as exc:  # a source, setting or output directory that cannot be used
         print(f"make_shards.py: error: {exc}", file=sys.stderr)
         return ExitCode.REFUSED
@@ -86,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.REFUSED
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this line short
-        done = len(list((Path(args.out) / PROGRESS_DIR).glob("*.tar.json")))
+        done = len(list((Path(local) / PROGRESS_DIR).glob("*.tar.json")))
         print(
             f"make_shards.py: interrupted; {done} finished shards kept in {args.out}: run the same "
             "command to finish",

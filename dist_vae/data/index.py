@@ -18,7 +18,9 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from dist_vae.data.cache import BadShard, ShardCache
 from dist_vae.data.sources import IMAGE_SUFFIXES
+from dist_vae.data.storage import NoSuchObject, Store, is_url, join
 from dist_vae.errors import DataError
 
 PIL_FORMATS = {"webp": "WEBP", "png": "PNG", "jpg": "JPEG"}  # manifest format -> the one decoder to try
@@ -38,13 +40,30 @@ def index_name(shard_name: str) -> str:
     return shard_name.removesuffix(".tar") + ".idx.json"
 
 
-def read_manifest(directory: str | Path) -> dict[str, Any]:
-    """The shard directory's manifest.json, checked for the fields the stream relies on."""
-    path = Path(directory) / "manifest.json"
-    if not path.is_file():
-        raise DataError(_no_manifest(Path(directory)))
+def read_manifest(directory: str | Path, store: Store | None = None) -> dict[str, Any]:
+    """The shard set's manifest.json, checked for the fields the stream relies on; `directory` is a
+    local directory or an object-store URL (read through `store`, by default one for the URL)."""
+    path: Path | str
+    if is_url(directory):
+        store = store or Store(str(directory))
+        path = join(directory, "manifest.json")
+        try:
+            text = store.read("manifest.json").decode()
+        except NoSuchObject as exc:
+            if "no such bucket" not in str(exc):
+                raise DataError(
+                    f"{path} is missing: build shards with tools/make_shards.py --out {directory}"
+                ) from exc
+            raise
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path} is not valid JSON: {exc}") from exc
+    else:
+        path = Path(directory) / "manifest.json"
+        if not path.is_file():
+            raise DataError(_no_manifest(Path(directory)))
+        text = path.read_text()
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(text)
     except ValueError as exc:
         raise DataError(f"{path} is not valid JSON: {exc}") from exc
 
@@ -133,8 +152,10 @@ class ShardReader:
     Created in the process that reads (a DataLoader worker), never inherited across fork.
     """
 
-    def __init__(self, directory: Path, shards: list[dict[str, Any]]) -> None:
-        self.directory, self.shards = directory, shards
+    def __init__(
+        self, directory: Path | str, shards: list[dict[str, Any]], cache: ShardCache | None = None
+    ) -> None:
+        self.directory, self.shards, self.cache = directory, shards, cache
         self._open: OrderedDict[int, tuple[int, list[list[Any]]]] = OrderedDict()
         self.bad_shards: dict[int, str] = {}  # shard -> why none of it can be read
 
@@ -148,7 +169,15 @@ class ShardReader:
             raise BadSample(entry["name"], self.bad_shards[shard])
         try:
             records = self._records(entry)
-            fd = os.open(self.directory / entry["name"], os.O_RDONLY)
+            if self.cache is not None:
+                fd = self.cache.open(entry)
+            else:
+                fd = os.open(Path(self.directory) / entry["name"], os.O_RDONLY)
+        except DataError:  # the object store failed (not this shard): the stream stops with it
+            raise
+        except BadShard as exc:
+            self.bad_shards[shard] = str(exc)
+            raise BadSample(entry["name"], str(exc)) from exc
         except (OSError, ValueError, KeyError, TypeError, tarfile.TarError) as exc:
             why = str(exc) if isinstance(exc, _Why) else f"unreadable ({type(exc).__name__}: {exc})"
             if isinstance(exc, OSError) and exc.strerror:
@@ -163,9 +192,14 @@ class ShardReader:
     def _records(self, entry: dict[str, Any]) -> list[list[Any]]:
         index = entry.get("index")
         if index is None:
-            records = index_tar(self.directory / entry["name"], hashes=False)
+            if self.cache is not None:
+                raise _Why("no per-sample index: re-run tools/make_shards.py to read it from a URL")
+            records = index_tar(Path(self.directory) / entry["name"], hashes=False)
         else:
-            data = (self.directory / index["name"]).read_bytes()
+            if self.cache is not None:
+                data = self.cache.store.read(index["name"])
+            else:
+                data = (Path(self.directory) / index["name"]).read_bytes()
             if len(data) != index["bytes"] or hashlib.sha256(data).hexdigest() != index["sha256"]:
                 raise _Why(f"index {index['name']} differs from the manifest (size or sha256)")
             records = json.loads(data)["samples"]

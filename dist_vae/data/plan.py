@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dist_vae.data.cache import ShardCache
 from dist_vae.data.decode import read_pixels
 from dist_vae.data.index import BadSample, ShardReader
 from dist_vae.data.order import SampleOrder, mix
@@ -35,7 +36,7 @@ SUBSTITUTE_PICKS = 16  # hashed picks for a bad sample's substitute before scann
 class Plan:
     """One rank's batches of one split (picklable: each DataLoader worker holds a copy)."""
 
-    directory: Path
+    directory: Path | str  # a local directory or a URL (then read through `cache`)
     shards: list[dict[str, Any]]  # the manifest's entries of the split
     order: SampleOrder
     split: str
@@ -47,6 +48,7 @@ class Plan:
     training: bool
     flip: bool
     seed: int
+    cache: ShardCache | None = None
 
     @property
     def first(self) -> int:

@@ -17,7 +17,10 @@ uint8, and scaled to [-1, 1] here or on `device` (decode.py).
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,13 +29,16 @@ import torch
 
 from dist_vae.compat.torch_data import check_supported
 from dist_vae.data.buffers import BatchBuffers
+from dist_vae.data.cache import ShardCache
 from dist_vae.data.config import DataConfig
 from dist_vae.data.decode import say_resized, to_unit_range
 from dist_vae.data.index import PIL_FORMATS, read_manifest
 from dist_vae.data.order import SampleOrder
 from dist_vae.data.plan import Plan
+from dist_vae.data.storage import Store, is_url
 from dist_vae.data.workers import Batch, Lanes, worker_batches
 from dist_vae.errors import DataError
+from dist_vae.files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +70,9 @@ class ShardStream:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
         if cfg.num_workers:
             check_supported()
-        directory = Path(cfg.path)
-        manifest = read_manifest(directory)
+        directory: Path | str = cfg.path if is_url(cfg.path) else Path(cfg.path)
+        cache = remote_cache(cfg) if is_url(cfg.path) else None
+        manifest = read_manifest(directory, cache.store if cache else None)
         if split not in manifest["splits"]:
             raise DataError(f"{directory} has no split {split!r}; it has {sorted(manifest['splits'])}")
         if cfg.resolution > manifest["resolution"]:
@@ -76,6 +83,8 @@ class ShardStream:
         if cfg.resolution < manifest["resolution"]:
             say_resized(str(directory), manifest["resolution"], cfg.resolution)
         shards = manifest["splits"][split]["shards"]
+        if cache is not None:
+            cache.check(shards)
         if any("index" not in s for s in shards):
             _warn_unindexed(str(directory))
         order = SampleOrder([s["count"] for s in shards], seed, cfg.shuffle_group, shuffle=training)
@@ -101,10 +110,13 @@ class ShardStream:
             training=training,
             flip=training and cfg.random_flip,
             seed=seed,
+            cache=cache,
         )
         self.position = 0
         self._bad_shards: dict[str, str] = {}
         self._bad_samples = 0
+        self._remote: dict[int, tuple[int, int]] = {}  # worker pid -> its object-store retries, bytes
+        self.is_remote = cache is not None
 
     @property
     def samples_per_epoch(self) -> int:
@@ -119,6 +131,14 @@ class ShardStream:
     def skipped(self) -> dict[str, int]:
         """Shards found bad and samples replaced by this rank so far."""
         return {"shards": len(self._bad_shards), "samples": self._bad_samples}
+
+    @property
+    def remote(self) -> dict[str, int]:
+        """Object-store retries and bytes downloaded by this stream's workers so far (0 for local data)."""
+        return {
+            "retries": sum(r for r, _ in self._remote.values()),
+            "bytes": sum(b for _, b in self._remote.values()),
+        }
 
     def __len__(self) -> int:
         """Batches of this rank's evaluation pass (a training stream has no end)."""
@@ -170,7 +190,8 @@ class ShardStream:
         """One worker's batch as this stream yields it; counts and logs the samples it replaced."""
         if isinstance(item, str):
             raise DataError(item)
-        images, slot, keys, bad = item
+        images, slot, keys, bad, (pid, retries, nbytes) = item
+        self._remote[pid] = (retries, nbytes)
         for name, why in bad:
             if name not in self._bad_shards:
                 self._bad_shards[name] = why
@@ -181,6 +202,29 @@ class ShardStream:
         images = to_unit_range(images, self.device)
         buffers.release(slot)  # after the copy above: the worker may now refill it
         return (images, keys) if self.with_keys else images
+
+
+def local_root(cfg: DataConfig) -> Path:
+    """The local directory where files derived from the shard set are cached (the FID reference
+    features): the shard directory itself, or the node-local cache of a URL's shards."""
+    return remote_cache(cfg).directory if is_url(cfg.path) else Path(cfg.path)
+
+
+def manifest_sha256(cfg: DataConfig) -> str:
+    """The sha256 of the shard set's manifest.json, local or at a URL."""
+    if is_url(cfg.path):
+        store = Store(cfg.path, retries=cfg.remote_retries, deadline_s=cfg.remote_timeout_s)
+        return hashlib.sha256(store.read("manifest.json")).hexdigest()
+    return file_sha256(Path(cfg.path) / "manifest.json")
+
+
+def remote_cache(cfg: DataConfig) -> ShardCache:
+    """The node-local cache of the shards at the URL `cfg.path`."""
+    store = Store(cfg.path, retries=cfg.remote_retries, deadline_s=cfg.remote_timeout_s)
+    directory = cfg.cache_dir or os.path.join(
+        tempfile.gettempdir(), "dist-vae-shards", hashlib.sha256(store.url.encode()).hexdigest()[:16]
+    )
+    return ShardCache(store, Path(directory), cfg.cache_bytes)
 
 
 @functools.cache

@@ -28,15 +28,18 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dist_vae.compat.torch_data import shutdown_workers
+from dist_vae.data import storage
 from dist_vae.data.buffers import BatchBuffers
 from dist_vae.data.index import ShardReader
 from dist_vae.data.plan import Plan
+from dist_vae.data.storage import mark_leaf
 from dist_vae.errors import DataError
 
 _PR_SET_PDEATHSIG = 1
 _open_iterations: weakref.WeakSet[Any] = weakref.WeakSet()
 
-Batch = tuple[torch.Tensor, int, list[str], list[tuple[str, str]]]  # pixels, buffer slot, keys, replaced
+# pixels, buffer slot, keys, replaced, (worker pid, its object-store retries, bytes) so far
+Batch = tuple[torch.Tensor, int, list[str], list[tuple[str, str]], tuple[int, int, int]]
 
 
 class Lanes(IterableDataset):
@@ -51,7 +54,7 @@ class Lanes(IterableDataset):
         clean line."""
         info = get_worker_info()
         lane, lanes = (info.id, info.num_workers) if info is not None else (0, 1)
-        reader = ShardReader(self.plan.directory, self.plan.shards)
+        reader = ShardReader(self.plan.directory, self.plan.shards, self.plan.cache)
         try:
             j = lane
             while self.plan.training or j < self.plan.batches:
@@ -65,7 +68,13 @@ class Lanes(IterableDataset):
                 except DataError as exc:
                     yield str(exc)
                     return
-                yield out, slot, keys, bad
+                yield (
+                    out,
+                    slot,
+                    keys,
+                    bad,
+                    (os.getpid(), storage.counters["retries"], storage.counters["bytes"]),
+                )
                 j += lanes
         finally:
             reader.close()
@@ -107,3 +116,4 @@ def _worker_init(parent: int, worker_id: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
+    mark_leaf()  # forks nothing: may hold its own object-store client

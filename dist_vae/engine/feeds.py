@@ -38,6 +38,13 @@ class Streams:
             log.warning("split 'val' of %s is empty: validation is off", data.path)
         self.skipped_before = {"shards": 0, "samples": 0}  # by the runs this one resumes
 
+    def remote(self) -> dict[str, int]:
+        """The train stream's object-store retries and bytes, summed over ranks; {} for local data."""
+        if not self.train.is_remote:
+            return {}
+        counts = sum_over_ranks(self.accelerator, list(self.train.remote.values()))
+        return dict(zip(self.train.remote, counts, strict=True))
+
     def skipped(self) -> dict[str, int]:
         """Bad shards and replaced samples met since the run began, summed over ranks (collective)."""
         counts = sum_over_ranks(self.accelerator, [self.train.skipped[key] for key in self.skipped_before])

@@ -224,6 +224,8 @@ class ScalarLog:
             values[f"skipped/{reason}"] = count
         for kind, count in self.streams.skipped().items():
             values[f"data/skipped_{kind}"] = count
+        for kind, count in self.streams.remote().items():  # since this start (a resume counts afresh)
+            values[f"data/remote_{kind}"] = count
         values.update(self.health.values(window.codes, units, step))
         if b.update_path.scaler is not None:
             values["train/loss_scale"] = b.update_path.scaler.get_scale()

@@ -20,8 +20,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save
 from torch import distributed as dist
 
+from dist_vae.data.stream import local_root, manifest_sha256
 from dist_vae.distributed import agreed, world
-from dist_vae.files import file_sha256, write_bytes_atomic
+from dist_vae.files import write_bytes_atomic
 from dist_vae.metrics.embed import embed_generated, split_chunks
 from dist_vae.metrics.inception import InceptionFeatures
 
@@ -60,13 +61,13 @@ def reference_features(
     progress: Callable[[int], object] = lambda k: None,
 ) -> Reference:
     """Features of the first `n` images of `split` at data.resolution, from the cache or embedded."""
-    path = cache_path(data_cfg.path, split, data_cfg.resolution, n, extractor.sha256)
+    path = cache_path(local_root(data_cfg), split, data_cfg.resolution, n, extractor.sha256)
     meta = {
         "split": split,
         "resolution": str(data_cfg.resolution),
         "n": str(n),
         "extractor_sha256": extractor.sha256,
-        "manifest_sha256": file_sha256(Path(data_cfg.path) / "manifest.json"),
+        "manifest_sha256": manifest_sha256(data_cfg),
     }
     cached = _read(path, meta)
     if agreed(int(cached is not None), dist.ReduceOp.MIN):  # every rank can read it

@@ -1,0 +1,245 @@
+"""Shards read from a real S3-compatible server (moto, on 127.0.0.1) through a fault-injecting proxy:
+the same batches as from the local copy, a bounded node-local cache, one line per permanent error."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import subprocess
+import sys
+import threading
+from itertools import islice
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_vae.config import DataConfig
+from dist_vae.data import storage
+from dist_vae.data.shards import ShardSettings, build_shards
+from dist_vae.data.storage import RemoteError, Store, StoreUnreachable
+from dist_vae.data.stream import DataError, ShardStream, local_root, manifest_sha256, read_manifest
+from tests.data_fixtures import id_images
+from tests.remote_fixtures import FaultyProxy, create_bucket, moto_server, s3_env, upload_dir
+
+BUCKET, URL = "shards", "s3://shards/set"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def server() -> object:
+    with moto_server() as port:
+        create_bucket(port, BUCKET)
+        yield port
+
+
+@pytest.fixture(scope="module")
+def local_shards(tmp_path_factory: pytest.TempPathFactory, server: int) -> Path:
+    root = tmp_path_factory.mktemp("remote")
+    id_images(root / "images", 45)
+    settings = ShardSettings(
+        source=f"folder:{root / 'images'}", resolution=8, format="png", shard_size=7, val_fraction=0.0
+    )
+    build_shards(settings, root / "shards", progress=False)
+    upload_dir(server, root / "shards", URL)
+    return root / "shards"
+
+
+@pytest.fixture
+def proxy(server: int, monkeypatch: pytest.MonkeyPatch) -> object:
+    """A proxy failing about 10% of the requests; the environment points the client at it."""
+    p = FaultyProxy(server, rate=0.1, seed=1)
+    for key, value in s3_env(p.url).items():
+        monkeypatch.setenv(key, value)
+    yield p
+    p.close()
+
+
+def cfg(path: str | Path, cache: Path, **kw: object) -> DataConfig:
+    base: dict = {"path": str(path), "resolution": 8, "num_workers": 2, "shuffle_group": 3,
+                  "cache_dir": str(cache), "remote_retries": 6, "remote_timeout_s": 5.0}  # fmt: skip
+    return DataConfig(**{**base, **kw})
+
+
+def batches(c: DataConfig, n: int, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
+    return list(islice(ShardStream(c, rank=rank, world_size=world, seed=3, batch_size=5), n))
+
+
+def largest(local: Path) -> int:
+    return max(s["bytes"] for s in read_manifest(local)["splits"]["train"]["shards"])
+
+
+def test_s3_through_faults_gives_the_local_batches(
+    local_shards: Path, proxy: FaultyProxy, tmp_path: Path
+) -> None:
+    """~10% of requests fail (503, resets, bodies cut short); forked workers after the parent read the
+    manifest through the store; two epochs and more."""
+    remote = batches(cfg(URL, tmp_path / "cache"), 22)
+    local = batches(cfg(local_shards, tmp_path / "unused"), 22)
+    assert all(torch.equal(a, b) for a, b in zip(remote, local, strict=True))
+    assert sum(proxy.faults.values()) > 0, proxy.faults
+
+
+def test_cache_of_three_shards_never_exceeds_its_budget(
+    local_shards: Path, proxy: FaultyProxy, tmp_path: Path
+) -> None:
+    budget = 3 * largest(local_shards)
+    cache = tmp_path / "cache"
+    sizes: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            total = 0
+            for entry in os.scandir(cache) if cache.is_dir() else []:  # one listing, dot files too
+                if entry.name.endswith((".tar", ".tar.tmp")) or ".tar." in entry.name:
+                    with contextlib.suppress(OSError):  # evicted since the listing
+                        total += entry.stat().st_size
+            sizes.append(total)
+            done.wait(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        remote = batches(cfg(URL, cache, cache_bytes=budget), 22)
+    finally:
+        done.set()
+        sampler.join()
+    local = batches(cfg(local_shards, tmp_path / "unused"), 22)
+    assert all(torch.equal(a, b) for a, b in zip(remote, local, strict=True))
+    assert max(sizes) <= budget and max(sizes) > 0, (max(sizes), budget)
+    assert len(sizes) > 10
+
+
+def test_two_ranks_of_a_node_download_each_shard_once(
+    local_shards: Path, server: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counting = FaultyProxy(server)  # no faults: every GET of a shard is a download
+    for key, value in s3_env(counting.url).items():
+        monkeypatch.setenv(key, value)
+    c = cfg(URL, tmp_path / "cache")
+    out: dict[int, list[torch.Tensor]] = {}
+    threads = [threading.Thread(target=lambda r=r: out.__setitem__(r, batches(c, 12, r, 2))) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    counting.close()
+    gets = {
+        path: n
+        for (method, path), n in counting.requests.items()
+        if method == "GET" and path.endswith(".tar")
+    }
+    names = [s["name"] for s in read_manifest(local_shards)["splits"]["train"]["shards"]]
+    assert sorted(gets) == sorted(f"/{BUCKET}/set/{n}" for n in names)
+    assert set(gets.values()) == {1}, gets
+    for r in (0, 1):
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(out[r], batches(cfg(local_shards, tmp_path), 12, r, 2), strict=True)
+        )
+
+
+def test_a_budget_below_one_shard_is_refused_in_one_line(
+    local_shards: Path, proxy: FaultyProxy, tmp_path: Path
+) -> None:
+    with pytest.raises(DataError, match=r"^data.cache_bytes=100 is smaller than the largest shard") as err:
+        ShardStream(cfg(URL, tmp_path, cache_bytes=100), batch_size=5)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "cause"),
+    [("s3://no-such-bucket/set", "s3://no-such-bucket/set/manifest.json: no such bucket"),
+     ("s3://shards/elsewhere", "s3://shards/elsewhere/manifest.json is missing")],
+)  # fmt: skip
+def test_permanent_errors_are_one_line_naming_the_url(
+    local_shards: Path, proxy: FaultyProxy, tmp_path: Path, url: str, cause: str
+) -> None:
+    with pytest.raises(DataError) as err:
+        ShardStream(cfg(url, tmp_path), batch_size=5)
+    assert str(err.value).startswith(cause) and "\n" not in str(err.value), str(err.value)
+
+
+def test_a_replaced_object_is_an_error_naming_it(
+    local_shards: Path, server: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in s3_env(f"http://127.0.0.1:{server}").items():
+        monkeypatch.setenv(key, value)
+    store = Store("s3://shards/replaced")
+    store.write("x.tar", b"one")
+    etag = store.download("x.tar", tmp_path / "a")
+    store.write("x.tar", b"two")
+    with pytest.raises(RemoteError, match=r"^s3://shards/replaced/x.tar: the object changed during the run"):
+        store.download("x.tar", tmp_path / "b", etag)
+
+
+def test_retries_are_counted_and_bounded(
+    server: int, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    flaky = FaultyProxy(server, rate=1.0, seed=2, max_in_a_row=10**9)
+    for key, value in s3_env(flaky.url).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(storage, "BACKOFF_S", 0.001)
+    before = storage.counters["retries"]
+    with pytest.raises(
+        StoreUnreachable, match=r"^s3://shards/set/manifest.json: object store unreachable after 3 retries"
+    ):
+        Store(URL, retries=3, deadline_s=2).read("manifest.json")
+    assert storage.counters["retries"] - before == 3
+    flaky.close()
+
+
+def test_no_client_is_inherited_across_fork(server: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in s3_env(f"http://127.0.0.1:{server}").items():
+        monkeypatch.setenv(key, value)
+    store = Store("s3://shards/fork")
+    store.write("a", b"x")
+    pid = os.fork()
+    if pid == 0:  # the child makes its own client and reads
+        os._exit(0 if store.read("a") == b"x" else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert dataclasses.replace(store).read("a") == b"x"
+
+
+@pytest.mark.slow
+def test_make_shards_to_s3_uploads_the_local_build_and_a_rerun_finishes_it(
+    server: int, proxy: FaultyProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = ("--source", "demo:40", "--resolution", "16", "--val-fraction", "0.2", "--workers", "1",
+            "--no-progress", "--shard-size", "8")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "tools" / "make_shards.py"), *args]
+    url = "s3://shards/built"
+    local = tmp_path / "stage"  # the local build the upload must equal, file for file
+    made = [*cmd, "--out", url, "--stage", str(local)]
+    proc = subprocess.run(made, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for key, value in s3_env(f"http://127.0.0.1:{server}").items():
+        monkeypatch.setenv(key, value)  # checks straight at the server
+    store = Store(url)
+    files = sorted(p.name for p in local.iterdir() if p.is_file() and not p.name.startswith("."))
+    assert "manifest.json" in files and any(n.endswith(".idx.json") for n in files), files
+
+    def remote(name: str) -> bytes:
+        return store.read(name)
+
+    assert all(remote(n) == (local / n).read_bytes() for n in files)
+    # An upload cut short (the manifest and a shard never arrived): the same command finishes it.
+    for name in ("manifest.json", files[0]):
+        store.delete(name)
+    proc = subprocess.run(made, env={**env, **s3_env(proxy.url)}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert all(remote(n) == (local / n).read_bytes() for n in files)
+
+
+def test_files_derived_from_a_remote_set_live_in_its_local_cache(
+    local_shards: Path, proxy: FaultyProxy, tmp_path: Path
+) -> None:
+    """The FID reference cache: keyed by the manifest's sha256, kept beside the cached shards."""
+    remote = cfg(URL, tmp_path / "cache")
+    assert manifest_sha256(remote) == manifest_sha256(cfg(local_shards, tmp_path))
+    assert (
+        local_root(remote) == tmp_path / "cache" and local_root(cfg(local_shards, tmp_path)) == local_shards
+    )
