@@ -67,11 +67,12 @@ def wandb_records(path: Path) -> list[bytes]:
     return records
 
 
-def wandb_history(run: RunDir) -> tuple[list[dict], list[Path]]:
-    """Every history row of every offline run file under RUN_DIR/wandb, and the images it saved."""
+def wandb_history(run: RunDir) -> tuple[list[dict], list[Path], dict]:
+    """Every history row of every offline run file under RUN_DIR/wandb, the images it saved and the
+    configuration it recorded."""
     from wandb.proto import wandb_internal_pb2
 
-    rows = []
+    rows, config = [], {}
     for path in sorted(run.root.glob("wandb/offline-run-*/run-*.wandb")):
         for data in wandb_records(path):
             record = wandb_internal_pb2.Record()
@@ -79,7 +80,9 @@ def wandb_history(run: RunDir) -> tuple[list[dict], list[Path]]:
             if record.WhichOneof("record_type") == "history":
                 rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                              for item in record.history.item})  # fmt: skip
-    return rows, sorted(run.root.glob("wandb/offline-run-*/files/media/images/samples_*.png"))
+            elif record.WhichOneof("record_type") == "config":
+                config.update({item.key: json.loads(item.value_json) for item in record.config.update})
+    return rows, sorted(run.root.glob("wandb/offline-run-*/files/media/images/samples_*.png")), config
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +117,8 @@ def test_wandb_and_mlflow_carry_what_tensorboard_carries_and_a_resume_appends(
     scalars, images, steps = tensorboard_tags(run)
     assert steps == {1, 2, 3, 4} and images == {"samples"}
 
-    rows, pictures = wandb_history(run)
+    rows, pictures, config = wandb_history(run)
+    assert config["train.steps"] == 2 and config["model.kind"] == "pixel_vae"  # as the run was created
     logged = {key for row in rows for key in row if not key.startswith("_")}
     assert scalars <= logged, scalars - logged
     assert sorted(row["_step"] for row in rows if "train/bpd" in row) == [1, 2, 3, 4]
