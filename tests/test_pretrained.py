@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 import dist_vae
+from dist_vae.cli import main as dist_vae_command
 from dist_vae.errors import DistVaeError, ExitCode
 from dist_vae.export import model_card
 from dist_vae.files import image_grid
@@ -68,7 +69,8 @@ def test_the_readme_example_runs_as_written_and_samples_as_dist_vae_sample_does(
     assert re.fullmatch(r"\d+\.\d{3} bits/dim, codes \(1, 4\), 5 chain steps\n", proc.stdout), proc.stdout
     # The sample the example saved is sample 0 of `dist-vae sample --n 8 --seed 0`'s grid.
     out = work / "grids"
-    cli("sample", str(work / "runs" / "debug"), "--n", "8", "--chain-steps", "1", "--out", str(out))
+    assert dist_vae_command(["sample", str(work / "runs" / "debug"), "--n", "8", "--chain-steps", "1",
+                             "--out", str(out)]) == 0  # fmt: skip
     tool_grid = np.asarray(Image.open(out / "ancestral.png"))
     vae = dist_vae.load(work / "runs" / "debug")
     assert np.array_equal(tool_grid, image_grid([vae.sample(8, seed=0, output="tensor")]))

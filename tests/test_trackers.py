@@ -15,6 +15,8 @@ import pytest
 
 from dist_vae.errors import ExitCode
 from dist_vae.run_layout import RunDir
+from dist_vae.schema import ConfigError
+from dist_vae.trackers import LogConfig, check_trackers
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model.latent_dim=4", "model.nr_resnet=1", "model.nr_filters=8", "model.nr_mix=2", "model.n_stages=2",
@@ -151,6 +153,5 @@ def test_a_tracker_whose_package_is_missing_stops_before_any_step(
         "error: log.trackers names wandb, whose package is not installed: pip install 'dist-vae[wandb]'"
     ]
     assert not run.checkpoints.exists() and not run.tensorboard.exists()
-    proc = train(run.root, shards, 2, "log.trackers=[tensorboard,comet]", env=env)
-    assert proc.returncode == ExitCode.REFUSED
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: bad value 'comet' in 'log.trackers'")
+    with pytest.raises(ConfigError, match=r"^bad value 'comet' in 'log.trackers'"):
+        check_trackers(LogConfig(trackers=["tensorboard", "comet"]))
