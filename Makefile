@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -qq -U pip
 	$(BIN)/python -m pip install -qq "$(TORCH)"
-	$(BIN)/python -m pip install -qq -e ".[dev,deepspeed,metrics]"
+	$(BIN)/python -m pip install -qq -e ".[dev,deepspeed,metrics,wandb,mlflow]"
 	touch $@
 
 # Procedural bedrooms (16 px), their factor probe (trained once, cached beside the shards), a small

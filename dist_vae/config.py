@@ -26,6 +26,7 @@ from dist_vae.data.config import DataConfig
 from dist_vae.metrics.settings import EvalConfig
 from dist_vae.models import default_model_kind, model_config_class, model_kinds
 from dist_vae.schema import ConfigError, at_least, between, check_fields, choice
+from dist_vae.trackers import LogConfig
 
 
 @dataclass
@@ -102,6 +103,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 def _error_from_omegaconf(exc: OmegaConfBaseException, origin: str, merged: DictConfig) -> ConfigError:

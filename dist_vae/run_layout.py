@@ -63,6 +63,11 @@ class RunDir:
         return self.root / "tensorboard"
 
     @property
+    def trackers(self) -> Path:
+        """The wandb and MLflow run ids of this run ({tracker: id}), so a resume appends to them."""
+        return self.root / "trackers.json"
+
+    @property
     def samples(self) -> Path:
         return self.root / "samples"
 

@@ -23,13 +23,29 @@ LAYERS = [
     ["dist_vae.metrics", "dist_vae.sampling"],
     ["dist_vae.checkpoint"],
     ["dist_vae.flops"],
+    ["dist_vae.trackers"],
     ["dist_vae.config", "dist_vae.config_migration"],
     ["dist_vae.run_dir"],
+    ["dist_vae.pretrained"],
+    ["dist_vae.export"],
     ["dist_vae.engine"],
     ["dist_vae.train"],
+    ["dist_vae.commands"],
+    ["dist_vae.cli"],
     ["tools"],  # tools/ and tools/bench/: among themselves only without circles
 ]  # fmt: skip
 SCOPE = ("dist_vae", "tools")
+# The package's top level offers `dist_vae.load`, imported on first use (PEP 562): the one import from
+# the leaves upwards, which nothing below it can reach, so no circle.
+FACADE = {"dist_vae": {"dist_vae.pretrained"}}
+
+
+def project_graph() -> dict[str, set[str]]:
+    graph = import_graph(SCOPE)
+    for module, allowed in FACADE.items():
+        assert allowed <= graph[module], f"{module} no longer imports {allowed}: drop it from FACADE"
+        graph[module] = graph[module] - allowed
+    return graph
 
 
 def test_every_top_level_module_of_dist_vae_is_placed_in_a_layer() -> None:
@@ -42,11 +58,11 @@ def test_every_top_level_module_of_dist_vae_is_placed_in_a_layer() -> None:
 
 
 def test_no_import_circle_in_dist_vae_and_tools() -> None:
-    assert circles(import_graph(SCOPE)) == []
+    assert circles(project_graph()) == []
 
 
 def test_no_import_from_a_lower_layer_to_a_higher_one() -> None:
-    assert upward_imports(import_graph(SCOPE), LAYERS) == []
+    assert upward_imports(project_graph(), LAYERS) == []
 
 
 def test_the_layer_checks_catch_a_circle_and_an_upward_import(tmp_path: Path) -> None:

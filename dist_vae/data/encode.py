@@ -146,11 +146,17 @@ def square_image(
     w, h = img.size
     if min(w, h) < min_size:
         raise SkipImage("too small", f"{w}x{h}: shorter side below min_size {min_size}")
+    return square_crop(img, resolution), notes
+
+
+def square_crop(img: Image.Image, resolution: int) -> Image.Image:
+    """The shards' resize rule: the shorter side to `resolution` (Lanczos), then a centre crop."""
+    w, h = img.size
     scale = resolution / min(w, h)
     size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
     img = img.resize(size, Image.LANCZOS)
     left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    return img.crop((left, top, left + resolution, top + resolution)), notes
+    return img.crop((left, top, left + resolution, top + resolution))
 
 
 def encode(img: Image.Image, fmt: str, quality: int) -> bytes:

@@ -42,22 +42,39 @@ from dist_vae.files import image_grid, save_png_atomic
 from dist_vae.metrics import active_units
 from dist_vae.models.output import CodeStats, LossOutput
 from dist_vae.run_layout import RunDir
+from dist_vae.trackers import LogConfig, Trackers, flat
 
 
 class RunLogger:
-    def __init__(self, run: RunDir, total_steps: int, start_step: int, enabled: bool) -> None:
+    def __init__(
+        self,
+        run: RunDir,
+        total_steps: int,
+        start_step: int,
+        enabled: bool,
+        log: LogConfig | None = None,
+        hyperparameters: object = None,
+    ) -> None:
+        """`log.trackers`: where scalars and grids go besides the PNGs (dist_vae/trackers.py);
+        `hyperparameters`: the resolved configuration, which wandb and MLflow record."""
         self.enabled, self.run = enabled, run
         self._writer = None
         self._bar = None
+        self._trackers: Trackers | None = None
+        log = log or LogConfig()
         if enabled:
-            # TensorBoard's writer loads slowly: only rank 0 imports it.
-            from torch.utils.tensorboard import SummaryWriter
+            if "tensorboard" in log.trackers:
+                # TensorBoard's writer loads slowly: only rank 0 imports it.
+                from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(run.tensorboard))
+                self._writer = SummaryWriter(str(run.tensorboard))
+            self._trackers = Trackers(run, log, flat(hyperparameters) if hyperparameters else {})
             if start_step < total_steps:  # a finished run says so in one line, not with a full bar
                 self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
+        if self._trackers is not None and values:
+            self._trackers.scalars(values, step)
         if self._writer is None:
             return
         for name, value in values.items():
@@ -77,13 +94,18 @@ class RunLogger:
             tqdm.write(text, file=sys.stderr)
 
     def samples(self, rows: Sequence[torch.Tensor], step: int) -> None:
-        if self._writer is None:
+        if not self.enabled:
             return
         grid = image_grid(rows)
         save_png_atomic(grid, self.run.sample_grid(step))
-        self._writer.add_image("samples", grid, step, dataformats="HWC")
+        if self._trackers is not None:
+            self._trackers.image("samples", grid, step)
+        if self._writer is not None:
+            self._writer.add_image("samples", grid, step, dataformats="HWC")
 
     def close(self) -> None:
+        if self._trackers is not None:
+            self._trackers.close()
         if self._writer is not None:
             self._writer.close()
         if self._bar is not None:

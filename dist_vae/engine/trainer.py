@@ -39,6 +39,7 @@ from dist_vae.engine.stops import INTERRUPT, LEASE_LOST, PreemptionFlag, RunOwne
 from dist_vae.errors import ConfigError, DistVaeError, ExitCode
 from dist_vae.metrics.during_training import check_fid_ready
 from dist_vae.run_layout import RunDir
+from dist_vae.trackers import check_trackers
 
 
 class Trainer:
@@ -84,6 +85,7 @@ class Trainer:
 
     def _build(self, cfg: Config) -> None:
         resume_from = resume_path(cfg)
+        check_trackers(cfg.log)  # a missing wandb or mlflow: exit 2 now, before any step
         check_data(cfg.data)
         if cfg.eval.fid_every:  # no [metrics] extra or Inception file: exit 2 now, not at the first FID
             check_fid_ready(cfg.eval, cfg.data)
@@ -104,7 +106,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             self._announce(resume_from, change)
         main = self.accelerator.is_main_process
-        self.logger = RunLogger(self.run, cfg.train.steps, self.step, enabled=main)
+        self.logger = RunLogger(self.run, cfg.train.steps, self.step, main, cfg.log, cfg)
         self.logger.scalars(self.resize.scalars(), self.step)
         self.update_step = UpdateStep(cfg.train, cfg.seed, self.backend, self.gate, self.preemption)
         health = CodeHealth(cfg.health, self.logger)
