@@ -42,8 +42,8 @@ class WNConv2d(nn.Module):
         shape = (in_ch, out_ch, *kernel) if transpose else (out_ch, in_ch, *kernel)
         self.v = nn.Parameter(torch.empty(shape))
         nn.init.kaiming_uniform_(self.v, a=math.sqrt(5))
-        self._norm_dims = (0, 2, 3) if transpose else (1, 2, 3)
-        self.g = nn.Parameter(torch.linalg.vector_norm(self.v.detach(), dim=self._norm_dims, keepdim=True))
+        self.norm_dims = (0, 2, 3) if transpose else (1, 2, 3)
+        self.g = nn.Parameter(torch.linalg.vector_norm(self.v.detach(), dim=self.norm_dims, keepdim=True))
         self.bias = nn.Parameter(torch.zeros(out_ch))
 
     @property
@@ -52,7 +52,7 @@ class WNConv2d(nn.Module):
         return 1 if self.transpose else 0
 
     def weight(self) -> torch.Tensor:
-        return self.g * self.v / torch.linalg.vector_norm(self.v, dim=self._norm_dims, keepdim=True)
+        return self.g * self.v / torch.linalg.vector_norm(self.v, dim=self.norm_dims, keepdim=True)
 
     def frozen(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Weight and bias as constants, computed once for many inference steps."""
@@ -82,6 +82,6 @@ def normalized_weights(convs: Iterable[WNConv2d]) -> dict[nn.Module, torch.Tenso
     for group in groups.values():
         dim, first = group[0].out_dim, group[0]
         v, g = concat((conv.v for conv in group), dim), concat((conv.g for conv in group), dim)
-        w = g * v / torch.linalg.vector_norm(v, dim=first._norm_dims, keepdim=True)
+        w = g * v / torch.linalg.vector_norm(v, dim=first.norm_dims, keepdim=True)
         weights.update(zip(group, w.split([conv.v.shape[dim] for conv in group], dim), strict=True))
     return weights
