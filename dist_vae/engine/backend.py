@@ -126,27 +126,39 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float, device: torch.device | str = "cpu") -> None:
         self.decay = decay
-        self.updates = 0
         self.model = copy.deepcopy(model).float().eval().requires_grad_(False).to(device)
         self._source = (list(model.parameters()), list(model.buffers()))
         self._shadow = (list(self.model.parameters()), list(self.model.buffers()))
+        self._updates = torch.zeros((), dtype=torch.long, device=device)
 
     @torch.no_grad()
-    def update(self) -> None:
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+    def update(self, applied: torch.Tensor | None = None) -> None:
+        """Move the average towards the weights; `applied` (a device flag): only where it is set, so a
+        skipped update is masked on the device rather than decided on the host."""
+        if applied is None:
+            applied = torch.ones((), dtype=torch.bool, device=self._updates.device)
+        self._updates.add_(applied.long())
+        n = self._updates.double()
+        decay = ((1 + n) / (10 + n)).clamp(max=self.decay)
+        weight = torch.where(applied, 1.0 - decay, 0.0).float()
         (params, buffers), (shadow, shadow_buffers) = self._source, self._shadow
         current = [p.detach() if p.dtype == torch.float32 else p.detach().float() for p in params]
-        lerp_all_(shadow, current, 1.0 - decay)
+        lerp_all_(shadow, current, weight)
         if buffers:
-            copy_all_(shadow_buffers, buffers)
+            kept = [torch.where(applied, b, s) for b, s in zip(buffers, shadow_buffers, strict=True)]
+            copy_all_(shadow_buffers, kept)
+
+    @property
+    def updates(self) -> int:
+        """Updates averaged so far (reads the device: checkpoint steps)."""
+        return int(self._updates)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors only; `decay` and `updates` are plain numbers the checkpoint keeps as JSON."""
         return self.model.state_dict()
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], updates: int) -> None:
-        self.updates = updates
+        self._updates.fill_(updates)
         self.model.load_state_dict(tensors)
 
 

@@ -71,7 +71,7 @@ class Trainer:
         self.backend = build_backend(cfg, self.resize.world[1], self.resize.lr_scale)
         self.accelerator = self.backend.accelerator
         claim_run_dir(self.accelerator, cfg, change)
-        self.gate = make_gate(cfg.train)
+        self.gate = make_gate(cfg.train, self.accelerator.device)
         self.streams = Streams(cfg.data, cfg.seed, self.accelerator)
         pending = change if change.changes else None  # config.yaml waits for this run's first save
         self.checkpoints = Checkpointer(
@@ -116,20 +116,25 @@ class Trainer:
                 while self.step < self.cfg.train.steps:
                     if self.before_step is not None:
                         self.before_step(self.step)
-                    update = self.update_step(self.step, batches, window)
+                    self.update_step(self.step, batches, window)
                     self.step += 1
-                    if self.cadence.log_due(self.step, self.gate.diverged):
+                    # The device is read only here: a divergence or (several processes) a signal is
+                    # noticed at the next log, evaluation or checkpoint step, before anything is saved.
+                    reads = self.cadence.reads_due(self.step)
+                    diverged = reads and self.gate.diverged
+                    preempted = self.update_step.preempted(reads)
+                    if self.cadence.log_due(self.step, diverged):
                         self.logger.progress(self.step, self.scalar_log.write(window, self.step))
                         window = Window()
                     else:
                         self.logger.progress(self.step, None)
-                    if self.gate.diverged:  # every rank decided the same: all stop here, saving nothing
+                    if diverged:  # every rank decided the same: all stop here, saving nothing
                         raise self.checkpoints.diverged(self.step)
                     with window.pause(), self.watchdog.between_steps(self.step):
                         self.cadence.run_actions(self.step)
-                        if self.cadence.save_due(self.step, update.preempted):
+                        if self.cadence.save_due(self.step, preempted):
                             self.checkpoints.save(self.step)
-                    if update.preempted:
+                    if preempted:
                         return self.checkpoints.requeue(self.step, self.preemption.signal_name)
                 self.checkpoints.done(self.step)
                 return ExitCode.SUCCESS
