@@ -29,6 +29,7 @@ from dist_vae.flops import flops_per_image, peak_flops
 from dist_vae.host_memory import return_large_blocks_to_os
 from dist_vae.models import build_model
 from dist_vae.precision import DTYPES
+from dist_vae.step_time import flops_and_operations, host_bound_warning
 
 # Where torch has a fused AdamW kernel: one pass over each parameter instead of about ten operators.
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
@@ -200,6 +201,15 @@ def compiles(train: TrainConfig, device: torch.device) -> bool:
     return train.compile == "on" or (train.compile == "auto" and device.type == "cuda")
 
 
+def warn_if_host_bound(model: nn.Module, cfg: Config, peak: float) -> None:
+    """One line at start-up when the step is predicted host-bound (dist_vae/step_time.py)."""
+    flops, operations = flops_and_operations(model, cfg.data.resolution)
+    mode = "compiled" if compiles(cfg.train, torch.device("cuda")) else "eager"
+    line = host_bound_warning(operations, flops, cfg.data.batch_size, peak, mode)
+    if line:
+        print(line, file=sys.stderr, flush=True)
+
+
 def build_backend(cfg: Config, world_size: int, lr_scale: float) -> Backend:
     """The Accelerator for the `world_size` processes the launcher started, and identical initial
     weights on every rank, counted (FLOPs) and compiled before they are wrapped."""
@@ -214,6 +224,8 @@ def build_backend(cfg: Config, world_size: int, lr_scale: float) -> Backend:
     # perf/mfu's numerator, counted once on fake tensors before compile and wrapping.
     peak = peak_flops(acc.device, DTYPES[t.precision], t.peak_flops)
     per_image = flops_per_image(model, cfg.data.resolution) if peak else 0.0
+    if peak and acc.device.type == "cuda" and acc.is_main_process:  # on a GPU only
+        warn_if_host_bound(model, cfg, peak)
     if compiles(t, acc.device):
         if t.compile == "auto" and acc.is_main_process:
             print("train.compile=auto on a GPU: compile", file=sys.stderr, flush=True)
