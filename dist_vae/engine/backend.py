@@ -201,10 +201,25 @@ def compiles(train: TrainConfig, device: torch.device) -> bool:
     return train.compile == "on" or (train.compile == "auto" and device.type == "cuda")
 
 
+def check_cuda_graphs(acc: Accelerator) -> None:
+    """train.cuda_graphs: torch.compile's "reduce-overhead" mode, which keeps gradient checkpointing's
+    recomputation and DDP's bucketed all-reduce outside the graphs it captures, copies each batch into
+    its own static input buffers and replays the forward and the backward without the host. Refused
+    without a GPU and under DeepSpeed, whose engine steps and reduces outside torch.compile's view."""
+    if acc.device.type != "cuda":
+        raise BackendError("train.cuda_graphs=true needs a GPU, and this run has none: set it to false")
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        raise BackendError(
+            "train.cuda_graphs=true is not supported under DeepSpeed: use configs/accelerate/ddp.yaml or "
+            "set train.cuda_graphs=false"
+        )
+
+
 def warn_if_host_bound(model: nn.Module, cfg: Config, peak: float) -> None:
     """One line at start-up when the step is predicted host-bound (dist_vae/step_time.py)."""
     flops, operations = flops_and_operations(model, cfg.data.resolution)
-    mode = "compiled" if compiles(cfg.train, torch.device("cuda")) else "eager"
+    compiled = compiles(cfg.train, torch.device("cuda"))
+    mode = "graphed" if cfg.train.cuda_graphs else "compiled" if compiled else "eager"
     line = host_bound_warning(operations, flops, cfg.data.batch_size, peak, mode)
     if line:
         print(line, file=sys.stderr, flush=True)
@@ -226,7 +241,10 @@ def build_backend(cfg: Config, world_size: int, lr_scale: float) -> Backend:
     per_image = flops_per_image(model, cfg.data.resolution) if peak else 0.0
     if peak and acc.device.type == "cuda" and acc.is_main_process:  # on a GPU only
         warn_if_host_bound(model, cfg, peak)
-    if compiles(t, acc.device):
+    if t.cuda_graphs:
+        check_cuda_graphs(acc)
+        model.compile(mode="reduce-overhead")  # CUDA graphs through inductor's cudagraph trees
+    elif compiles(t, acc.device):
         if t.compile == "auto" and acc.is_main_process:
             print("train.compile=auto on a GPU: compile", file=sys.stderr, flush=True)
         model.compile()  # in place: parameter names, checkpoints and param_groups() stay as they are

@@ -29,7 +29,7 @@ from dist_vae.engine.checkpointing import (
     resized_config,
     resume_path,
 )
-from dist_vae.engine.feeds import Streams, check_data
+from dist_vae.engine.feeds import Streams, check_data, static_batches
 from dist_vae.engine.monitor import CodeHealth, RunLogger, ScalarLog, Window
 from dist_vae.engine.periodic import Cadence, Evaluation, periodic_actions
 from dist_vae.engine.step import UpdateStep, make_gate
@@ -112,7 +112,7 @@ class Trainer:
             with self.watchdog.watching(self.step):
                 if self.update_step.preempted():  # signalled during start-up: nothing new to save
                     return self.checkpoints.requeue(self.step, self.preemption.signal_name)
-                batches, window = iter(self.streams.train), Window()
+                batches, window = static_batches(iter(self.streams.train)), Window()
                 while self.step < self.cfg.train.steps:
                     if self.before_step is not None:
                         self.before_step(self.step)
