@@ -10,6 +10,8 @@ log point.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -20,9 +22,13 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from dist_vae.checkpoint import complete_checkpoints
 from dist_vae.config import load_config
 from dist_vae.engine import step as step_module
+from dist_vae.engine.step import TrainingDiverged
 from dist_vae.engine.trainer import Trainer
+from dist_vae.models.output import LossOutput
+from dist_vae.run_layout import RunDir
 from tests.engine_util import train_args
 
 # 10 steps; only step 10 logs, evaluates, samples or saves. Steps 3..7 are profiled.
@@ -124,3 +130,28 @@ def test_the_count_sees_an_item_put_back_into_the_step(
 
     monkeypatch.setattr(step_module.UpdateGate, "decide_on_device", reading)
     assert host_reads(tmp_path, demo_shards)["aten::_local_scalar_dense"] == LAST - FIRST
+
+
+def test_a_divergence_between_log_points_stops_at_the_next_one_without_saving(
+    demo_shards: Path, tmp_path: Path
+) -> None:
+    """NaN losses from update 5 on, max_nonfinite_skips=2: diverged at step 6 on the device, read at
+    step 8 (the next log and checkpoint step), where the run stops saving nothing; the checkpoint of
+    step 4 is the last, and the message tells what happened at step 6."""
+    overrides = ["train.steps=20", "train.log_every=8", "train.checkpoint_every=4", "train.eval_every=100",
+                 "train.sample_every=100", "train.max_nonfinite_skips=2"]  # fmt: skip
+    args = train_args(tmp_path, demo_shards, *overrides)
+    trainer = Trainer(load_config(Path(args[1]), args[2:]))
+    calls = [0]
+
+    def poison(_module: torch.nn.Module, _inputs: object, out: LossOutput) -> LossOutput:
+        calls[0] += 1
+        return dataclasses.replace(out, loss=out.loss * math.nan) if calls[0] >= 5 else out
+
+    trainer.backend.model.register_forward_hook(poison)
+    with pytest.raises(TrainingDiverged) as error:
+        trainer.fit()
+    assert trainer.step == 8
+    assert "2 consecutive non-finite updates since step 5; last good checkpoint: " in str(error.value)
+    assert [step for step, _ in complete_checkpoints(tmp_path)] == [4]
+    assert RunDir(tmp_path).marker("diverged").read_text().startswith("step 8\n")
