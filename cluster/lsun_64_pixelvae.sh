@@ -1,11 +1,12 @@
 #!/bin/bash
-# PixelVAE (encoder + conditional PixelCNN++ decoder, MMD regulariser) on LSUN bedroom at 64 px: 1 node x 8 GPUs.
+# PixelVAE (encoder + conditional PixelCNN++ decoder, MMD regulariser) on LSUN bedroom at 64 px: 1 node x 4 GPUs
+# (32 per GPU, 128 per update: below 27 images per GPU the compiled step waits for the host; docs/performance.md).
 # Submit with `sbatch cluster/lsun_64_pixelvae.sh` from the repository root, or run
 # `cluster/lsun_64_pixelvae.sh [sbatch options]`, which also honours NODES and GPUS_PER_NODE.
 # Settings: see cluster/launch.sh.
 #SBATCH --job-name=lsun64-pixelvae
 #SBATCH --nodes=1
-#SBATCH --gres=gpu:8
+#SBATCH --gres=gpu:4
 #SBATCH --cpus-per-task=64
 #SBATCH --time=2-00:00:00
 #SBATCH --signal=B:USR1@600

@@ -66,6 +66,9 @@ class TrainConfig:
     # torch.compile the model in place, before DDP/DeepSpeed wrap it. auto: on a GPU only (on the CPU
     # compiling takes minutes and pays back on long runs alone); on: anywhere; off: never.
     compile: str = choice("auto", "auto", "on", "off")
+    # Replay the step's forward and backward as CUDA graphs (torch.compile mode="reduce-overhead"):
+    # the host no longer issues each operation. GPU only; not under DeepSpeed.
+    cuda_graphs: bool = False
     peak_flops: float | None = at_least(None, 0.0)  # FLOP/s of one device for perf/mfu; None: by name
     sample_count: int = at_least(16, 1)  # images in each sample grid
     # Hang watchdog (engine/stops.py), in seconds: a step that reaches no boundary within

@@ -31,6 +31,14 @@ def agree(acc: Accelerator, values: list[torch.Tensor]) -> list[float]:
     return votes.tolist()
 
 
+def agree_on_device(acc: Accelerator, values: list[torch.Tensor]) -> torch.Tensor:
+    """Every rank's maximum of each value, left on the device (no host read: a step's votes)."""
+    votes = torch.stack([v.float().reshape(()) for v in values])
+    if acc.num_processes > 1:
+        dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    return votes
+
+
 def sum_over_ranks(acc: Accelerator, counts: list[int]) -> list[int]:
     """Integer counts summed over every rank (collective)."""
     total = torch.tensor(counts, device=acc.device)

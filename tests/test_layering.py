@@ -23,6 +23,7 @@ LAYERS = [
     ["dist_vae.metrics", "dist_vae.sampling"],
     ["dist_vae.checkpoint"],
     ["dist_vae.flops"],
+    ["dist_vae.step_time"],
     ["dist_vae.trackers"],
     ["dist_vae.config", "dist_vae.config_migration"],
     ["dist_vae.run_dir"],

@@ -15,6 +15,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from dist_vae.config import load_config
 from dist_vae.flops import flops_per_image, lookup_peak, peak_flops
 from dist_vae.models import build_model
+from dist_vae.step_time import (
+    EAGER_S_PER_OP,
+    MFU,
+    flops_and_operations,
+    host_bound_warning,
+    operations_per_step,
+    predict,
+)
 from tools.plan_memory import Activations, activations, largest_batch, parse_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,3 +123,25 @@ def test_planner_runs_on_the_debug_config() -> None:
     ).stdout  # fmt: skip
     for label in ("parameters", "FLOPs per image", "activations per image", "largest batch per GPU in 16GiB"):
         assert label in out, out
+
+
+def test_step_time_names_the_regime_and_the_smallest_compute_bound_batch() -> None:
+    ops, flops, peak = 50_000, 287e9, 989e12
+    eager = predict(ops, flops, 8, peak, "eager")
+    assert eager.floor_s == pytest.approx(ops * EAGER_S_PER_OP) and eager.regime == "host-bound"
+    assert eager.mfu == pytest.approx(MFU * eager.compute_s / eager.floor_s)
+    assert predict(ops, flops, eager.min_batch, peak, "eager").regime == "compute-bound"
+    assert predict(ops, flops, eager.min_batch - 1, peak, "eager").regime == "host-bound"
+    floors = [predict(ops, flops, 8, peak, mode).floor_s for mode in ("eager", "compiled", "graphed")]
+    assert floors == sorted(floors, reverse=True)
+    assert "host-bound in eager mode" in host_bound_warning(ops, flops, 8, peak, "eager")
+    assert host_bound_warning(ops, flops, 10 * eager.min_batch, peak, "eager") == ""
+
+
+def test_operations_per_step_count_the_recomputation_and_not_the_batch() -> None:
+    plain = operations_per_step(lambda: tiny_model("iterative_vae"), RESOLUTION)
+    checkpointed = operations_per_step(lambda: tiny_model("iterative_vae", checkpointing=True), RESOLUTION)
+    assert 0 < plain < checkpointed
+    model = tiny_model("iterative_vae")
+    flops, traced = flops_and_operations(model, RESOLUTION)
+    assert flops == flops_per_image(model, RESOLUTION) and 0 < traced <= plain

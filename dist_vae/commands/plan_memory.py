@@ -9,6 +9,10 @@ forward + backward, tracked op by op; its slope between two batch sizes is the c
 image, its intercept what every step holds whatever the batch (gradients, autocast weight copies).
 Weights, AdamW moments and the EMA copy are added per parameter (fp32). The GPU's own overheads (CUDA
 context, allocator fragmentation) are covered by --headroom.
+
+Step time: max(arithmetic at a stated MFU, host floor) in eager, compiled and graphed execution, the
+regime, and the smallest per-GPU batch that is compute-bound (dist_vae/step_time.py states the model
+and its constants). The operations per step are counted on fake tensors too.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ from torch import nn
 
 from dist_vae.compat.torch_ops import FakeTensorMode, TorchDispatchMode, tree_leaves
 from dist_vae.config import ConfigError, load_config
-from dist_vae.flops import flops_per_image, run_step, without_checkpointing
+from dist_vae.flops import flops_per_image, lookup_peak, run_step, without_checkpointing
 from dist_vae.models import build_model
 from dist_vae.precision import DTYPES
+from dist_vae.step_time import MFU, MODES, operations_per_step, predict
 
 UNITS = {"": 1, "B": 1, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
 MEASURE_BATCHES = (2, 4)
@@ -126,6 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu-mem", default="80GiB", help="memory per GPU, e.g. 80GiB, 141GB")
     parser.add_argument("--precision", choices=sorted(DTYPES), default=None, help="default: train.precision")
     parser.add_argument("--headroom", type=float, default=0.1, help="fraction kept free (context, fragments)")
+    parser.add_argument("--gpu", default="H100", help="GPU name for the datasheet peak (dist_vae/flops.py)")
+    parser.add_argument("--peak", type=float, default=None, help="peak FLOP/s (default: --gpu's datasheet)")
+    parser.add_argument("--gpus", type=int, default=None, help="GPU count the global batch is shared by")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
     try:
@@ -163,6 +171,28 @@ def main(argv: list[str] | None = None) -> None:
     batch = cfg.data.batch_size
     used = ckpt if cfg.train.gradient_checkpointing else plain
     print(f"the config's batch {batch} needs {_gib(static + used.at(batch))} per GPU")
+    peak = args.peak or lookup_peak(args.gpu, DTYPES[precision]) or 0.0
+    if peak:
+        fits = largest_batch(budget, static, used)
+        checkpointing = cfg.train.gradient_checkpointing
+        ops = operations_per_step(lambda: build_model(cfg.model, resolution, checkpointing), resolution)
+        step_time(ops, flops, batch, peak, fits, args.gpus, cfg)
+
+
+def step_time(ops: int, flops: float, batch: int, peak: float, fits: int, gpus: int | None, cfg: Any) -> None:
+    """The predicted step per execution mode at the config's batch, and the batch that is compute-bound."""
+    accumulate = cfg.train.accumulate
+    print(f"operations per step        {ops:10,d}  (aten, batch-independent; peak {peak / 1e12:.0f} TFLOP/s, "
+          f"MFU {MFU:.0%} when compute-bound)")  # fmt: skip
+    for mode in MODES:
+        p = predict(ops, flops, batch, peak, mode)
+        size = f"smallest compute-bound batch {p.min_batch}" + (
+            "" if p.min_batch <= fits else " (does not fit)"
+        )
+        print(f"  {mode:9s} floor {p.floor_s * 1e3:8.1f} ms  arithmetic {p.compute_s * 1e3:8.1f} ms  "
+              f"-> {p.regime:13s} MFU {p.mfu:6.1%}  {size}")  # fmt: skip
+    if gpus:
+        print(f"global batch {batch * gpus * accumulate} = {batch} per GPU x {gpus} GPUs x {accumulate}")
 
 
 if __name__ == "__main__":

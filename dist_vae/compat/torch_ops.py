@@ -45,8 +45,14 @@ def check_supported(names: tuple[tuple[str, str], ...] = NAMES) -> None:
         )
 
 
-def lerp_all_(targets: list[torch.Tensor], ends: list[torch.Tensor], weight: float) -> None:
-    """targets[i] += weight * (ends[i] - targets[i]) for every i, in place."""
+def lerp_all_(targets: list[torch.Tensor], ends: list[torch.Tensor], weight: float | torch.Tensor) -> None:
+    """targets[i] += weight * (ends[i] - targets[i]) for every i, in place. A tensor `weight` stays on
+    the device (foreach lerp would read it on the host)."""
+    if isinstance(weight, torch.Tensor):
+        steps = torch._foreach_sub(ends, targets)
+        torch._foreach_mul_(steps, weight)
+        torch._foreach_add_(targets, steps)
+        return
     torch._foreach_lerp_(targets, ends, weight)
 
 

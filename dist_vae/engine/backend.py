@@ -29,6 +29,7 @@ from dist_vae.flops import flops_per_image, peak_flops
 from dist_vae.host_memory import return_large_blocks_to_os
 from dist_vae.models import build_model
 from dist_vae.precision import DTYPES
+from dist_vae.step_time import flops_and_operations, host_bound_warning
 
 # Where torch has a fused AdamW kernel: one pass over each parameter instead of about ten operators.
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
@@ -126,27 +127,39 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float, device: torch.device | str = "cpu") -> None:
         self.decay = decay
-        self.updates = 0
         self.model = copy.deepcopy(model).float().eval().requires_grad_(False).to(device)
         self._source = (list(model.parameters()), list(model.buffers()))
         self._shadow = (list(self.model.parameters()), list(self.model.buffers()))
+        self._updates = torch.zeros((), dtype=torch.long, device=device)
 
     @torch.no_grad()
-    def update(self) -> None:
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+    def update(self, applied: torch.Tensor | None = None) -> None:
+        """Move the average towards the weights; `applied` (a device flag): only where it is set, so a
+        skipped update is masked on the device rather than decided on the host."""
+        if applied is None:
+            applied = torch.ones((), dtype=torch.bool, device=self._updates.device)
+        self._updates.add_(applied.long())
+        n = self._updates.double()
+        decay = ((1 + n) / (10 + n)).clamp(max=self.decay)
+        weight = torch.where(applied, 1.0 - decay, 0.0).float()
         (params, buffers), (shadow, shadow_buffers) = self._source, self._shadow
         current = [p.detach() if p.dtype == torch.float32 else p.detach().float() for p in params]
-        lerp_all_(shadow, current, 1.0 - decay)
+        lerp_all_(shadow, current, weight)
         if buffers:
-            copy_all_(shadow_buffers, buffers)
+            kept = [torch.where(applied, b, s) for b, s in zip(buffers, shadow_buffers, strict=True)]
+            copy_all_(shadow_buffers, kept)
+
+    @property
+    def updates(self) -> int:
+        """Updates averaged so far (reads the device: checkpoint steps)."""
+        return int(self._updates)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors only; `decay` and `updates` are plain numbers the checkpoint keeps as JSON."""
         return self.model.state_dict()
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], updates: int) -> None:
-        self.updates = updates
+        self._updates.fill_(updates)
         self.model.load_state_dict(tensors)
 
 
@@ -188,6 +201,30 @@ def compiles(train: TrainConfig, device: torch.device) -> bool:
     return train.compile == "on" or (train.compile == "auto" and device.type == "cuda")
 
 
+def check_cuda_graphs(acc: Accelerator) -> None:
+    """train.cuda_graphs: torch.compile's "reduce-overhead" mode, which keeps gradient checkpointing's
+    recomputation and DDP's bucketed all-reduce outside the graphs it captures, copies each batch into
+    its own static input buffers and replays the forward and the backward without the host. Refused
+    without a GPU and under DeepSpeed, whose engine steps and reduces outside torch.compile's view."""
+    if acc.device.type != "cuda":
+        raise BackendError("train.cuda_graphs=true needs a GPU, and this run has none: set it to false")
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        raise BackendError(
+            "train.cuda_graphs=true is not supported under DeepSpeed: use configs/accelerate/ddp.yaml or "
+            "set train.cuda_graphs=false"
+        )
+
+
+def warn_if_host_bound(model: nn.Module, cfg: Config, peak: float) -> None:
+    """One line at start-up when the step is predicted host-bound (dist_vae/step_time.py)."""
+    flops, operations = flops_and_operations(model, cfg.data.resolution)
+    compiled = compiles(cfg.train, torch.device("cuda"))
+    mode = "graphed" if cfg.train.cuda_graphs else "compiled" if compiled else "eager"
+    line = host_bound_warning(operations, flops, cfg.data.batch_size, peak, mode)
+    if line:
+        print(line, file=sys.stderr, flush=True)
+
+
 def build_backend(cfg: Config, world_size: int, lr_scale: float) -> Backend:
     """The Accelerator for the `world_size` processes the launcher started, and identical initial
     weights on every rank, counted (FLOPs) and compiled before they are wrapped."""
@@ -202,7 +239,12 @@ def build_backend(cfg: Config, world_size: int, lr_scale: float) -> Backend:
     # perf/mfu's numerator, counted once on fake tensors before compile and wrapping.
     peak = peak_flops(acc.device, DTYPES[t.precision], t.peak_flops)
     per_image = flops_per_image(model, cfg.data.resolution) if peak else 0.0
-    if compiles(t, acc.device):
+    if peak and acc.device.type == "cuda" and acc.is_main_process:  # on a GPU only
+        warn_if_host_bound(model, cfg, peak)
+    if t.cuda_graphs:
+        check_cuda_graphs(acc)
+        model.compile(mode="reduce-overhead")  # CUDA graphs through inductor's cudagraph trees
+    elif compiles(t, acc.device):
         if t.compile == "auto" and acc.is_main_process:
             print("train.compile=auto on a GPU: compile", file=sys.stderr, flush=True)
         model.compile()  # in place: parameter names, checkpoints and param_groups() stay as they are

@@ -5,8 +5,10 @@ module that builds a ShardStream (data/stream.py)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 
 from dist_vae.data.config import DataConfig
@@ -54,3 +56,13 @@ class Streams:
         """The position and bad-data counts a checkpoint's meta recorded."""
         self.train.load_state_dict(meta["data"])
         self.skipped_before = {key: int(meta["skipped"][key]) for key in self.skipped_before}
+
+
+def static_batches(batches: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """Each batch copied into one buffer of fixed address and shape, the inputs a captured step
+    (train.cuda_graphs) replays from; a batch of another shape or dtype gets a buffer of its own."""
+    buffer: torch.Tensor | None = None
+    for batch in batches:
+        if buffer is None or buffer.shape != batch.shape or buffer.dtype != batch.dtype:
+            buffer = torch.empty_like(batch)
+        yield buffer.copy_(batch)

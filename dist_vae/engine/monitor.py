@@ -120,7 +120,7 @@ class Window:
     codes: list[CodeStats] = field(default_factory=list)  # each micro-batch's use of the code
     micro_batches: int = 0
     steps: int = 0
-    grad_norm: float = 0.0  # sum of the norms the skip decision read anyway; NaN/inf propagate
+    grad_norm: float | torch.Tensor = 0.0  # sum of the steps' norms (on the device); NaN/inf propagate
     data_wait: float = 0.0
     paused: float = 0.0  # evaluation, sampling, checkpoints: not part of the training rate
     started: float = field(default_factory=time.perf_counter)
@@ -234,7 +234,7 @@ class ScalarLog:
         elapsed = time.perf_counter() - window.started - window.paused
         rank_images = window.micro_batches * self.streams.batch_size
         values = {f"train/{n}": v for n, v in zip(names, means.tolist(), strict=True)}
-        values["train/grad_norm"] = window.grad_norm / window.steps
+        values["train/grad_norm"] = float(window.grad_norm) / window.steps
         for name, group in zip(b.group_names, b.optimizer.param_groups, strict=True):
             values[f"lr/{name}"] = group["lr"]
         values["perf/img_per_s"] = rank_images * acc.num_processes / elapsed

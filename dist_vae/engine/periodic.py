@@ -35,6 +35,13 @@ class Cadence:
         """Every train.log_every steps, at the last step, and before a divergence stops the run."""
         return diverged or step % self.train.log_every == 0 or step == self.train.steps
 
+    def reads_due(self, step: int) -> bool:
+        """Whether the host may wait for the device after `step`: a log point, an evaluation or sample,
+        or a checkpoint. Only there are the skip counts, divergence and (several processes) the
+        preemption flag read; every other step runs without a host synchronisation."""
+        actions = any(step % periodic.every == 0 for periodic in self.actions)
+        return actions or self.log_due(step, False) or self.save_due(step, False)
+
     def run_actions(self, step: int) -> None:
         for periodic in self.actions:
             if step % periodic.every == 0:

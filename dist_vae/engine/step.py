@@ -2,10 +2,11 @@
 
 The step counter counts update attempts: skipped updates still consume their batches, so data
 position, LR schedule and step agree after a resume. Whether an update is applied is decided here
-for every backend alike (`UpdateGate`). A step reads the device once: the gradient norm, the skip
-votes and the preemption flag, all-reduced together (as torch's GradScaler reads its inf check every
-step). The learning rate and every random stream are functions of (seed, step, rank), so a resumed
-run, on the same or on another number of processes, draws what an uninterrupted one draws.
+for every backend alike (`UpdateGate`), on the device: the gradient norm and the skip votes are
+all-reduced together and never read by the host inside a step, the update is applied masked, and
+the counts are read at log, evaluation and checkpoint steps (docs/training.md). The learning rate
+and every random stream are functions of (seed, step, rank), so a resumed run, on the same or on
+another number of processes, draws what an uninterrupted one draws.
 
 Which updates are skipped: non-finite ones, and loss spikes seen as outliers of the gradient norm. A
 fixed spike threshold can reject every update once the norm drifts past it (openai/vdvae#25); here
@@ -23,11 +24,9 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from statistics import median_low
 from typing import Any
 
 import numpy as np
@@ -35,10 +34,10 @@ import torch
 
 from dist_vae.config import TrainConfig
 from dist_vae.data.order import mix
-from dist_vae.distributed import agree
+from dist_vae.distributed import agree, agree_on_device
 from dist_vae.engine.backend import Backend
 from dist_vae.engine.monitor import Window
-from dist_vae.engine.stops import GO_ON, INTERRUPT, PREEMPT, PreemptionFlag
+from dist_vae.engine.stops import GO_ON, PreemptionFlag
 
 
 def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
@@ -90,126 +89,172 @@ class TrainingDiverged(RuntimeError):
 
 
 class SpikeDetector:
-    def __init__(self, window: int, k: float, warmup: int, max_consecutive: int) -> None:
+    """median + k * MAD of the recent finite norms, kept and decided on the device (a ring buffer)."""
+
+    def __init__(
+        self, window: int, k: float, warmup: int, max_consecutive: int, device: torch.device | str = "cpu"
+    ) -> None:
         self.window, self.k, self.warmup, self.max_consecutive = window, k, warmup, max_consecutive
-        self.history: deque[float] = deque(maxlen=max(window, 1))
-        self.consecutive = 0
+        self.size = max(window, 1)
+        self.history = torch.zeros(self.size, device=device)
+        self.seen = torch.zeros((), dtype=torch.long, device=device)  # norms ever recorded
+        self.consecutive = torch.zeros((), dtype=torch.long, device=device)
+
+    def threshold_on_device(self) -> torch.Tensor:
+        h = self.history
+        if self.window == 0:
+            return torch.full((), math.inf, device=h.device)
+        n = self.seen.clamp(max=self.size)
+        valid = torch.arange(self.size, device=h.device) < n
+        middle = ((n - 1).clamp(min=0) // 2).reshape(1)  # the lower middle value, like torch.median
+        median = torch.where(valid, h, math.inf).sort().values.gather(0, middle)[0]
+        mad = torch.where(valid, (h - median).abs(), math.inf).sort().values.gather(0, middle)[0]
+        limit = median + self.k * torch.maximum(mad, 0.5 * median)
+        return torch.where((n >= self.warmup) & (n > 0), limit, math.inf)
 
     def threshold(self) -> float:
-        """Norms above this are spikes; infinite until `warmup` norms have been seen."""
-        if self.window == 0 or len(self.history) < self.warmup:
-            return float("inf")
-        median = median_low(self.history)  # the lower middle value, like torch.median
-        mad = max(median_low(abs(v - median) for v in self.history), 0.5 * median)
-        return median + self.k * mad
+        """Norms above this are spikes; infinite until `warmup` norms have been seen (reads the device)."""
+        return float(self.threshold_on_device())
+
+    def observe(self, norm: torch.Tensor, record: torch.Tensor) -> torch.Tensor:
+        """Whether the norm is a spike (a device flag); only where `record` is it counted and kept."""
+        spike = record & (norm > self.threshold_on_device()) & (self.consecutive < self.max_consecutive)
+        counted = torch.where(spike, self.consecutive + 1, 0)
+        self.consecutive.copy_(torch.where(record, counted, self.consecutive))
+        slot = (self.seen % self.size).reshape(1)
+        self.history.index_copy_(0, slot, torch.where(record, norm.float(), self.history.gather(0, slot)))
+        self.seen.add_(record.long())
+        return spike
 
     def is_spike(self, norm: float) -> bool:
         """Whether to skip an update of finite gradient norm `norm`; records the decision."""
-        spike = norm > self.threshold() and self.consecutive < self.max_consecutive
-        self.consecutive = self.consecutive + 1 if spike else 0
-        self.history.append(norm)
-        return spike
+        return bool(self.observe(torch.tensor(norm, device=self.history.device), torch.tensor(True)))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history), "consecutive": self.consecutive}
+        seen, values = int(self.seen), self.history.tolist()
+        start = seen % self.size
+        ordered = values[:seen] if seen <= self.size else values[start:] + values[:start]
+        kept = ordered[-self.window :] if self.window else []
+        return {"history": kept, "consecutive": int(self.consecutive)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.history.clear()
-        self.history.extend(state["history"])
-        self.consecutive = state["consecutive"]
+        values = list(state["history"])[-self.size :]
+        self.history.zero_()
+        self.history[: len(values)] = torch.tensor(values, dtype=torch.float32)
+        self.seen.fill_(len(values))
+        self.consecutive.fill_(int(state["consecutive"]))
+
+
+REASONS = ("", "nonfinite", "overflow", "spike", "diverged")  # the codes the device decision returns
 
 
 class UpdateGate:
-    """Decides every update, counts the skips, and notices divergence (every rank sees the same norms,
-    so every rank takes the same decisions)."""
+    """Decides every update on the device, counts the skips there, and latches divergence; the host
+    reads it at log, evaluation and checkpoint steps only (every rank sees the same norms, so every
+    rank takes the same decisions). Once diverged, every later update is skipped and nothing more is
+    counted, so a divergence read some steps late reports what it was when it happened."""
 
     def __init__(self, spikes: SpikeDetector, max_nonfinite: int) -> None:
-        self.spikes = spikes
-        self.max_nonfinite = max_nonfinite
-        self.skipped = {"nonfinite": 0, "overflow": 0, "spike": 0}
-        self.nonfinite_run = 0  # consecutive non-finite updates so far
-        self.nonfinite_since = 0  # the step of the first of them
+        self.spikes, self.max_nonfinite = spikes, max_nonfinite
+        device = spikes.history.device
+        self.counts = torch.zeros(3, dtype=torch.long, device=device)  # nonfinite, overflow, spike
+        self.run = torch.zeros((), dtype=torch.long, device=device)  # consecutive non-finite updates
+        self.since = torch.zeros((), dtype=torch.long, device=device)  # the step of the first of them
+        self.stopped = torch.zeros((), dtype=torch.bool, device=device)
+
+    def decide_on_device(
+        self, step: int, norm: torch.Tensor, nonfinite: torch.Tensor, diverging: torch.Tensor
+    ) -> torch.Tensor:
+        """The index in REASONS (0: apply) of the update that makes `step`, without reading the device.
+        `diverging=False`: a non-finite update that is no sign of divergence (fp16 overflow)."""
+        live = ~self.stopped
+        bad, overflow, finite = live & nonfinite & diverging, live & nonfinite & ~diverging, live & ~nonfinite
+        spike = self.spikes.observe(norm, finite)
+        self.since.copy_(torch.where(bad & (self.run == 0), step, self.since))
+        self.run.copy_(torch.where(bad, self.run + 1, torch.where(finite, 0, self.run)))
+        self.counts.add_(torch.stack([bad, overflow, spike]).long())
+        reason = torch.where(bad, 1, torch.where(overflow, 2, torch.where(spike, 3, 0)))
+        reason = torch.where(live, reason, 4)
+        self.stopped.logical_or_(self.run >= self.max_nonfinite)
+        return reason
 
     def decide(self, step: int, norm: float, nonfinite: bool, diverging: bool = True) -> str:
-        """'' to apply the update that makes `step`, else why not ('nonfinite', 'overflow', 'spike').
-        `diverging=False`: a non-finite update that is no sign of divergence (fp16 overflow)."""
-        if nonfinite and not diverging:
-            self.skipped["overflow"] += 1
-            return "overflow"
-        if nonfinite:
-            self.skipped["nonfinite"] += 1
-            if self.nonfinite_run == 0:
-                self.nonfinite_run, self.nonfinite_since = 1, step
-            else:
-                self.nonfinite_run += 1
-            return "nonfinite"
-        self.nonfinite_run = 0
-        if self.spikes.is_spike(norm):
-            self.skipped["spike"] += 1
-            return "spike"
-        return ""
+        """The same decision read on the host: '' to apply, else why not."""
+        device = self.run.device
+        flags = [torch.tensor(v, device=device) for v in (nonfinite, diverging)]
+        return REASONS[int(self.decide_on_device(step, torch.tensor(norm, device=device), *flags))]
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return dict(zip(REASONS[1:4], self.counts.tolist(), strict=True))
 
     @property
     def diverged(self) -> bool:
-        return self.nonfinite_run >= self.max_nonfinite
+        return bool(self.stopped)
 
     def divergence(self, last_checkpoint: str) -> TrainingDiverged:
         return TrainingDiverged(
-            f"training diverged: {self.nonfinite_run} consecutive non-finite updates since step "
-            f"{self.nonfinite_since}; last good checkpoint: {last_checkpoint}"
+            f"training diverged: {int(self.run)} consecutive non-finite updates since step "
+            f"{int(self.since)}; last good checkpoint: {last_checkpoint}"
         )
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "spikes": self.spikes.state_dict(),
-            "skipped": dict(self.skipped),
-            "nonfinite_run": [self.nonfinite_run, self.nonfinite_since],
+            "skipped": self.skipped,
+            "nonfinite_run": [int(self.run), int(self.since)],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.spikes.load_state_dict(state["spikes"])
-        self.skipped = {key: int(state["skipped"].get(key, 0)) for key in self.skipped}  # older: no overflow
-        self.nonfinite_run, self.nonfinite_since = state["nonfinite_run"]
+        skipped = state["skipped"]  # older checkpoints: no overflow
+        self.counts.copy_(torch.tensor([int(skipped.get(key, 0)) for key in REASONS[1:4]]))
+        run, since = state["nonfinite_run"]
+        self.run.fill_(run)
+        self.since.fill_(since)
+        self.stopped.fill_(run >= self.max_nonfinite)
 
 
-def make_gate(train: TrainConfig) -> UpdateGate:
-    spikes = SpikeDetector(train.spike_window, train.spike_k, train.spike_warmup, train.max_consecutive_skips)
-    return UpdateGate(spikes, train.max_nonfinite_skips)
+def make_gate(train: TrainConfig, device: torch.device | str = "cpu") -> UpdateGate:
+    t = train
+    spikes = SpikeDetector(t.spike_window, t.spike_k, t.spike_warmup, t.max_consecutive_skips, device)
+    return UpdateGate(spikes, t.max_nonfinite_skips)
 
 
 @dataclass
 class Update:
-    """Outcome of one optimizer step attempt."""
+    """Outcome of one optimizer step attempt, on the device (read at log points only)."""
 
-    grad_norm: float  # the real value: NaN or inf for a non-finite update
-    applied: bool
-    reason: str = ""  # 'nonfinite', 'overflow' (fp16 loss scale) or 'spike' when not applied
-    stop: int = GO_ON  # the highest of every rank's vote (stops.py): GO_ON, INTERRUPT, PREEMPT, LEASE_LOST
-
-    @property
-    def preempted(self) -> bool:
-        """Some rank was signalled: checkpoint, then stop."""
-        return self.stop in (INTERRUPT, PREEMPT)
+    grad_norm: torch.Tensor  # the real value: NaN or inf for a non-finite update
+    reason: torch.Tensor  # index in REASONS: 0 applied, else 'nonfinite', 'overflow' (fp16), 'spike'
 
 
 class UpdateStep:
-    """Called once per step: `update = update_step(step, batches, window)` makes update `step + 1`."""
+    """Called once per step: `update = update_step(step, batches, window)` makes update `step + 1`.
+
+    No step reads the device: the norm, the skip votes and the decision stay there, and the update is
+    applied masked (update.py). The host reads only at the steps the trainer names (log, evaluation,
+    checkpoint): the gate's counts and `preempted`.
+    """
 
     def __init__(
         self, train: TrainConfig, seed: int, backend: Backend, gate: UpdateGate, preemption: PreemptionFlag
     ) -> None:
-        self.train, self.seed, self.backend, self.gate, self.preemption = (
-            train,
-            seed,
-            backend,
-            gate,
-            preemption,
-        )
+        self.train, self.seed, self.backend, self.gate = train, seed, backend, gate
+        self.preemption = preemption
 
-    def stop_vote(self) -> int:
-        """The highest of every rank's stop vote (collective; every rank gets the same answer)."""
-        vote = torch.tensor(float(self.preemption.vote()), device=self.backend.accelerator.device)
-        return int(agree(self.backend.accelerator, [vote])[0])
+    def stop_vote(self, reads: bool = True) -> int:
+        """The highest of every rank's stop vote (stops.py: GO_ON, INTERRUPT, PREEMPT, LEASE_LOST); every
+        rank gets the same answer. One process: its own vote, every step, free. Several: a collective,
+        so only where `reads` (a log, evaluation or checkpoint step, where the host waits for the
+        device anyway); elsewhere GO_ON."""
+        acc = self.backend.accelerator
+        if acc.num_processes == 1:
+            return self.preemption.vote()
+        if not reads:
+            return GO_ON
+        vote = torch.tensor(float(self.preemption.vote()), device=acc.device)
+        return int(agree(acc, [vote])[0])
 
     def __call__(self, step: int, batches: Iterator[torch.Tensor], window: Window) -> Update:
         b, t = self.backend, self.train
@@ -230,25 +275,22 @@ class UpdateStep:
             window.add_output(out)
         update = self._decide(step, loss)
         window.steps += 1
-        window.grad_norm += update.grad_norm
+        window.grad_norm = window.grad_norm + update.grad_norm
         return update
 
     def _decide(self, step: int, loss: torch.Tensor) -> Update:
-        """Decide on the accumulated gradients (identically on every rank) and apply or discard them."""
+        """Decide on the accumulated gradients (identically on every rank) and apply them masked."""
         b = self.backend
         norm = b.update_path.grad_norm()
         finite = torch.isfinite(norm)
-        requested = torch.tensor(float(self.preemption.vote()), device=norm.device)
-        nonfinite, agreed_norm, bad_loss, preempted, value = agree(
-            b.accelerator, [~finite, torch.where(finite, norm, 0.0), ~torch.isfinite(loss), requested, norm]
-        )
+        votes = [~finite, torch.where(finite, norm, 0.0), ~torch.isfinite(loss)]
+        votes = agree_on_device(b.accelerator, votes)
+        nonfinite, agreed_norm, bad_loss = votes[0] > 0, votes[1], votes[2] > 0
         # Under fp16 a non-finite gradient with a finite loss is loss-scale overflow, not divergence.
-        diverging = bool(bad_loss) or self.train.precision != "fp16"
-        reason = self.gate.decide(step + 1, agreed_norm, bool(nonfinite), diverging)
-        if reason:
-            b.update_path.discard(reason in ("nonfinite", "overflow"))
-        else:
-            b.update_path.apply()
-            if b.ema is not None:
-                b.ema.update()
-        return Update(value, not reason, reason, int(preempted))
+        diverging = bad_loss | (self.train.precision != "fp16")
+        reason = self.gate.decide_on_device(step + 1, agreed_norm, nonfinite, diverging)
+        skip = reason != 0
+        b.update_path.step_masked(skip, nonfinite)
+        if b.ema is not None:
+            b.ema.update(~skip)
+        return Update(norm, reason)

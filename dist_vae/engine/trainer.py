@@ -31,7 +31,7 @@ from dist_vae.engine.checkpointing import (
     resized_config,
     resume_path,
 )
-from dist_vae.engine.feeds import Streams, check_data
+from dist_vae.engine.feeds import Streams, check_data, static_batches
 from dist_vae.engine.monitor import CodeHealth, RunLogger, ScalarLog, Window
 from dist_vae.engine.periodic import Cadence, Evaluation, periodic_actions
 from dist_vae.engine.step import UpdateStep, make_gate
@@ -96,7 +96,7 @@ class Trainer:
         self.backend = build_backend(cfg, self.resize.world[1], self.resize.lr_scale)
         self.accelerator = self.backend.accelerator
         claim_run_dir(self.accelerator, cfg, change, self.owner.refused)
-        self.gate = make_gate(cfg.train)
+        self.gate = make_gate(cfg.train, self.accelerator.device)
         self.streams = Streams(cfg.data, cfg.seed, self.accelerator)
         pending = change if change.changes else None  # config.yaml waits for this run's first save
         self.checkpoints = Checkpointer(
@@ -139,27 +139,33 @@ class Trainer:
                 stop = self.update_step.stop_vote()
                 if stop:  # signalled during start-up: nothing new to save
                     return self._stop(stop)
-                batches, window = iter(self.streams.train), Window()
+                batches, window = static_batches(iter(self.streams.train)), Window()
                 while self.step < self.cfg.train.steps:
                     if self.before_step is not None:
                         self.before_step(self.step)
-                    update = self.update_step(self.step, batches, window)
+                    self.update_step(self.step, batches, window)
                     self.step += 1
-                    if update.stop == LEASE_LOST:
-                        return self._stop(update.stop)
-                    if self.cadence.log_due(self.step, self.gate.diverged):
+                    # The device is read only here: a divergence or (several processes) a signal or
+                    # a lost lease is noticed at the next log, evaluation or checkpoint step, before
+                    # anything is saved.
+                    reads = self.cadence.reads_due(self.step)
+                    diverged = reads and self.gate.diverged
+                    stop = self.update_step.stop_vote(reads)
+                    if stop == LEASE_LOST:
+                        return self._stop(stop)
+                    if self.cadence.log_due(self.step, diverged):
                         self.logger.progress(self.step, self.scalar_log.write(window, self.step))
                         window = Window()
                     else:
                         self.logger.progress(self.step, None)
-                    if self.gate.diverged:  # every rank decided the same: all stop here, saving nothing
+                    if diverged:  # every rank decided the same: all stop here, saving nothing
                         raise self.checkpoints.diverged(self.step)
                     with window.pause(), self.watchdog.between_steps(self.step):
                         self.cadence.run_actions(self.step)
-                        if self.cadence.save_due(self.step, update.preempted):
+                        if self.cadence.save_due(self.step, bool(stop)):
                             self.checkpoints.save(self.step)
-                    if update.preempted:
-                        return self._stop(update.stop)
+                    if stop:
+                        return self._stop(stop)
                 self.checkpoints.done(self.step)
                 return ExitCode.SUCCESS
         finally:

@@ -33,6 +33,7 @@ from dist_vae.errors import BackendError
 
 class UpdatePath(Protocol):
     scaler: torch.amp.GradScaler | None  # the trainer's fp16 loss scaler (DeepSpeed keeps its own)
+    syncs: bool  # whether step_masked reads its flag on the host
 
     def accumulating(self, sync: bool) -> contextlib.AbstractContextManager[None]:
         """Context for one micro-batch's forward and backward; `sync` marks the window's last one."""
@@ -48,6 +49,10 @@ class UpdatePath(Protocol):
     def discard(self, nonfinite: bool) -> None:
         """Drop the gradients without touching weights or optimizer moments (a loss scaler still
         learns from a non-finite window)."""
+
+    def step_masked(self, skip: torch.Tensor, nonfinite: torch.Tensor) -> None:
+        """`apply()` where the device flag `skip` is clear, else `discard()`; decided on the device
+        where the path can (no host read), on the host where it cannot (`syncs`)."""
 
 
 class TorchUpdate:
@@ -65,6 +70,9 @@ class TorchUpdate:
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self._grads: list[torch.Tensor] = []
         self._norm = torch.zeros(())
+        # torch's fused AdamW takes a device flag (`found_inf`) and skips the whole update with it:
+        # weights, moments and step count. Other optimizers are decided on the host.
+        self.syncs = not optimizer.defaults.get("fused")
 
     def accumulating(self, sync: bool) -> contextlib.AbstractContextManager[None]:
         # DDP decides in forward whether the backward all-reduces, so the context spans both.
@@ -88,6 +96,22 @@ class TorchUpdate:
             self.scaler.update()
         else:
             self.optimizer.step()
+        self._grads = []
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step_masked(self, skip: torch.Tensor, nonfinite: torch.Tensor) -> None:
+        if self.syncs:
+            DeepSpeedUpdate.step_masked(self, skip, nonfinite)  # type: ignore[arg-type]
+            return
+        if self.clip > 0:  # a non-finite norm makes the gradients NaN: the update is skipped anyway
+            torch.nn.utils.clip_grads_with_norm_(self._grads, self.clip, self._norm)
+        self.optimizer.found_inf = skip.float()  # what GradScaler.step hands a fused optimizer
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
+        if self.scaler is not None:
+            self.scaler.update()  # learns from unscale_'s own inf check: backs off, or counts a good step
         self._grads = []
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -118,6 +142,7 @@ class DeepSpeedUpdate:
             )
         deepspeed_compat.check_supported(self.zero, self.engine)
         self.fp16 = self.engine.fp16_enabled()
+        self.syncs = True  # ZeRO's step reads its overflow flag on the host: so does the decision
         self.scaler: torch.amp.GradScaler | None = None  # under fp16 the engine scales the loss itself
 
     @contextlib.contextmanager
@@ -133,6 +158,12 @@ class DeepSpeedUpdate:
 
     def apply(self) -> None:
         self.engine.step()
+
+    def step_masked(self, skip: torch.Tensor, nonfinite: torch.Tensor) -> None:
+        if bool(skip):
+            self.discard(bool(nonfinite))
+        else:
+            self.apply()
 
     def discard(self, nonfinite: bool) -> None:
         if nonfinite and self.fp16:
