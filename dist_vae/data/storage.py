@@ -1,26 +1,18 @@
 """Where a shard set lives: a local directory or an object-store URL, as reads and writes of bytes.
 
-Everything else in data/ names files by their name inside a shard set and gets bytes (or a local
-file) back; only this module knows URLs. Remote sets (`s3://`, `gs://`, `az://`, `https://`) go
-through obstore (Rust object_store). The endpoint, region and credentials come from the standard
-environment (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_ALLOW_HTTP`, `GOOGLE_*`, `AZURE_*`, ...)
-and are never written anywhere by this module: messages name the URL and the cause only.
-
-A client is created lazily in the process that uses it and keyed by its process id: a DataLoader
-worker forked after its parent used a client makes its own (obstore's runtime does not survive a
-fork). obstore's own retries are off; this module retries transient errors (a reset, a timeout,
-HTTP 500/502/503/SlowDown, a body cut short) with exponential backoff and jitter, at most
-`retries` times per request, each attempt bounded by `deadline_s`, and resumes a cut body from the
-byte where it stopped under the object's ETag. Permanent errors (no such bucket or key, 401/403,
-a replaced object) raise `RemoteError` at once; transient ones that outlast the retries raise
-`StoreUnreachable`.
+Only this module knows URLs; the rest of data/ names files inside a shard set and gets bytes back.
+Remote sets go through obstore; endpoint, region and credentials come from the standard environment
+(`AWS_*`, `GOOGLE_*`, `AZURE_*`) and are never written anywhere: messages name the URL and cause.
+Transient errors (reset, timeout, HTTP 500/502/503, a body cut short) are retried here with backoff
+and jitter, a cut body resumed from its last byte under the object's ETag; permanent ones raise
+`RemoteError` at once, transient ones that outlast the retries `StoreUnreachable`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-import pickle
 import random
 import re
 import time
@@ -55,6 +47,9 @@ class NoSuchObject(RemoteError):
 
 class StoreUnreachable(DataError):
     """The object store still fails transiently after every retry: worth trying again later."""
+
+
+_ERRORS = {cls.__name__: cls for cls in (RemoteError, NoSuchObject, StoreUnreachable)}
 
 
 def is_url(path: str | os.PathLike[str]) -> bool:
@@ -123,8 +118,12 @@ class Store:
         """(size, ETag) of the object `name`."""
         import obstore
 
-        meta = _isolated(lambda: self._retrying(name, lambda: obstore.head(self._client(), name)))
-        return int(meta["size"]), meta.get("e_tag")
+        def fetch() -> list:
+            meta = self._retrying(name, lambda: obstore.head(self._client(), name))
+            return [int(meta["size"]), meta.get("e_tag")]
+
+        size, etag = _isolated(fetch)
+        return size, etag
 
     def read(self, name: str) -> bytes:
         """The whole object `name` (small objects: manifests and indexes)."""
@@ -207,8 +206,9 @@ def mark_leaf() -> None:
 
 
 def _isolated(call: Callable[[], T]) -> T:
-    """`call()` here in a leaf process, else in a forked child (see mark_leaf); its result, its
-    exception or its counts come back through a pipe."""
+    """`call()` here in a leaf process, else in a forked child (see mark_leaf). The child sends back
+    one JSON line (the result or the error's class and message, and its counts) and, for a result in
+    bytes, those bytes: plain data, so nothing the parent reads can run code."""
     if _leaf_pid == os.getpid():
         return call()
     read_end, write_end = os.pipe()
@@ -218,13 +218,16 @@ def _isolated(call: Callable[[], T]) -> T:
         try:
             os.close(read_end)
             before = dict(counters)
+            payload = b""
             try:
-                out: tuple[bool, Any] = (True, call())
+                value = call()
+                head: dict[str, Any] = {"bytes": True} if isinstance(value, bytes) else {"value": value}
+                payload = value if isinstance(value, bytes) else b""
             except BaseException as exc:
-                out = (False, exc if _picklable(exc) else DataError(str(exc)))
-            delta = {k: counters[k] - before[k] for k in counters}
+                head = {"error": type(exc).__name__, "message": str(exc)}
+            head["counts"] = {k: counters[k] - before[k] for k in counters}
             with os.fdopen(write_end, "wb") as f:
-                pickle.dump((*out, delta), f)
+                f.write(json.dumps(head).encode() + b"\n" + payload)
         except BaseException:
             code = 1
         finally:
@@ -233,22 +236,15 @@ def _isolated(call: Callable[[], T]) -> T:
     with os.fdopen(read_end, "rb") as f:
         data = f.read()
     os.waitpid(pid, 0)
-    if not data:
+    line, _, payload = data.partition(b"\n")
+    if not line:
         raise DataError("an object-store request died with its helper process")
-    ok, value, delta = pickle.loads(data)
-    for k, n in delta.items():
+    head = json.loads(line)
+    for k, n in head["counts"].items():
         counters[k] += n
-    if not ok:
-        raise value
-    return value
-
-
-def _picklable(exc: BaseException) -> bool:
-    try:
-        pickle.loads(pickle.dumps(exc))
-    except Exception:
-        return False
-    return True
+    if "error" in head:
+        raise _ERRORS.get(head["error"], DataError)(head["message"])
+    return payload if head.get("bytes") else head["value"]
 
 
 class _Truncated(Exception):

@@ -1,27 +1,12 @@
 """The trainer's side of the checkpoint component: the checkpoint a run resumes and the batch it
 resumes with, the run directory claimed at start, the config.yaml that never runs ahead of the newest
-checkpoint, what a checkpoint keeps beside weights and optimizer (the meta), and the marker a stopped
+checkpoint (a changed configuration waits in config.pending.yaml until a checkpoint trained with it
+exists), what a checkpoint keeps beside weights and optimizer (the meta), and the marker a stopped
 run leaves. The only engine module that calls dist_vae/checkpoint/.
 
-Resuming on another number of processes (`train.resize`): the global batch is world size x per-rank
-batch x train.accumulate. A checkpoint records the one it was trained with (`meta.global_batch`) and
-the one the run started with (`meta.reference_global_batch`); every learning rate in use is the
-configured one times global batch / reference global batch, so:
-  keep_global_batch  keeps the checkpoint's global batch: train.accumulate is recomputed for the
-                     configured per-rank batch, and if the new world size times the per-rank batch does
-                     not divide the global batch, the per-rank batch becomes the largest divisor of
-                     global batch / world size below the configured one; learning rates stay. Impossible
-                     when the world size does not divide it.
-  scale_lr           keeps the configured per-rank batch and accumulation; the global batch follows the
-                     world size and the learning rates scale linearly with it (Goyal et al., 2017).
-Nothing changes when the world size and the configured batch give the checkpoint's global batch:
-then the continuation is bit-exact.
-
-A resume whose configuration differs from its checkpoint's prints one line per changed key; the new
-configuration waits in `config.pending.yaml` until a checkpoint trained with it exists, then replaces
-config.yaml and the change is appended to `config_changes.jsonl` (the step it took effect from, the
-step of the first checkpoint it trained, {key: [old, new]}). A run killed before that checkpoint, or
-with nothing left to train, leaves config.yaml as it was.
+Resuming on another number of processes (`train.resize`: keep_global_batch or scale_lr) is told in
+docs/training.md; every learning rate in use is the configured one times global batch / reference
+global batch, so a run whose world size and batch give the checkpoint's global batch is bit-exact.
 """
 
 from __future__ import annotations
