@@ -14,7 +14,7 @@ the backend's kernel counts as four), the forward recomputed by gradient checkpo
 nested ops are the backend's (here the CPU's): the count is comparable between trees on one machine
 kind, not across them. `convs`: `aten::convolution` plus `aten::convolution_backward` calls.
 `traced`: the operations torch.compile would trace (dispatched below autograd, on fake tensors, no
-nesting, no recomputation; `dist_vae.flops.operations_per_step`). `--optimizer` adds torch's fused
+nesting, no recomputation; `dist_vae.step_time.flops_and_operations`). `--optimizer` adds torch's fused
 AdamW step and zero_grad, counted apart (on the CPU its kernel runs per parameter).
 
 Attribution: every module whose path has at most --depth names (indices collapsed to `*`) opens a
@@ -47,8 +47,8 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from dist_vae.config import load_config
-from dist_vae.flops import operations_per_step
 from dist_vae.models import build_model
+from dist_vae.step_time import flops_and_operations
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = [
@@ -200,7 +200,7 @@ def measure(args: argparse.Namespace, config: str) -> tuple:
         step()  # the optimizer's state exists before the counted step
         update()
     result = count(step, model, args.depth, update)
-    traced = operations_per_step(model, res)
+    traced = flops_and_operations(model, res)[1]
     floor = (None, None) if args.no_floor else host_floor(args, config, args.resolution, args.checkpointing)
     opt_ops = result["scopes"].get("(optimizer)", 0)
     ckpt = "on" if checkpointing else "off"
