@@ -93,10 +93,6 @@ class PreemptionFlag:
             signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous.clear()
 
-    @property
-    def requested(self) -> bool:
-        return self.signal_name is not None
-
     def vote(self) -> int:
         """This rank's GO_ON, INTERRUPT, PREEMPT or LEASE_LOST (rank 0 reads its lease file)."""
         if self.owner is not None and self.owner.lost():
