@@ -67,10 +67,12 @@ def final(run_dir: Path, step: int) -> dict:
 
 
 def race(cmd: list[str], delay: float) -> None:
-    """Start `cmd` twice, `delay` seconds apart: exactly one trains, the other exits 2 naming it."""
-    first = start(cmd)
+    """Start `cmd` twice, `delay` seconds apart: exactly one trains, the other exits 2 naming it. Each
+    file a save writes waits 0.8 s, so the winner still holds the lease when the later one starts
+    however fast the machine (a winner already done would let the other find the run finished)."""
+    first = start(cmd, HARNESS_SAVE_SLEEP="0.8")
     time.sleep(delay)
-    second = start(cmd)
+    second = start(cmd, HARNESS_SAVE_SLEEP="0.8")
     results = [(p.wait(timeout=120), *p.communicate()) for p in (first, second)]
     codes = sorted(code for code, _, _ in results)
     assert codes == [ExitCode.SUCCESS, ExitCode.REFUSED], [err[-2000:] for _, _, err in results]
