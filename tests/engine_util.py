@@ -18,7 +18,9 @@ from dist_vae.checkpoint import STATE_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS = ROOT / "tests" / "engine_harness.py"
-ACCELERATE = Path(sys.executable).parent / "accelerate"
+# `accelerate launch`'s own code without the CLI's start-up, which imports every subcommand (its
+# `estimate` loads transformers: about 2 s a launch), as cluster/node.sh runs it.
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 
 # A tiny IterativeVAE (well under a second per CPU step). Its reparameterisation noise comes from
 # the global RNG, so a resume that failed to restore the RNG streams would show.
@@ -61,7 +63,7 @@ def python_cmd(run_dir: Path, shards: Path, *overrides: str) -> list[str]:
 
 
 def accelerate_cmd(config: str, run_dir: Path, shards: Path, *overrides: str) -> list[str]:
-    return [str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs" / "accelerate" / config),
+    return [*LAUNCH, "--config_file", str(ROOT / "configs" / "accelerate" / config),
             "--num_processes", "2", "--main_process_port", str(free_port()),
             str(HARNESS), *train_args(run_dir, shards, *overrides)]  # fmt: skip
 

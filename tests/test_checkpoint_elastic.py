@@ -19,13 +19,13 @@ from dist_vae.checkpoint import (
     STATE_FILE,
 )
 from dist_vae.run_layout import RunDir
-from tests.engine_util import ACCELERATE, ROOT, check, free_port, run
+from tests.engine_util import LAUNCH, ROOT, check, free_port, run
 
 HARNESS = ROOT / "tests" / "checkpoint_harness.py"
 
 
 def launch(config: str, precision: str, processes: int, mode: str, run_dir: Path) -> None:
-    cmd = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs" / "accelerate" / config),
+    cmd = [*LAUNCH, "--config_file", str(ROOT / "configs" / "accelerate" / config),
            "--num_processes", str(processes), "--main_process_port", str(free_port()),
            "--mixed_precision", precision,
            str(HARNESS), mode, str(run_dir)]  # fmt: skip

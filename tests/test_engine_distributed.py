@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from dist_vae.checkpoint import complete_checkpoints
 from dist_vae.run_layout import RunDir
-from tests.engine_util import accelerate_cmd, check, checkpoint_contents, run
+from tests.engine_util import LAUNCH, accelerate_cmd, check, checkpoint_contents, run
 
 
 def recorded(record: Path, rank: int) -> list[str]:
@@ -22,6 +23,7 @@ def test_ddp_two_processes_train_on_different_data(demo_shards: Path, tmp_path: 
     record.mkdir()
     run_dir = tmp_path / "run"
     cmd = accelerate_cmd("cpu_debug.yaml", run_dir, demo_shards, "train.steps=4", "train.accumulate=2")
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", *cmd[len(LAUNCH) :]]  # the users' CLI
     proc = run(cmd, HARNESS_RECORD=str(record))
     check(proc)
     rank0, rank1 = recorded(record, 0), recorded(record, 1)

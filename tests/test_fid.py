@@ -28,7 +28,7 @@ from dist_vae.metrics.reference import reference_features
 from dist_vae.metrics.settings import EvalConfig
 from dist_vae.run_layout import RunDir
 from tests import fid_harness
-from tests.engine_util import ACCELERATE, ROOT, check, python_cmd, run
+from tests.engine_util import LAUNCH, ROOT, check, python_cmd, run
 
 N = 16
 SIGMAS = (0, 1, 2)
@@ -131,7 +131,7 @@ def test_two_processes_give_the_numbers_of_one(demo_shards: Path, tmp_path: Path
     one = fid_harness.quality(shutil.copytree(demo_shards, tmp_path / "one"))
     two_shards = shutil.copytree(demo_shards, tmp_path / "two")
     out = tmp_path / "two.json"
-    cmd = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs/accelerate/cpu_debug.yaml"),
+    cmd = [*LAUNCH, "--config_file", str(ROOT / "configs/accelerate/cpu_debug.yaml"),
            "--num_processes", "2", str(ROOT / "tests/fid_harness.py"), str(two_shards), str(out)]  # fmt: skip
     check(run(cmd, timeout=400))
     two = json.loads(out.read_text())

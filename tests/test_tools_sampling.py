@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from dist_vae.run_layout import RunDir
-from tests.engine_util import free_port
+from tests.engine_util import LAUNCH, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -115,7 +115,7 @@ def test_evaluate_writes_eval_json_over_the_whole_val_split(evaluated: Path, sha
 
 
 def accelerate(*args: str) -> list[str]:
-    return [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+    return [*LAUNCH, "--config_file",
             "configs/accelerate/cpu_debug.yaml", "--num_processes", "2", "--main_process_port",
             str(free_port()), *args]  # fmt: skip
 

@@ -16,7 +16,7 @@ from dist_vae.checkpoint.format import (
     read_json,
     read_tensors,
 )
-from dist_vae.checkpoint.state import restore_scaler, scaler_state
+from dist_vae.checkpoint.state import raw_module, restore_scaler, scaler_state
 from dist_vae.checkpoint.store import (
     CheckpointWriteError,
     check_resume,
@@ -46,6 +46,7 @@ __all__ = [
     "load_checkpoint",
     "load_module_state",
     "newest_verified",
+    "raw_module",
     "read_json",
     "read_tensors",
     "resolve_resume",

@@ -43,9 +43,14 @@ def as_deepspeed_engine(model: nn.Module) -> Any | None:
     return model if ds is not None and isinstance(model, ds.DeepSpeedEngine) else None
 
 
-def raw_module(acc: Accelerator, model: nn.Module) -> nn.Module:
+def raw_module(model: nn.Module) -> nn.Module:
+    """The model inside its DeepSpeed or DDP wrapper (compile works in place, so nothing else wraps
+    it). Not `Accelerator.unwrap_model`: that imports deepspeed whenever it is installed, over a
+    second at every process start of runs that never use it."""
     engine = as_deepspeed_engine(model)
-    return engine.module if engine is not None else acc.unwrap_model(model)
+    if engine is not None:
+        return engine.module
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def _partitioned(model: nn.Module) -> list[list[nn.Parameter]] | None:
@@ -82,7 +87,7 @@ def _cpu(tensors: Tensors) -> Tensors:
 
 def full_weights(acc: Accelerator, model: nn.Module) -> Tensors:
     """The raw module's state dict, parameters as their fp32 master copy (a collective under ZeRO)."""
-    module = raw_module(acc, model)
+    module = raw_module(model)
     state = dict(module.state_dict())
     if _partitioned(model) is not None:
         from deepspeed.utils import safe_get_full_fp32_param
@@ -95,7 +100,7 @@ def full_weights(acc: Accelerator, model: nn.Module) -> Tensors:
 
 
 def load_weights(acc: Accelerator, model: nn.Module, tensors: Tensors, source: Path) -> None:
-    module = raw_module(acc, model)
+    module = raw_module(model)
     load_module_state(module, tensors, source)
     if _partitioned(model) is not None:
         from deepspeed.utils import safe_set_full_fp32_param
@@ -125,7 +130,7 @@ def optimizer_state(
 ) -> tuple[Tensors, dict[str, Any]]:
     """Tensors named `key/parameter`, and JSON: per group its parameter names, state keys and
     hyperparameters. A collective under ZeRO."""
-    names = {id(p): n for n, p in raw_module(acc, model).named_parameters()}
+    names = {id(p): n for n, p in raw_module(model).named_parameters()}
     inner, zero = _torch_optimizer(model, optimizer), _partitioned(model)
     tensors: Tensors = {}
     groups = []
@@ -172,7 +177,7 @@ def load_optimizer_state(
     source: Path,
 ) -> None:
     """Restore what `optimizer_state` saved, on this run's world size and backend."""
-    names = {id(p): n for n, p in raw_module(acc, model).named_parameters()}
+    names = {id(p): n for n, p in raw_module(model).named_parameters()}
     inner, zero, groups = _torch_optimizer(model, optimizer), _partitioned(model), _groups(model, optimizer)
     saved = meta["groups"]
     for index in range(max(len(groups), len(saved))):

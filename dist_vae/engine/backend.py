@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from torch import nn
 
+from dist_vae.checkpoint import raw_module
 from dist_vae.compat.torch_ops import copy_all_, lerp_all_
 from dist_vae.config import Config, ConfigError, TrainConfig
 from dist_vae.distributed import needs_gloo
@@ -249,7 +250,7 @@ def build_backend(cfg: Config, world_size: int, lr_scale: float) -> Backend:
             print("train.compile=auto on a GPU: compile", file=sys.stderr, flush=True)
         model.compile()  # in place: parameter names, checkpoints and param_groups() stay as they are
     prepared, prepared_optimizer = acc.prepare(model, optimizer)
-    raw_model = acc.unwrap_model(prepared)
+    raw_model = raw_module(prepared)
     growth = t.loss_scale_growth_interval if t.precision == "fp16" else None
     update_path = make_update_path(acc, prepared, optimizer, t.grad_clip, growth)  # the raw optimizer
     return Backend(
