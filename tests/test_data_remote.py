@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dist_vae.commands.make_shards import main as make_shards
 from dist_vae.config import DataConfig
 from dist_vae.data import storage
 from dist_vae.data.shards import ShardSettings, build_shards
@@ -232,6 +233,31 @@ def test_make_shards_to_s3_uploads_the_local_build_and_a_rerun_finishes_it(
     proc = subprocess.run(made, env={**env, **s3_env(proxy.url)}, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert all(remote(n) == (local / n).read_bytes() for n in files)
+
+
+def test_three_parts_on_their_own_stages_and_the_finish_upload_what_one_process_builds(
+    local_shards: Path,
+    server: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for key, value in s3_env(f"http://127.0.0.1:{server}").items():
+        monkeypatch.setenv(key, value)
+    url = "s3://shards/parts"
+    cli = ["--source", f"folder:{local_shards.parent / 'images'}", "--out", url, "--resolution", "8",
+           "--format", "png", "--shard-size", "7", "--val-fraction", "0", "--no-progress"]  # fmt: skip
+    for i in (0, 2):  # each part as on a machine of its own: a stage of its own
+        assert make_shards([*cli, "--part", f"{i}/3", "--stage", str(tmp_path / str(i))]) == 0
+    capsys.readouterr()
+    assert make_shards([*cli, "--finish", "3"]) == 2
+    assert capsys.readouterr().err.startswith(f"make_shards.py: error: {url}: part(s) 1/3 not finished")
+    assert make_shards([*cli, "--part", "1/3", "--stage", str(tmp_path / "1")]) == 0
+    assert make_shards([*cli, "--finish", "3"]) == 0
+    store = Store(url)
+    names = [p.name for p in local_shards.iterdir() if p.is_file() and not p.name.startswith(".")]
+    assert "manifest.json" in names and all(store.read(n) == (local_shards / n).read_bytes() for n in names)
+    assert not any(store.exists(f".progress/part-{i}-of-3.json") for i in range(3))
 
 
 def test_files_derived_from_a_remote_set_live_in_its_local_cache(

@@ -88,5 +88,9 @@ def ensure_demo_lmdb(cache_dir: str | Path, n: int = DEFAULT_DEMO_SIZE, seed: in
     """The demo LMDB for (n, seed) under `cache_dir`, built on first use."""
     path = Path(cache_dir) / f"demo-{n}-seed{seed}-lmdb"
     if not (path / "data.mdb").is_file():
-        build_demo_lmdb(path, n, seed)
+        try:
+            build_demo_lmdb(path, n, seed)
+        except OSError:  # the parts of one output build it together: the first rename wins
+            if not (path / "data.mdb").is_file():
+                raise
     return path

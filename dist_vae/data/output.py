@@ -1,7 +1,10 @@
 """A shard output directory between runs: who writes it, what it already holds, what is left over.
 
 One make_shards at a time writes an output: `held` takes its lease (dist_vae.lease, OUT/.lease.json),
-refuses a second writer naming the holder, and takes over a gone holder's lease with one line. A
+refuses a second writer naming the holder, and takes over a gone holder's lease with one line. The
+parts of an output built in parts (parts.py) hold one lease each, OUT/.lease-part-I-of-N.json: they
+do not refuse each other, but a second copy of one part is refused, and so are parts while a whole
+build or the final step holds the output, and the other way round. A
 finished output is its manifest (`finished_manifest`); an unfinished one is `.progress/` (the
 settings and key list it was started with, one record per finished shard). A re-run with other
 settings is refused naming the keys that differ; a rebuild removes shards its manifest does not list.
@@ -18,14 +21,16 @@ from typing import Any
 
 from dist_vae.data.index import index_name
 from dist_vae.data.keylist import key_digest
+from dist_vae.data.storage import join
 from dist_vae.errors import DataError
 from dist_vae.files import file_sha256, write_text_atomic
-from dist_vae.lease import Lease, LeaseHeld
+from dist_vae.lease import Lease, LeaseHeld, describe
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 4  # 4: every Pillow format, ICC, max_pixels, notes; 3: min_size, source_keys
 PROGRESS_DIR = ".progress"
 LEASE = ".lease.json"
+PART_LEASE = re.compile(r"\.lease-part-\d+-of-\d+\.json")
 SHARD_FILE = re.compile(r"(train|val)-\d{6}\.(tar|idx\.json)")
 
 
@@ -33,22 +38,39 @@ class ShardError(DataError):
     """An output directory or setting that cannot be used; the message says which and why."""
 
 
+def json_text(obj: Any) -> str:
+    """The one serialisation of the manifest and the records: byte-identical wherever it is written."""
+    return json.dumps(obj, indent=1, sort_keys=True) + "\n"
+
+
 def write_json(path: Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(path, json_text(obj))
+
+
+def lease_name(part: tuple[int, int] | None) -> str:
+    return LEASE if part is None else f".lease-part-{part[0]}-of-{part[1]}.json"
 
 
 @contextmanager
-def held(out: Path, say: Callable[[str], None]) -> Iterator[Callable[[], None]]:
-    """Hold `out`'s lease for the block, which gets `check` to call once the output is known to be its
-    own and then between shards: the first call says the take-over line (if any), and every call
-    raises a ShardError when another process took the lease meanwhile (this one looked gone: silent
-    for longer than the lease timeout), so that two writers never go on together."""
+def held(
+    out: Path, say: Callable[[str], None], part: tuple[int, int] | None = None
+) -> Iterator[Callable[[], None]]:
+    """Hold `out`'s lease (or part I of N's) for the block, which gets `check` to call once the output
+    is known to be its own and then between shards: the first call says the take-over line (if any),
+    and every call raises a ShardError when another process took the lease meanwhile (this one looked
+    gone: silent for longer than the lease timeout), so that two writers never go on together."""
     out.mkdir(parents=True, exist_ok=True)
-    lease = Lease(out / LEASE, owner="make_shards")
+    what = "make_shards" if part is None else f"make_shards --part {part[0]}/{part[1]}"
+    lease = Lease(out / lease_name(part), owner=what)
     try:
         lease.acquire()
     except LeaseHeld as exc:
-        raise ShardError(f"{exc}; a second make_shards on one --out is refused") from exc
+        raise ShardError(f"{exc}; a second {what} on one --out is refused") from exc
+    try:
+        _refuse_other_kind(out, part)
+    except ShardError:
+        lease.release()
+        raise
     taken = [f"{out}: taking over the output from {lease.taken_over} (gone)"] if lease.taken_over else []
 
     def check() -> None:
@@ -65,6 +87,20 @@ def held(out: Path, say: Callable[[str], None]) -> Iterator[Callable[[], None]]:
         yield check
     finally:
         lease.release()
+
+
+def _refuse_other_kind(out: Path, part: tuple[int, int] | None) -> None:
+    """Parts, and a whole build or final step, of one output never run together. Each looks for the
+    other kind only after taking its own lease, so of two starting together at least one sees the other."""
+    others = [LEASE] if part is not None else [p.name for p in out.iterdir() if PART_LEASE.fullmatch(p.name)]
+    for name in others:
+        holder = Lease(out / name, owner="a check").live_holder()
+        if holder is not None:
+            raise ShardError(
+                f"{out} is in use by {describe(holder) if holder else 'an unreadable lease'} (lease "
+                f"{out / name}); the parts of an output and a whole build or --finish of it do not run "
+                "together: wait for it to finish"
+            )
 
 
 def finished_manifest(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
@@ -139,13 +175,13 @@ def done_record(out: Path, name: str) -> dict[str, Any] | None:
     return record
 
 
-def usable(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def usable(out: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """The manifest, or a ShardError when it holds no image at all (training would find nothing)."""
     if sum(split["count"] for split in manifest["splits"].values()) == 0:
         skipped = manifest["skipped"]
         raise ShardError(
             f"{out}: none of the {manifest['source_keys']['count']} source images of {manifest['source']} "
-            f"could be used ({skipped['reasons']}); the reason for each is in {out / MANIFEST}"
+            f"could be used ({skipped['reasons']}); the reason for each is in {join(out, MANIFEST)}"
         )
     return manifest
 

@@ -8,8 +8,9 @@ the shards that were not finished, and a finished output is left untouched. Each
 under a temporary name and renamed when complete (dist_vae.files), then its per-sample index
 `NAME.idx.json` (key, member, offset, size, sha256 per image: the stream checks each image alone);
 its record (count, bytes, sha256, index, skipped keys, notes) goes to `.progress/` until the manifest
-gathers them all. One process writes an output at a time, under its lease; what an earlier run left
-there (a manifest, `.progress/`, old shards) is judged by output.py.
+(manifest.py) gathers them all. One process writes an output at a time, under its lease, or N parts
+each their share of the shards (parts.py); what an earlier run left there (a manifest, `.progress/`,
+old shards) is judged by output.py.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import shutil
 import signal
 import sys
 import tarfile
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from multiprocessing import Pool
@@ -31,13 +31,13 @@ from typing import Any
 from tqdm import tqdm
 
 from dist_vae.data.demo import DEFAULT_DEMO_SIZE, ensure_demo_lmdb
-from dist_vae.data.encode import MAX_PIXELS, RESIZE_RULE, encode, square_image
+from dist_vae.data.encode import MAX_PIXELS, encode, square_image
 from dist_vae.data.index import index_document, index_name, index_tar
-from dist_vae.data.jobs import SPLIT_RULE, ShardJob, sample_name, shard_jobs
+from dist_vae.data.jobs import ShardJob, sample_name, shard_jobs
 from dist_vae.data.keylist import key_digest, source_change
+from dist_vae.data.manifest import make_manifest
 from dist_vae.data.output import (
     MANIFEST,
-    MANIFEST_VERSION,
     PROGRESS_DIR,
     ShardError,
     claim_progress,
@@ -48,6 +48,7 @@ from dist_vae.data.output import (
     usable,
     write_json,
 )
+from dist_vae.data.parts import part_file, part_jobs, part_names, part_record
 from dist_vae.data.scenes import SceneSource, parse_scene_spec
 from dist_vae.data.sources import FolderSource, LmdbSource, SkipImage, SourceError
 from dist_vae.errors import DataError
@@ -179,11 +180,15 @@ def build_shards(
     workers: int = 1,
     progress: bool = True,
     say: Callable[[str], None] = _say,
+    part: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """Make (or finish) the shards of `settings.source` in `out`; returns the manifest.
+    """Make (or finish) the shards of `settings.source` in `out`; returns the manifest. With `part`
+    (I, N): only part I of N's shards, and returns its part record (parts.py), or the manifest when
+    the output is already finished.
 
-    One process at a time writes `out` (its lease, OUT/.lease.json); a second is refused with a
-    ShardError naming the holder, and a gone holder's lease is taken over with one line to `say`.
+    One process at a time writes `out` (its lease, OUT/.lease.json; a part's, OUT/.lease-part-I-of-N.json);
+    a second is refused with a ShardError naming the holder, and a gone holder's lease is taken over
+    with one line to `say`.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -197,9 +202,10 @@ def build_shards(
         return usable(out, finished)
     created = not out.exists()
     try:
-        with held(out, say) as check:
+        with held(out, say, part) as check:
             source, keys = _source_keys(settings, out)  # the demo source writes under OUT/.cache
-            return usable(out, _build(source, keys, settings, out, workers, progress, check))
+            built = _build(source, keys, settings, out, workers, progress, check, part)
+            return built if part is not None else usable(out, built)
     except DataError:
         if created and not any(out.iterdir()):
             out.rmdir()  # a refused source leaves no empty output behind
@@ -220,18 +226,22 @@ def _build(
     workers: int,
     progress: bool,
     check: Callable[[], None],
+    part: tuple[int, int] | None,
 ) -> dict[str, Any]:
-    """The build proper, under the lease (`check` between shards): every temporary left in `out` is
-    a gone owner's."""
+    """The build proper, under the lease (`check` between shards): the temporaries left in `out` are a
+    gone owner's, all of them for a whole build, a part's own for a part (the others may be writing)."""
     jobs = shard_jobs(keys, settings.val_fraction, settings.shard_size)
+    mine = jobs if part is None else part_jobs(jobs, part)
     claim_progress(out, asdict(settings), keys)
     check()
+    owned = None if part is None else {*part_names(mine), Path(part_file(part)).name}
     for stale in [*out.glob("*.tmp-*"), *(out / PROGRESS_DIR).glob("*.tmp-*")]:
-        stale.unlink()
-    pending = [job for job in jobs if done_record(out, job.name) is None]
+        if owned is None or stale.name[1:].split(".tmp-")[0] in owned:
+            stale.unlink()
+    pending = [job for job in mine if done_record(out, job.name) is None]
     bar = tqdm(
-        total=len(keys),
-        initial=len(keys) - sum(len(j.keys) for j in pending),
+        total=sum(len(j.keys) for j in mine),
+        initial=sum(len(j.keys) for j in mine) - sum(len(j.keys) for j in pending),
         unit="img",
         disable=not progress,
     )
@@ -251,46 +261,13 @@ def _build(
                 for n, _ in pool.imap_unordered(_run_job, pending):
                     bar.update(n)
                     check()
-    manifest = _manifest(out, jobs, settings, keys)
+    records = [json.loads((out / PROGRESS_DIR / f"{job.name}.json").read_text()) for job in mine]
+    if part is not None:
+        record = part_record(part, asdict(settings), key_digest(keys), jobs, records)
+        write_json(out / part_file(part), record)
+        return record
+    manifest = make_manifest(records, asdict(settings), key_digest(keys))
     write_json(out / MANIFEST, manifest)
     shutil.rmtree(out / PROGRESS_DIR)
     prune(out, {name for job in jobs for name in (job.name, index_name(job.name))})
     return manifest
-
-
-def _manifest(out: Path, jobs: list[ShardJob], settings: ShardSettings, keys: list[str]) -> dict[str, Any]:
-    records = [json.loads((out / PROGRESS_DIR / f"{job.name}.json").read_text()) for job in jobs]
-    skipped = sorted((s for r in records for s in r.pop("skipped")), key=lambda s: s["key"])
-    notes = sorted((n for r in records for n in r.pop("notes", [])), key=lambda n: (n["key"], n["note"]))
-    splits = {}
-    for split in ("train", "val"):
-        shards = [r for r, job in zip(records, jobs, strict=True) if job.split == split]
-        splits[split] = {
-            "count": sum(r["count"] for r in shards),
-            "bytes": sum(r["bytes"] for r in shards),
-            "shards": shards,
-        }
-    return {
-        "version": MANIFEST_VERSION,
-        "settings": asdict(settings),
-        "resolution": settings.resolution,
-        "format": settings.format,
-        "source": settings.source,
-        "source_keys": key_digest(keys),
-        "split_rule": SPLIT_RULE,
-        "resize": RESIZE_RULE,
-        "layout": f"KEY.{settings.format} + KEY.json ({{'key': source key, 'factors' of scenes}}); "
-        "KEY = sha256(key)[:40]; "
-        "NAME.idx.json beside NAME.tar: [key, member, offset, size, sha256] per image",
-        "splits": splits,
-        "skipped": {
-            "count": len(skipped),
-            "reasons": dict(sorted(Counter(s["reason"] for s in skipped).items())),
-            "items": skipped,
-        },
-        "notes": {
-            "count": len(notes),
-            "kinds": dict(sorted(Counter(n["note"] for n in notes).items())),
-            "items": notes,
-        },
-    }
