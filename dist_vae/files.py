@@ -15,11 +15,13 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 _NONCE = uuid.uuid4().hex[:8]
 
@@ -116,6 +118,8 @@ def save_png_atomic(grid: np.ndarray, path: Path) -> None:
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] as the uint8 pixels a PNG of them holds (what FID's network sees too)."""
+    import torch  # here, not at the top: make_shards writes through this module and needs no torch
+
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
