@@ -6,9 +6,11 @@
 #   inside the job       (sbatch started it): runs one accelerate launcher per node (cluster/node.sh) and
 #                        carries the job through preemption: warning signal -> every trainer process
 #                        checkpoints and exits -> `scontrol requeue` -> the requeued job resumes (resume=auto),
-#                        and through crashes and hangs (a bounded number of requeues each).
+#                        and through crashes and hangs (a bounded number of requeues each), and an object
+#                        store that stayed unreachable (requeued after STORE_RETRY_DELAY seconds).
 # Settings (environment variables; the script's defaults apply where unset):
-#   CONFIG, DATA, RUN_DIR, ACCEL_CONFIG  trainer config, shard directory, run directory, accelerate config
+#   CONFIG, DATA, RUN_DIR, ACCEL_CONFIG  trainer config, shard directory or URL (s3://, gs://, az://,
+#                        https://), run directory, accelerate config
 #   EXTRA                space-separated key=value overrides passed to dist_vae/train.py
 #   NODES                machines: N, or MIN-MAX to let Slurm start (and requeue) the job on what is free;
 #                        inside the job the allocation decides, and a run resumed on another node count
@@ -24,6 +26,9 @@
 #   MAX_HANG_REQUEUES    how often one job is requeued after a hang: a trainer's watchdog wrote
 #                        RUN_DIR/hang/rank-R.txt (exit 5) (2)
 #   WARNING_REPEAT       seconds between repeats of the warning until the launchers exit (30)
+#   STORE_RETRY_DELAY    seconds to wait before requeueing a run whose object store stayed unreachable
+#                        through the trainer's retries (it checkpointed and exited 6); not counted as a
+#                        crash, so a store down for hours costs waits, not the job (300)
 #   LEASE_WAIT           seconds to wait, before launching, for the run directory's lease (RUN_DIR/.lease.json)
 #                        to be released or to expire: a requeued job can start while the trainers of its
 #                        previous run still exit; after that the job fails with exit 2 naming the holder (180)
@@ -41,6 +46,8 @@ LEASE_FILE=".lease.json" # RunDir.lease: the trainer's rank 0 holds it while it 
 REFUSED_EXIT=2
 DIVERGED_EXIT=4
 HANG_EXIT=5
+STORE_UNREACHABLE_EXIT=6
+UNREACHABLE_REASON="store-unreachable" # the requeue marker's reason line after STORE_UNREACHABLE_EXIT
 INTERRUPTED_EXIT=130 # Ctrl-C (SIGINT): the trainer checkpointed as asked; a stop, not a preemption
 
 log() { printf '[cluster %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
@@ -57,7 +64,7 @@ check_inputs() {
 	for name in CONFIG ACCEL_CONFIG; do
 		[[ -f ${!name} ]] || die "$name=${!name}: no such file (relative paths start at REPO=$REPO)"
 	done
-	[[ -d $DATA ]] || die "DATA=$DATA: no such directory (relative paths start at REPO=$REPO)"
+	[[ $DATA == *://* || -d $DATA ]] || die "DATA=$DATA: no such directory (relative paths start at REPO=$REPO)"
 	[[ ${NODES:-1} =~ ^[1-9][0-9]*(-[1-9][0-9]*)?$ ]] ||
 		die "NODES=$NODES: expected a positive integer or a range MIN-MAX"
 	[[ ${GPUS_PER_NODE:-0} =~ ^[0-9]+$ ]] || die "GPUS_PER_NODE=$GPUS_PER_NODE: expected an integer >= 0"
@@ -66,6 +73,7 @@ check_inputs() {
 	[[ ${MAX_HANG_REQUEUES:-2} =~ ^[0-9]+$ ]] || die "MAX_HANG_REQUEUES=$MAX_HANG_REQUEUES: expected an integer >= 0"
 	[[ ${WARNING_REPEAT:-30} =~ ^[1-9][0-9]*$ ]] || die "WARNING_REPEAT=$WARNING_REPEAT: expected seconds >= 1"
 	[[ ${LEASE_WAIT:-180} =~ ^[0-9]+$ ]] || die "LEASE_WAIT=$LEASE_WAIT: expected seconds >= 0"
+	[[ ${STORE_RETRY_DELAY:-300} =~ ^[0-9]+$ ]] || die "STORE_RETRY_DELAY=$STORE_RETRY_DELAY: expected seconds >= 0"
 }
 
 submit() {
@@ -162,8 +170,8 @@ requeue_bounded() {
 		"($max_name=${!max_name}): not requeueing"
 }
 
-# After the launchers exit: finished, preempted (requeue), hung (requeue at most MAX_HANG_REQUEUES) or
-# crashed (requeue at most MAX_CRASH_REQUEUES).
+# After the launchers exit: finished, preempted (requeue), object store unreachable (requeue after
+# STORE_RETRY_DELAY), hung (requeue at most MAX_HANG_REQUEUES) or crashed (requeue at most MAX_CRASH_REQUEUES).
 decide() {
 	local status=$1 hung
 	if [[ -n $REPEATER ]]; then kill "$REPEATER" 2>/dev/null || true; fi
@@ -187,6 +195,19 @@ decide() {
 	if ((TERMINATED)); then
 		log "job ended by Slurm without a warning: not requeueing"
 		exit "$((status == 0 ? 1 : status))"
+	fi
+	# The launchers replace the trainer's exit code by their own: the marker's reason says it too.
+	if ((status == STORE_UNREACHABLE_EXIT)) ||
+		{ fresh "$REQUEUE_MARKER" && grep -qx "reason $UNREACHABLE_REASON" "$RUN_DIR/$REQUEUE_MARKER"; }; then
+		log "object store unreachable through the trainer's retries ($RUN_DIR/$REQUEUE_MARKER:" \
+			"$(tr '\n' ' ' <"$RUN_DIR/$REQUEUE_MARKER")): requeueing in STORE_RETRY_DELAY=$STORE_RETRY_DELAY s"
+		sleep "$STORE_RETRY_DELAY" &
+		wait $! || true # returns early on a trapped signal
+		if ((TERMINATED)); then
+			log "job ended by Slurm while waiting: not requeueing"
+			exit "$STORE_UNREACHABLE_EXIT"
+		fi
+		requeue "object store unreachable"
 	fi
 	if fresh "$REQUEUE_MARKER"; then
 		log "trainer checkpointed after a signal sent to it directly ($RUN_DIR/$REQUEUE_MARKER)"
@@ -218,6 +239,7 @@ run_job() {
 	MAX_HANG_REQUEUES=${MAX_HANG_REQUEUES:-2}
 	WARNING_REPEAT=${WARNING_REPEAT:-30}
 	LEASE_WAIT=${LEASE_WAIT:-180}
+	STORE_RETRY_DELAY=${STORE_RETRY_DELAY:-300}
 	check_inputs
 	# A range lets Slurm choose (a requeued job may get fewer or more nodes); a number must match.
 	if [[ $NODES == *-* ]]; then

@@ -8,6 +8,7 @@ state (`tool_state`, `tool_device`). Work over ranks is always split by `share`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -37,6 +38,21 @@ def agree_on_device(acc: Accelerator, values: list[torch.Tensor]) -> torch.Tenso
     if acc.num_processes > 1:
         dist.all_reduce(votes, op=dist.ReduceOp.MAX)
     return votes
+
+
+def host_vote(acc: Accelerator) -> Callable[[bool], bool]:
+    """`vote(flag)`: whether any rank's flag is set, agreed on the host over gloo (beside NCCL, a gloo
+    group of its own), so calling it never waits for the device. Collective to make and to call."""
+    if acc.num_processes == 1:
+        return bool
+    group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+    def vote(flag: bool) -> bool:
+        box = torch.tensor([int(flag)])
+        dist.all_reduce(box, op=dist.ReduceOp.MAX, group=group)
+        return bool(box[0])
+
+    return vote
 
 
 def sum_over_ranks(acc: Accelerator, counts: list[int]) -> list[int]:

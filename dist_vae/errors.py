@@ -18,6 +18,7 @@ class ExitCode(IntEnum):
     REQUEUE = 3  # stopped by a signal after a checkpoint; run the same command again to resume
     DIVERGED = 4  # too many non-finite updates in a row; requeueing would repeat it
     HANG = 5  # no step boundary in time; the stacks of every thread are in RUN_DIR/hang/
+    STORE_UNREACHABLE = 6  # the object store failed past its retries; checkpointed; try again later
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT): stopped as asked, the work done so far kept
 
 

@@ -6,7 +6,8 @@ DeepSpeed ZeRO-1/2, CPU gloo) is chosen by the accelerate config file alone.
 Exit codes: dist_vae/errors.py's ExitCode (the README's table): SUCCESS 0 (RUN_DIR/done written),
 REFUSED 2 (one line `error: ...` naming the key or file), REQUEUE 3 (stopped by SIGUSR1/SIGTERM after
 a checkpoint; RUN_DIR/requeue written, since multi-process launchers may report their own code),
-DIVERGED 4 (nothing new saved), HANG 5 (each rank wrote RUN_DIR/hang/rank-R.txt), INTERRUPTED 130
+DIVERGED 4 (nothing new saved), HANG 5 (each rank wrote RUN_DIR/hang/rank-R.txt), STORE_UNREACHABLE 6
+(the object store failed past data.remote_retries: checkpointed, RUN_DIR/requeue written), INTERRUPTED 130
 (Ctrl-C: checkpointed at the next step boundary, no marker; a second Ctrl-C exits at once). A run
 directory already held by another trainer is REFUSED (its lease names the holder).
 
@@ -47,6 +48,7 @@ def _run(argv: list[str] | None, preemption: PreemptionFlag) -> int:
     # Loaded after the handlers are in (main): these import torch.
     from dist_vae.checkpoint import CheckpointWriteError
     from dist_vae.config import load_config
+    from dist_vae.data.storage import StoreUnreachable
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, help="run configuration YAML (configs/*.yaml)")
@@ -58,6 +60,8 @@ def _run(argv: list[str] | None, preemption: PreemptionFlag) -> int:
         from dist_vae.engine.trainer import Trainer
 
         trainer = Trainer(cfg, preemption)
+    except StoreUnreachable as exc:  # before the first step: nothing to save, but worth trying again
+        return _unreachable_at_start(cfg.run_dir, exc)
     except DistVaeError as exc:  # config, data, checkpoint or backend refused: one line
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.REFUSED
@@ -73,6 +77,24 @@ def _run(argv: list[str] | None, preemption: PreemptionFlag) -> int:
     if trainer.accelerator.is_main_process:
         _print_outputs(RunDir(cfg.run_dir))
     return code
+
+
+def _unreachable_at_start(run_dir: str, error: Exception) -> int:
+    """The object store failed past its retries during start-up (the manifest): one line and the
+    requeue marker that cluster/launch.sh reads (a multi-process launcher replaces the exit code)."""
+    from dist_vae.checkpoint import complete_checkpoints
+    from dist_vae.engine.stops import UNREACHABLE, write_requeue_marker
+
+    run = RunDir(run_dir)
+    saved = complete_checkpoints(run.root)
+    step = saved[-1][0] if saved else 0
+    write_requeue_marker(run, step, UNREACHABLE)
+    print(
+        f"error: {error}; nothing trained (newest checkpoint: step {step}); exit "
+        f"{int(ExitCode.STORE_UNREACHABLE)}: run the same command again once the store answers",
+        file=sys.stderr,
+    )
+    return ExitCode.STORE_UNREACHABLE
 
 
 def _print_outputs(run: RunDir) -> None:

@@ -4,6 +4,7 @@ the tests' own between the client and it: seeded, bounded, counting the requests
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import re
 import socket
@@ -25,7 +26,9 @@ _REQUEST = re.compile(rb"^(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP/1\.[01]\r\n")
 class FaultyProxy:
     """Forwards 127.0.0.1:port to `upstream`; each request is, with probability `rate`, answered with
     a 503 SlowDown, reset before its response, or reset part-way through its response body (at most
-    `max_faults` in all, never more than `max_in_a_row` in a row). `delay_s` is added per request."""
+    `max_faults` in all, never more than `max_in_a_row` in a row). `delay_s` is added per request.
+    While `down` is set, every connection and request is reset (`refused` counts them): the store is
+    unreachable however often it is retried."""
 
     def __init__(
         self, upstream: int, rate: float = 0.0, seed: int = 0, max_faults: int = 1000, max_in_a_row: int = 2,
@@ -38,6 +41,8 @@ class FaultyProxy:
         self.faults: Counter[str] = Counter()
         self.requests: Counter[tuple[str, str]] = Counter()  # (method, path) forwarded
         self._row = 0
+        self.down = False
+        self.refused = 0
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self._stop = False
@@ -74,13 +79,24 @@ class FaultyProxy:
                 return
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
+    def _refuse(self, client: socket.socket) -> None:
+        with self.lock:
+            self.refused += 1
+        _reset(client)
+
     def _serve(self, client: socket.socket) -> None:
+        if self.down:
+            self._refuse(client)
+            return
         upstream = socket.create_connection(("127.0.0.1", self.upstream))
         state = {"cut_after": -1, "sent": 0}
         threading.Thread(target=self._responses, args=(upstream, client, state), daemon=True).start()
         try:
             while data := client.recv(1 << 16):
                 match = _REQUEST.match(data)
+                if match and self.down:
+                    self._refuse(client)
+                    break
                 if match:
                     method, path = match.group(1).decode(), match.group(2).decode().split("?")[0]
                     fault = self._fault(method) if method in ("GET", "HEAD") else None
@@ -135,6 +151,32 @@ def _close(sock: socket.socket) -> None:
 
 
 @contextlib.contextmanager
+def sampled_sizes(cache: Path) -> Iterator[list[int]]:
+    """The bytes of shards (finished and temporary) in the directory `cache`, sampled by a thread every
+    few milliseconds while the block runs: one listing each, dot files included."""
+    sizes: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            total = 0
+            for entry in os.scandir(cache) if cache.is_dir() else []:
+                if entry.name.endswith((".tar", ".tar.tmp")) or ".tar." in entry.name:
+                    with contextlib.suppress(OSError):  # evicted since the listing
+                        total += entry.stat().st_size
+            sizes.append(total)
+            done.wait(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        yield sizes
+    finally:
+        done.set()
+        sampler.join()
+
+
+@contextlib.contextmanager
 def moto_server() -> Iterator[int]:
     """A moto S3 server on 127.0.0.1 (port chosen by the system); yields its port."""
     from moto.server import ThreadedMotoServer
@@ -167,8 +209,6 @@ def create_bucket(port: int, bucket: str) -> None:
 
 def upload_dir(port: int, local: Path, url: str) -> None:
     """Copy every file of `local` (not dot-files) to `url` straight to the server, no faults."""
-    import os
-
     from dist_vae.data.storage import Store
 
     old = {k: os.environ.get(k) for k in s3_env("")}
@@ -184,3 +224,16 @@ def upload_dir(port: int, local: Path, url: str) -> None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextlib.contextmanager
+def s3_copy(local: Path, url: str, **faults: float) -> Iterator[FaultyProxy]:
+    """The files of `local` at the s3:// `url` of a fresh moto server, behind a FaultyProxy(**faults)."""
+    with moto_server() as port:
+        create_bucket(port, url.removeprefix("s3://").split("/")[0])
+        upload_dir(port, local, url)
+        proxy = FaultyProxy(port, **faults)  # type: ignore[arg-type]
+        try:
+            yield proxy
+        finally:
+            proxy.close()

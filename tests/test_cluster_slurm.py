@@ -37,7 +37,7 @@ from tests.slurm_jobs import (
     wait_for_first_checkpoint,
     wait_requeued_once_and_completed,
 )
-from tests.slurm_local import SLURM_PACKAGES, LocalSlurm, ensure_commands
+from tests.slurm_local import LocalSlurm, ensure_commands
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((REPO / "cluster").glob("*.sh"))
@@ -46,13 +46,6 @@ SCRIPTS = sorted((REPO / "cluster").glob("*.sh"))
 def _skip_unless(reason: str | None) -> None:
     if reason:
         pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def slurm():
-    _skip_unless(ensure_commands(SLURM_PACKAGES))
-    with LocalSlurm(nodes=2) as cluster:
-        yield cluster
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ the same batches as from the local copy, a bounded node-local cache, one line pe
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import subprocess
@@ -22,7 +21,7 @@ from dist_vae.data.shards import ShardSettings, build_shards
 from dist_vae.data.storage import RemoteError, Store, StoreUnreachable
 from dist_vae.data.stream import DataError, ShardStream, local_root, manifest_sha256, read_manifest
 from tests.data_fixtures import id_images
-from tests.remote_fixtures import FaultyProxy, create_bucket, moto_server, s3_env, upload_dir
+from tests.remote_fixtures import FaultyProxy, create_bucket, moto_server, s3_env, sampled_sizes, upload_dir
 
 BUCKET, URL = "shards", "s3://shards/set"
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,26 +86,8 @@ def test_cache_of_three_shards_never_exceeds_its_budget(
 ) -> None:
     budget = 3 * largest(local_shards)
     cache = tmp_path / "cache"
-    sizes: list[int] = []
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            total = 0
-            for entry in os.scandir(cache) if cache.is_dir() else []:  # one listing, dot files too
-                if entry.name.endswith((".tar", ".tar.tmp")) or ".tar." in entry.name:
-                    with contextlib.suppress(OSError):  # evicted since the listing
-                        total += entry.stat().st_size
-            sizes.append(total)
-            done.wait(0.002)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
+    with sampled_sizes(cache) as sizes:
         remote = batches(cfg(URL, cache, cache_bytes=budget), 22)
-    finally:
-        done.set()
-        sampler.join()
     local = batches(cfg(local_shards, tmp_path / "unused"), 22)
     assert all(torch.equal(a, b) for a, b in zip(remote, local, strict=True))
     assert max(sizes) <= budget and max(sizes) > 0, (max(sizes), budget)
@@ -190,6 +171,23 @@ def test_retries_are_counted_and_bounded(
         Store(URL, retries=3, deadline_s=2).read("manifest.json")
     assert storage.counters["retries"] - before == 3
     flaky.close()
+
+
+def test_a_store_down_mid_stream_reaches_the_main_process_as_unreachable(
+    local_shards: Path, proxy: FaultyProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From a DataLoader worker (forked after the backoff was shortened here), as its own type: the
+    trainer checkpoints and exits 6 on it, where another DataError is a refusal."""
+    monkeypatch.setattr(storage, "BACKOFF_S", 0.001)
+    stream = iter(ShardStream(cfg(URL, tmp_path / "cache", remote_retries=2), seed=3, batch_size=5))
+    next(stream)
+    proxy.down = True
+    with pytest.raises(
+        StoreUnreachable, match=r"^s3://shards/set/\S+: object store unreachable after 2 retries"
+    ):
+        for _ in range(20):  # two epochs: every worker needs a shard it has not opened yet
+            next(stream)
+    assert proxy.refused > 0
 
 
 def test_no_client_is_inherited_across_fork(server: int, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from dist_vae.engine.stops import UNREACHABLE
 from dist_vae.errors import ExitCode
 from dist_vae.run_layout import RunDir
 
@@ -59,13 +60,14 @@ def test_launch_sh_uses_the_enum_s_codes_and_run_layout_s_names() -> None:
     constants = shell_constants(script)
     exits = {name.removesuffix("_EXIT"): int(v) for name, v in constants.items() if name.endswith("_EXIT")}
     assert exits, "cluster/launch.sh defines no NAME_EXIT constants"
-    assert {"HANG", "REFUSED", "DIVERGED"} <= set(exits)
+    assert {"HANG", "REFUSED", "DIVERGED", "STORE_UNREACHABLE"} <= set(exits)
     for name, value in exits.items():
         assert ExitCode[name] == value, (
             f"cluster/launch.sh: {name}_EXIT={value}, ExitCode.{name}={ExitCode[name]}"
         )
     markers = {name.removesuffix("_MARKER"): v for name, v in constants.items() if name.endswith("_MARKER")}
     assert markers == {m.upper(): m for m in RunDir.MARKERS}, markers
+    assert constants["UNREACHABLE_REASON"] == UNREACHABLE  # the requeue marker's reason line
     run = RunDir("/run")
     assert constants["HANG_DIR"] == run.hang.relative_to(run.root).as_posix()
     assert "rank-*.txt" in script and run.hang_stacks(0).name == "rank-0.txt"

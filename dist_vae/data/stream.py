@@ -36,7 +36,7 @@ from dist_vae.data.index import PIL_FORMATS, read_manifest
 from dist_vae.data.order import SampleOrder
 from dist_vae.data.plan import Plan
 from dist_vae.data.storage import Store, is_url
-from dist_vae.data.workers import Batch, Lanes, worker_batches
+from dist_vae.data.workers import Batch, Failure, Lanes, raise_failure, worker_batches
 from dist_vae.errors import DataError
 from dist_vae.files import file_sha256
 
@@ -186,10 +186,12 @@ class ShardStream:
             for item in batches:
                 yield self._receive(item, buffers)
 
-    def _receive(self, item: Batch | str, buffers: BatchBuffers) -> Any:
-        """One worker's batch as this stream yields it; counts and logs the samples it replaced."""
-        if isinstance(item, str):
-            raise DataError(item)
+    def _receive(self, item: Batch | Failure, buffers: BatchBuffers) -> Any:
+        """One worker's batch as this stream yields it; counts and logs the samples it replaced. A
+        worker's failure is raised here: a StoreUnreachable (the object store failed past its retries)
+        as itself, anything else as a DataError."""
+        if isinstance(item, dict):
+            raise_failure(item)
         images, slot, keys, bad, (pid, retries, nbytes) = item
         self._remote[pid] = (retries, nbytes)
         for name, why in bad:
@@ -213,14 +215,18 @@ def local_root(cfg: DataConfig) -> Path:
 def manifest_sha256(cfg: DataConfig) -> str:
     """The sha256 of the shard set's manifest.json, local or at a URL."""
     if is_url(cfg.path):
-        store = Store(cfg.path, retries=cfg.remote_retries, deadline_s=cfg.remote_timeout_s)
-        return hashlib.sha256(store.read("manifest.json")).hexdigest()
+        return hashlib.sha256(remote_store(cfg).read("manifest.json")).hexdigest()
     return file_sha256(Path(cfg.path) / "manifest.json")
+
+
+def remote_store(cfg: DataConfig) -> Store:
+    """The object store at the URL `cfg.path`, retried as `cfg` says."""
+    return Store(cfg.path, retries=cfg.remote_retries, deadline_s=cfg.remote_timeout_s)
 
 
 def remote_cache(cfg: DataConfig) -> ShardCache:
     """The node-local cache of the shards at the URL `cfg.path`."""
-    store = Store(cfg.path, retries=cfg.remote_retries, deadline_s=cfg.remote_timeout_s)
+    store = remote_store(cfg)
     directory = cfg.cache_dir or os.path.join(
         tempfile.gettempdir(), "dist-vae-shards", hashlib.sha256(store.url.encode()).hexdigest()[:16]
     )

@@ -22,7 +22,7 @@ import signal
 import sys
 import weakref
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -32,7 +32,7 @@ from dist_vae.data import storage
 from dist_vae.data.buffers import BatchBuffers
 from dist_vae.data.index import ShardReader
 from dist_vae.data.plan import Plan
-from dist_vae.data.storage import mark_leaf
+from dist_vae.data.storage import StoreUnreachable, mark_leaf
 from dist_vae.errors import DataError
 
 _PR_SET_PDEATHSIG = 1
@@ -40,6 +40,19 @@ _open_iterations: weakref.WeakSet[Any] = weakref.WeakSet()
 
 # pixels, buffer slot, keys, replaced, (worker pid, its object-store retries, bytes) so far
 Batch = tuple[torch.Tensor, int, list[str], list[tuple[str, str]], tuple[int, int, int]]
+# A batch that could not be made: {"error": the DataError's class name, "message": its message}
+Failure = dict[str, str]
+
+
+def failure(exc: DataError) -> Failure:
+    """What a worker sends instead of a batch: plain data, which `raise_failure` turns back into the
+    error (a StoreUnreachable stays one, so the trainer can tell it from a refusal)."""
+    return {"error": type(exc).__name__, "message": str(exc)}
+
+
+def raise_failure(item: Failure) -> NoReturn:
+    kind = StoreUnreachable if item["error"] == StoreUnreachable.__name__ else DataError
+    raise kind(item["message"])
 
 
 class Lanes(IterableDataset):
@@ -49,9 +62,8 @@ class Lanes(IterableDataset):
         super().__init__()
         self.plan, self.start, self.buffers = plan, start, buffers
 
-    def __iter__(self) -> Iterator[Batch | str]:
-        """A Batch per batch; a DataError's message instead, which the main process raises as one
-        clean line."""
+    def __iter__(self) -> Iterator[Batch | Failure]:
+        """A Batch per batch; a Failure instead, which the main process raises as one clean line."""
         info = get_worker_info()
         lane, lanes = (info.id, info.num_workers) if info is not None else (0, 1)
         reader = ShardReader(self.plan.directory, self.plan.shards, self.plan.cache)
@@ -66,7 +78,7 @@ class Lanes(IterableDataset):
                 try:
                     keys, bad = self.plan.fill(out, reader, self.start, j)
                 except DataError as exc:
-                    yield str(exc)
+                    yield failure(exc)
                     return
                 yield (
                     out,
@@ -81,7 +93,7 @@ class Lanes(IterableDataset):
 
 
 @contextlib.contextmanager
-def worker_batches(lanes: Lanes, workers: int) -> Iterator[Iterator[Batch | str]]:
+def worker_batches(lanes: Lanes, workers: int) -> Iterator[Iterator[Batch | Failure]]:
     """Iterate `lanes` on `workers` processes (0: in this one); their workers stop on leaving."""
     loader = DataLoader(
         lanes,

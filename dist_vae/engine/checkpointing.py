@@ -212,6 +212,7 @@ class Checkpointer:
         self.cfg, self.backend, self.streams, self.gate = cfg, backend, streams, gate
         self.reference_global_batch, self.pending = reference_global_batch, pending
         self.run = RunDir(cfg.run_dir)
+        self.saved = 0  # the step of the newest checkpoint saved or restored (0: a fresh start's)
 
     def meta(self) -> dict[str, Any]:
         """What the checkpoint keeps beside weights and optimizer (JSON). Collective: it sums the
@@ -236,7 +237,7 @@ class Checkpointer:
         )  # fmt: skip
         if self.pending is not None and b.accelerator.is_main_process:
             promote_config(self.run, self.pending, step)
-        self.pending = None
+        self.pending, self.saved = None, step
         return path
 
     def restore(self, path: Path) -> int:
@@ -248,6 +249,7 @@ class Checkpointer:
         checkpoint.restore_scaler(b.model, b.update_path.scaler, loaded.scaler_state)
         self.streams.load_state_dict(loaded.meta)
         self.gate.load_state_dict(loaded.meta)
+        self.saved = loaded.step
         return loaded.step
 
     def diverged(self, step: int) -> TrainingDiverged:

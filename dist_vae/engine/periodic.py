@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from dist_vae.config import Config, TrainConfig
+from dist_vae.data.storage import StoreUnreachable
 from dist_vae.engine.backend import Backend
-from dist_vae.engine.feeds import Streams
+from dist_vae.engine.feeds import PeerUnreachable, Streams
 from dist_vae.engine.monitor import RunLogger
 from dist_vae.metrics.during_training import fid_during_training
 from dist_vae.models import evaluating
@@ -58,18 +59,25 @@ class Evaluation:
 
     @torch.no_grad()
     def val_bpd(self, step: int) -> float:
-        """Mean bits/dim over (at most train.eval_batches batches per rank of) the val split."""
+        """Mean bits/dim over (at most train.eval_batches batches per rank of) the val split. An object
+        store unreachable on any rank is raised on every rank, agreed in the final sum (feeds.py)."""
         acc, cfg = self.backend.accelerator, self.cfg
-        totals = torch.zeros(2, dtype=torch.float64, device=acc.device)
+        totals = torch.zeros(3, dtype=torch.float64, device=acc.device)  # bits, images, unreachable
+        unreachable: StoreUnreachable | None = None
         with evaluating(self.backend.eval_model) as net, self.backend.autocast():
             torch.manual_seed(cfg.seed + step)
-            for i, x in enumerate(self.streams.val):
-                if i == cfg.train.eval_batches:
-                    break
-                out = net(x, step=step)
-                totals[0] += out.scalars["bpd"].double() * x.shape[0]
-                totals[1] += x.shape[0]
+            try:
+                for i, x in enumerate(self.streams.val):
+                    if i == cfg.train.eval_batches:
+                        break
+                    out = net(x, step=step)
+                    totals[0] += out.scalars["bpd"].double() * x.shape[0]
+                    totals[1] += x.shape[0]
+            except StoreUnreachable as exc:
+                unreachable, totals[2] = exc, 1
         totals = acc.reduce(totals, "sum")
+        if totals[2]:
+            raise unreachable or PeerUnreachable()
         return float(totals[0] / totals[1])
 
     def log_val_bpd(self, step: int) -> None:

@@ -69,6 +69,7 @@ MIN_STEP_TIMEOUT_S = 900.0
 MEDIAN_FACTOR = 50
 TIMED_STEPS = 100  # the median is over this many recent steps
 GRACE_S = 5.0
+UNREACHABLE = "store-unreachable"  # the requeue marker's reason after exit 6: launch.sh waits, then requeues
 
 
 class PreemptionFlag:

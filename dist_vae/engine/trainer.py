@@ -4,7 +4,8 @@ The Trainer composes parts with one job each, built in this order by `Trainer._a
   checkpointing.py  the checkpoint this run resumes and the batch it resumes with (train.resize), the
                     run directory claimed, config.yaml, save/restore, the marker a stopped run leaves
   backend.py        Accelerator, model, optimizer, EMA, the compile rule and the update path (update.py)
-  feeds.py          the train and val ShardStreams and the bad-data counts
+  feeds.py          the train and val ShardStreams, the bad-data counts, and every rank stopping
+                    together when the object store stays unreachable (exit 6)
   step.py           one update: LR schedule, random streams, micro-batches, the skip decision
   monitor.py        progress bar, TensorBoard, the log-point scalars and the code's health
   periodic.py       when to log, evaluate, sample and save, and the evaluations themselves
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dist_vae.config import Config
+from dist_vae.data.storage import StoreUnreachable
 from dist_vae.engine.backend import build_backend
 from dist_vae.engine.checkpointing import (
     Checkpointer,
@@ -31,11 +33,19 @@ from dist_vae.engine.checkpointing import (
     resized_config,
     resume_path,
 )
-from dist_vae.engine.feeds import Streams, check_data, static_batches
+from dist_vae.engine.feeds import PeerUnreachable, Streams, check_data, static_batches
 from dist_vae.engine.monitor import CodeHealth, RunLogger, ScalarLog, Window
 from dist_vae.engine.periodic import Cadence, Evaluation, periodic_actions
 from dist_vae.engine.step import UpdateStep, make_gate
-from dist_vae.engine.stops import INTERRUPT, LEASE_LOST, PreemptionFlag, RunOwner, Watchdog
+from dist_vae.engine.stops import (
+    INTERRUPT,
+    LEASE_LOST,
+    UNREACHABLE,
+    PreemptionFlag,
+    RunOwner,
+    Watchdog,
+    write_requeue_marker,
+)
 from dist_vae.errors import ConfigError, DistVaeError, ExitCode
 from dist_vae.metrics.during_training import check_fid_ready
 from dist_vae.run_layout import RunDir
@@ -130,8 +140,9 @@ class Trainer:
             print(line, file=sys.stderr)
 
     def fit(self) -> ExitCode:
-        """Train to train.steps (SUCCESS), until preempted (REQUEUE) or interrupted (INTERRUPTED), or
-        until the run directory's lease is lost (REFUSED); raises TrainingDiverged after
+        """Train to train.steps (SUCCESS), until preempted (REQUEUE) or interrupted (INTERRUPTED), until
+        the run directory's lease is lost (REFUSED), or until the object store stays unreachable
+        (STORE_UNREACHABLE, after a checkpoint); raises TrainingDiverged after
         train.max_nonfinite_skips non-finite updates in a row. A hang ends the process from the
         watchdog's thread (HANG)."""
         try:
@@ -139,33 +150,37 @@ class Trainer:
                 stop = self.update_step.stop_vote()
                 if stop:  # signalled during start-up: nothing new to save
                     return self._stop(stop)
-                batches, window = static_batches(iter(self.streams.train)), Window()
-                while self.step < self.cfg.train.steps:
-                    if self.before_step is not None:
-                        self.before_step(self.step)
-                    self.update_step(self.step, batches, window)
-                    self.step += 1
-                    # The device is read only here: a divergence or (several processes) a signal or
-                    # a lost lease is noticed at the next log, evaluation or checkpoint step, before
-                    # anything is saved.
-                    reads = self.cadence.reads_due(self.step)
-                    diverged = reads and self.gate.diverged
-                    stop = self.update_step.stop_vote(reads)
-                    if stop == LEASE_LOST:
-                        return self._stop(stop)
-                    if self.cadence.log_due(self.step, diverged):
-                        self.logger.progress(self.step, self.scalar_log.write(window, self.step))
-                        window = Window()
-                    else:
-                        self.logger.progress(self.step, None)
-                    if diverged:  # every rank decided the same: all stop here, saving nothing
-                        raise self.checkpoints.diverged(self.step)
-                    with window.pause(), self.watchdog.between_steps(self.step):
-                        self.cadence.run_actions(self.step)
-                        if self.cadence.save_due(self.step, bool(stop)):
-                            self.checkpoints.save(self.step)
-                    if stop:
-                        return self._stop(stop)
+                batches, window = static_batches(self.streams.train_batches()), Window()
+                try:
+                    while self.step < self.cfg.train.steps:
+                        if self.before_step is not None:
+                            self.before_step(self.step)
+                        with self.streams.whole_step():
+                            self.update_step(self.step, batches, window)
+                        self.step += 1
+                        # The device is read only here: a divergence or (several processes) a signal
+                        # or a lost lease is noticed at the next log, evaluation or checkpoint step,
+                        # before anything is saved.
+                        reads = self.cadence.reads_due(self.step)
+                        diverged = reads and self.gate.diverged
+                        stop = self.update_step.stop_vote(reads)
+                        if stop == LEASE_LOST:
+                            return self._stop(stop)
+                        if self.cadence.log_due(self.step, diverged):
+                            self.logger.progress(self.step, self.scalar_log.write(window, self.step))
+                            window = Window()
+                        else:
+                            self.logger.progress(self.step, None)
+                        if diverged:  # every rank decided the same: all stop here, saving nothing
+                            raise self.checkpoints.diverged(self.step)
+                        with window.pause(), self.watchdog.between_steps(self.step):
+                            self.cadence.run_actions(self.step)
+                            if self.cadence.save_due(self.step, bool(stop)):
+                                self.checkpoints.save(self.step)
+                        if stop:
+                            return self._stop(stop)
+                except StoreUnreachable as exc:  # on every rank at the same point (feeds.py)
+                    return self._unreachable(exc)
                 self.checkpoints.done(self.step)
                 return ExitCode.SUCCESS
         finally:
@@ -182,3 +197,23 @@ class Trainer:
                 print(f"error: {self.owner.taken_line(self.step)}", file=sys.stderr)
             return ExitCode.REFUSED
         return self.checkpoints.requeue(self.step, self.preemption.signal_name, stop == INTERRUPT)
+
+    def _unreachable(self, error: StoreUnreachable) -> ExitCode:
+        """The object store failed past its retries: checkpoint the last completed step (unless saved
+        already), leave the requeue marker with reason UNREACHABLE, exit 6. Every rank is here."""
+        acc, step = self.accelerator, self.step
+        with self.watchdog.between_steps(step):
+            if step > self.checkpoints.saved:
+                self.checkpoints.save(step)
+        if acc.is_main_process:
+            write_requeue_marker(self.run, step, UNREACHABLE)
+            saved = f"checkpoint {self.run.checkpoint(step)}" if step else "nothing trained yet"
+            self.logger.line(
+                f"error: {error}; stopped at step {step} ({saved}); exit {int(ExitCode.STORE_UNREACHABLE)}: "
+                "run the same command again once the store answers (cluster/launch.sh requeues the job "
+                "after STORE_RETRY_DELAY seconds)"
+            )
+        elif not isinstance(error, PeerUnreachable):  # rank 0 names only its own or a peer's failure
+            print(f"error: rank {acc.process_index}: {error}", file=sys.stderr)
+        acc.wait_for_everyone()  # no rank exits before the marker exists (see Checkpointer.requeue)
+        return ExitCode.STORE_UNREACHABLE
