@@ -36,6 +36,7 @@ bench: env
 	test -f data/demo/shards/manifest.json || $(BIN)/python tools/make_shards.py --source demo --out data/demo/shards --resolution 32 --val-fraction 0.1
 	$(BIN)/python tools/bench/engine.py
 	$(BIN)/python tools/bench/loader.py
+	$(BIN)/python tools/bench/remote.py
 	$(BIN)/python tools/bench/compile.py
 	$(BIN)/python tools/bench/memory.py
 	$(BIN)/python tools/bench/iterative.py

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from itertools import islice
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import torch
 from dist_vae.commands.make_shards import main as make_shards
 from dist_vae.config import DataConfig
 from dist_vae.data import storage
+from dist_vae.data.cache import ShardCache
+from dist_vae.data.order import SampleOrder
 from dist_vae.data.shards import ShardSettings, build_shards
 from dist_vae.data.storage import RemoteError, Store, StoreUnreachable
 from dist_vae.data.stream import DataError, ShardStream, local_root, manifest_sha256, read_manifest
@@ -111,9 +114,10 @@ def test_two_ranks_of_a_node_download_each_shard_once(
     gets = {
         path: n
         for (method, path), n in counting.requests.items()
-        if method == "GET" and path.endswith(".tar")
+        if method == "GET" and path.endswith((".tar", ".idx.json"))
     }
-    names = [s["name"] for s in read_manifest(local_shards)["splits"]["train"]["shards"]]
+    shards = read_manifest(local_shards)["splits"]["train"]["shards"]
+    names = [n for s in shards for n in (s["name"], s["index"]["name"])]  # indexes too: once per node
     assert sorted(gets) == sorted(f"/{BUCKET}/set/{n}" for n in names)
     assert set(gets.values()) == {1}, gets
     for r in (0, 1):
@@ -121,6 +125,48 @@ def test_two_ranks_of_a_node_download_each_shard_once(
             torch.equal(a, b)
             for a, b in zip(out[r], batches(cfg(local_shards, tmp_path), 12, r, 2), strict=True)
         )
+
+
+def test_workers_fetch_the_next_shuffle_group_before_reading_it(
+    local_shards: Path, proxy: FaultyProxy, tmp_path: Path
+) -> None:
+    """Batches of one image, groups of one shard: after the first batch the workers have made at most
+    the next few (DataLoader's prefetch: positions 0 to 4), which read the first one or two groups,
+    yet the cache fills with the shards of the next group too, and no further (read-ahead: this
+    group and the next)."""
+    cache = tmp_path / "cache"
+    batches = iter(ShardStream(cfg(URL, cache, shuffle_group=1), seed=3, batch_size=1))
+    next(batches)
+    shards = read_manifest(local_shards)["splits"]["train"]["shards"]
+    order = SampleOrder([s["count"] for s in shards], seed=3, group=1, shuffle=True)
+    sequence = [order.at(p)[1] for p in range(order.total)]
+    made = set(sequence[:5])
+    windows = {s for j in range(5) for s in list(dict.fromkeys(sequence[j:]))[:2]}  # two groups from j
+    expected = {shards[s]["name"] for s in made | windows}
+    assert len(expected) > len({shards[s]["name"] for s in made})  # read-ahead is what fetches the rest
+    deadline = time.monotonic() + 30
+    while not expected <= (cached := {p.name for p in cache.glob("*.tar")}) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cached == expected, (sorted(cached), sorted(expected))
+    assert {p.name for p in cache.glob("*.idx.json")} == {n.replace(".tar", ".idx.json") for n in expected}
+    batches.close()  # type: ignore[attr-defined]
+
+
+def test_read_ahead_never_evicts_a_pinned_file(
+    local_shards: Path, proxy: FaultyProxy, tmp_path: Path
+) -> None:
+    shards = read_manifest(local_shards)["splits"]["train"]["shards"][:3]
+    cache = ShardCache(Store(URL, retries=6), tmp_path, 2 * largest(local_shards))
+    cache.check(shards)
+    a, b, c = (s["name"] for s in shards)
+    cache.pin([a, b])
+    assert cache.fetch_ahead(shards[0]) and cache.fetch_ahead(shards[1])
+    assert not cache.fetch_ahead(shards[2])  # it fits only in place of a pinned file
+    os.close(cache.open(shards[2]))  # a reader does evict one: the least recently used
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == [b, c]
+    cache.pin([])
+    assert cache.fetch_ahead(shards[0])  # unpinned, b goes
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == [a, c]
 
 
 def test_a_budget_below_one_shard_is_refused_in_one_line(

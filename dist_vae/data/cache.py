@@ -1,14 +1,17 @@
-"""A node-local cache of whole remote shards under a byte budget, shared by every rank and worker.
+"""A node-local cache of remote files (shards, their indexes) under a byte budget, shared by every
+rank and worker.
 
-`ShardCache.open(entry)` returns an open file descriptor of the shard's local copy. The first
-process to need a shard downloads it (a lock file per shard: one download per node), to a
+`ShardCache.open(entry)` returns an open file descriptor of the file's local copy. The first
+process to need a file downloads it (a lock file per file: one download per node), to a
 temporary name, checks its size and sha256 against the manifest (a mismatch is fetched once more,
-then the shard is bad: `BadShard`), and renames it into place. The cache's state (bytes and last
-use per shard, the ETag each was first read under) is one small JSON file updated under a lock:
-eviction takes the least recently used shards until the new one fits, so the directory never holds
-more than the budget (temporary files included: their bytes are reserved before the download);
-nothing scans the directory. A shard evicted while another process still reads it stays readable
-through that process's descriptor.
+then the shard is bad: `BadShard`), and renames it into place. `fetch_ahead(entry)` does the same
+for read-ahead (prefetch.py) but never waits: it skips a file another process is fetching or one
+that does not fit yet. The cache's state (bytes and last use per file, the ETag each was first read
+under, the files each live reader has pinned as its next) is one small JSON file updated under a
+lock: eviction takes the least recently used files until the new one fits, pinned files last and
+never for read-ahead, so the directory never holds more than the budget (temporary files included:
+their bytes are reserved before the download); nothing scans the directory. A file evicted while
+another process still reads it stays readable through that process's descriptor.
 """
 
 from __future__ import annotations
@@ -34,11 +37,16 @@ class BadShard(Exception):
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def _locked(path: Path, wait: bool = True) -> Iterator[bool]:
+    """Hold `path`'s lock; without `wait`, yield False at once when another holder has it."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+        else:
+            yield True
     finally:
         os.close(fd)  # releases the lock
 
@@ -80,35 +88,66 @@ class ShardCache:
                 tmp.unlink(missing_ok=True)
 
     def open(self, entry: dict[str, Any]) -> int:
-        """A read-only descriptor of the shard's verified local copy (downloaded if needed)."""
+        """A read-only descriptor of the file's verified local copy (downloaded if needed)."""
+        fd = self._get(entry, ahead=False)
+        assert fd is not None  # only read-ahead gives up
+        return fd
+
+    def fetch_ahead(self, entry: dict[str, Any]) -> bool:
+        """Download the file for a reader that needs it soon; False at once when another process is
+        fetching it or it does not fit without evicting a pinned file (ask again later)."""
+        fd = self._get(entry, ahead=True)
+        if fd is not None:
+            os.close(fd)
+        return fd is not None
+
+    def pin(self, names: list[str]) -> None:
+        """Keep `names`, the files this process reads next, from eviction while it lives ([]: none)."""
+        with self._state() as state:
+            pins = state.setdefault("pins", {})
+            for pid in [p for p in pins if not _alive(int(p))]:
+                del pins[pid]
+            if names:
+                pins[str(os.getpid())] = names
+            else:
+                pins.pop(str(os.getpid()), None)
+
+    def _get(self, entry: dict[str, Any], ahead: bool) -> int | None:
         name = entry["name"]
         path = self.directory / name
         (self.directory / ".locks").mkdir(parents=True, exist_ok=True)
-        with _locked(self.directory / ".locks" / f"{name}.lock"):
+        with _locked(self.directory / ".locks" / f"{name}.lock", wait=not ahead) as held:
+            if not held:
+                return None
             with self._state() as state:
                 if name in state["shards"] and not state["shards"][name][2] and path.is_file():
-                    state["clock"] += 1
-                    state["shards"][name][1] = state["clock"]
+                    if not ahead:  # a use (a look ahead is not one: the file is pinned meanwhile)
+                        state["clock"] += 1
+                        state["shards"][name][1] = state["clock"]
                     return os.open(path, os.O_RDONLY)
             size = entry.get("bytes") or self.store.head(name)[0]
             while True:  # room is made under the state lock; a full cache of pending downloads waits
                 with self._state() as state:
-                    if self._make_room(state, name, size):
+                    if self._make_room(state, name, size, ahead):
                         state["clock"] += 1
                         state["shards"][name] = [size, state["clock"], os.getpid()]  # reserved: downloading
                         break
+                if ahead:
+                    return None
                 time.sleep(0.05)
             try:
-                self._download(entry, path)
+                etag = self._download(entry, path)
             except BaseException:
                 with self._state() as state:
                     state["shards"].pop(name, None)
                 raise
             with self._state() as state:
                 state["shards"][name][2] = 0
+                state["etags"].setdefault(name, etag)
                 return os.open(path, os.O_RDONLY)
 
-    def _download(self, entry: dict[str, Any], path: Path) -> None:
+    def _download(self, entry: dict[str, Any], path: Path) -> str | None:
+        """Fetch and verify the file into place; the ETag it was read under."""
         name = entry["name"]
         tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
         why = ""
@@ -123,26 +162,34 @@ class ShardCache:
                 elif "sha256" in entry and sha256_file(tmp) != entry["sha256"]:
                     why = "sha256 differs from the manifest"
                 else:
-                    with self._state() as state:
-                        state["etags"].setdefault(name, got)
                     os.replace(tmp, path)
-                    return
+                    return got
             finally:
                 tmp.unlink(missing_ok=True)
-        raise BadShard(f"downloaded twice from {self.store.url}: {why}")
+        raise BadShard(f"{name} downloaded twice from {self.store.url}: {why}")
 
-    def _make_room(self, state: dict[str, Any], name: str, size: int) -> bool:
-        """Evict least recently used finished shards until `size` more bytes fit; False if they cannot
-        yet (the rest is downloads in flight)."""
-        shards = state["shards"]
-        shards.pop(name, None)  # a reservation left by a killed download of the same shard
-        used = sum(s for s, _, _ in shards.values())
-        by_age = sorted((t, n) for n, (_, t, pid) in shards.items() if not _alive(pid))
-        while used + size > self.budget and by_age:
-            _, victim = by_age.pop(0)
-            used -= state["shards"].pop(victim)[0]
-            (self.directory / victim).unlink(missing_ok=True)
+    def _make_room(self, state: dict[str, Any], name: str, size: int, ahead: bool) -> bool:
+        """Evict least recently used finished files, unpinned ones first (only those when `ahead`),
+        until `size` more bytes fit; False if they cannot yet (the rest is in flight or pinned)."""
+        files = state["shards"]
+        if name in files:  # a reservation left by a killed download of the same file
+            self._forget(files, name)
+        pinned = {n for pid, names in state.get("pins", {}).items() if _alive(int(pid)) for n in names}
+        used = sum(s for s, _, _ in files.values())
+        idle = sorted((n in pinned, t, n) for n, (_, t, pid) in files.items() if not _alive(pid))
+        for is_pinned, _, victim in idle:
+            if used + size <= self.budget or (is_pinned and ahead):
+                break
+            used -= self._forget(files, victim)
         return used + size <= self.budget
+
+    def _forget(self, files: dict[str, list[int]], name: str) -> int:
+        """Drop `name` and its bytes on disk (the file, or what a killed download of it left); its size."""
+        size, _, pid = files.pop(name)
+        (self.directory / name).unlink(missing_ok=True)
+        if pid:
+            (self.directory / f".{name}.{pid}.tmp").unlink(missing_ok=True)
+        return size
 
     @contextlib.contextmanager
     def _state(self) -> Iterator[dict[str, Any]]:
@@ -151,7 +198,7 @@ class ShardCache:
             try:
                 state = json.loads(path.read_text())
             except (OSError, ValueError):
-                state = {"clock": 0, "shards": {}, "etags": {}}
+                state = {"clock": 0, "shards": {}, "etags": {}, "pins": {}}
             before = json.dumps(state, sort_keys=True)
             yield state
             after = json.dumps(state, sort_keys=True)

@@ -196,8 +196,10 @@ class ShardReader:
                 raise _Why("no per-sample index: re-run tools/make_shards.py to read it from a URL")
             records = index_tar(Path(self.directory) / entry["name"], hashes=False)
         else:
-            if self.cache is not None:
-                data = self.cache.store.read(index["name"])
+            if self.cache is not None:  # once per node, not per worker: the cache keeps it too
+                fd = self.cache.open(index)
+                with open(fd, "rb") as f:
+                    data = f.read()
             else:
                 data = (Path(self.directory) / index["name"]).read_bytes()
             if len(data) != index["bytes"] or hashlib.sha256(data).hexdigest() != index["sha256"]:

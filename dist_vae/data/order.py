@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from bisect import bisect_right
+from collections.abc import Iterator
 from functools import lru_cache
 
 import numpy as np
@@ -74,6 +75,23 @@ class SampleOrder:
         within = int(perm[index - bounds[group]])
         k = bisect_right(starts.tolist(), within) - 1
         return int(shards[k]), within - int(starts[k])
+
+    def upcoming(self, position: int) -> Iterator[int]:
+        """Shards in the order the sequence first needs them from `position` on, starting with those
+        the group being read still needs; endless when shuffled (each epoch names every shard again)."""
+        epoch, index = divmod(position, self.total)
+        if not self.shuffle:
+            shard = self.in_manifest_order(index)[0] if epoch == 0 else len(self.counts)
+            yield from (s for s in range(shard, len(self.counts)) if self.counts[s])
+            return
+        while True:
+            _, bounds = self._epoch_plan(epoch)
+            for group in range(bisect_right(bounds, index) - 1, len(bounds) - 1):
+                shards, starts, perm = self._group_perm(epoch, group)
+                which = np.searchsorted(starts, perm[max(0, index - bounds[group]) :], side="right") - 1
+                _, first = np.unique(which, return_index=True)
+                yield from shards[which[np.sort(first)]].tolist()
+            epoch, index = epoch + 1, 0
 
     def at(self, position: int) -> tuple[int, int, int]:
         """(epoch, shard, sample) at a global position of the sequence."""

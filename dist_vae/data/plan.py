@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,17 @@ class Plan:
             return range(base, base + self.batch_size)
         lo = self.first + j * self.batch_size
         return range(lo, min(self.stop, lo + self.batch_size))
+
+    def upcoming(self, start: int, j: int) -> Iterator[int]:
+        """Shards in the order they are first needed from batch j on: in training the whole global
+        batch's (the ranks of a node share them), in evaluation this rank's part of the pass."""
+        if self.training:
+            return self.order.upcoming(start + j * self.world_size * self.batch_size)
+        lo = self.first + j * self.batch_size
+        if lo >= self.stop:
+            return iter(())
+        last = self.order.in_manifest_order(self.stop - 1)[0]
+        return itertools.takewhile(lambda shard: shard <= last, self.order.upcoming(lo))
 
     def shape(self, start: int, j: int) -> tuple[int, int, int, int]:
         """Shape of batch j: uint8 [b,3,R,R]."""

@@ -3,9 +3,9 @@
 Only this module knows URLs; the rest of data/ names files inside a shard set and gets bytes back.
 Remote sets go through obstore; endpoint, region and credentials come from the standard environment
 (`AWS_*`, `GOOGLE_*`, `AZURE_*`) and are never written anywhere: messages name the URL and cause.
-Transient errors (reset, timeout, HTTP 500/502/503, a body cut short) are retried here with backoff
-and jitter, a cut body resumed from its last byte under the object's ETag; permanent ones raise
-`RemoteError` at once, transient ones that outlast the retries `StoreUnreachable`.
+Transient errors (reset, timeout, HTTP 500/502/503, a body cut short) are retried with backoff and
+jitter, a cut body resumed from its last byte under its ETag; permanent ones raise `RemoteError`,
+transient ones that outlast the retries `StoreUnreachable`. Thread-safe (read-ahead threads).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import json
 import os
 import random
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ _ENV_PREFIXES = ("AWS_", "GOOGLE_", "AZURE_")  # a changed environment gets a ne
 _clients: dict[tuple[str, int, Any], Any] = {}
 _leaf_pid = 0
 counters = {"retries": 0, "bytes": 0, "requests": 0}  # this process's, since it started
+_counting = threading.Lock()
 
 T = TypeVar("T")
 
@@ -98,7 +100,7 @@ class Store:
     def _retrying(self, name: str, call: Callable[[], T]) -> T:
         for attempt in range(self.retries + 1):
             try:
-                counters["requests"] += 1
+                _count("requests", 1)
                 return call()
             except Exception as exc:
                 permanent = _permanent(exc)
@@ -110,7 +112,7 @@ class Store:
                         f"{join(self.url, name)}: object store unreachable after {self.retries} retries "
                         f"({_cause(exc)})"
                     ) from exc
-                counters["retries"] += 1
+                _count("retries", 1)
                 time.sleep(min(BACKOFF_CAP_S, BACKOFF_S * 2**attempt) * random.uniform(0.5, 1.0))
         raise AssertionError("unreachable")
 
@@ -168,7 +170,7 @@ class Store:
             for chunk in result.stream(min_chunk_size=CHUNK):
                 sink(chunk)
                 done += len(chunk)
-                counters["bytes"] += len(chunk)
+                _count("bytes", len(chunk))
             if done != size:
                 raise _Truncated(f"body cut short: {done} of {size} bytes")
 
@@ -185,13 +187,6 @@ class Store:
         import obstore
 
         _isolated(lambda: self._retrying(name, lambda: obstore.delete(self._client(), name)))
-
-    def exists(self, name: str) -> bool:
-        try:
-            self.head(name)
-        except NoSuchObject:
-            return False
-        return True
 
 
 def mark_leaf() -> None:
@@ -241,7 +236,7 @@ def _isolated(call: Callable[[], T]) -> T:
         raise DataError("an object-store request died with its helper process")
     head = json.loads(line)
     for k, n in head["counts"].items():
-        counters[k] += n
+        _count(k, n)
     if "error" in head:
         raise _ERRORS.get(head["error"], DataError)(head["message"])
     return payload if head.get("bytes") else head["value"]
@@ -249,6 +244,11 @@ def _isolated(call: Callable[[], T]) -> T:
 
 class _Truncated(Exception):
     pass
+
+
+def _count(key: str, n: int) -> None:
+    with _counting:
+        counters[key] += n
 
 
 def sha256_file(path: Path) -> str:

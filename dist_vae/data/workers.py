@@ -1,7 +1,8 @@
 """The DataLoader worker processes of a stream: what each runs, how they start, and how they stop.
 
 Within a rank, batch j (counted from where the iteration started) is made by worker (lane) j % L,
-which computes its positions directly and preads each image by offset (plan.py, index.py).
+which computes its positions directly and preads each image by offset (plan.py, index.py); from a
+URL, each worker also fetches the shards its next batches need ahead of it (prefetch.py).
 
 Workers die with their parent (PR_SET_PDEATHSIG) and ignore SIGTERM, SIGUSR1 and SIGINT, which the main
 process handles (it must checkpoint before anything exits). Because they ignore SIGTERM,
@@ -32,6 +33,7 @@ from dist_vae.data import storage
 from dist_vae.data.buffers import BatchBuffers
 from dist_vae.data.index import ShardReader
 from dist_vae.data.plan import Plan
+from dist_vae.data.prefetch import ReadAhead
 from dist_vae.data.storage import StoreUnreachable, mark_leaf
 from dist_vae.errors import DataError
 
@@ -67,9 +69,13 @@ class Lanes(IterableDataset):
         info = get_worker_info()
         lane, lanes = (info.id, info.num_workers) if info is not None else (0, 1)
         reader = ShardReader(self.plan.directory, self.plan.shards, self.plan.cache)
+        cache = self.plan.cache
+        ahead = ReadAhead(self.plan, cache) if cache is not None and info is not None else None
         try:
             j = lane
             while self.plan.training or j < self.plan.batches:
+                if ahead is not None:
+                    ahead.advance(self.start, j)
                 shape = self.plan.shape(self.start, j)
                 if info is None:
                     slot, out = -1, torch.empty(shape, dtype=torch.uint8)
@@ -90,6 +96,8 @@ class Lanes(IterableDataset):
                 j += lanes
         finally:
             reader.close()
+            if ahead is not None:
+                ahead.close()
 
 
 @contextlib.contextmanager
