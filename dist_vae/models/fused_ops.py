@@ -71,8 +71,11 @@ def _concat_elu_grads(
     drop: torch.Tensor | None,
     scale: float,
     sizes: list[int],
+    overwrite: bool = False,
 ) -> list[torch.Tensor]:
-    """The gradients of `_concat_elu`'s inputs from its output's `grad` and the output itself."""
+    """The gradients of `_concat_elu`'s inputs from its output's `grad` and the output itself;
+    `overwrite`: `grad` is this backward's own, and the ELU's derivative is applied in it (one
+    tensor of the buffer's size fewer at the peak)."""
     left, right, top, bottom = padding
     channels = buffer.shape[1] // 2
     if any(padding):
@@ -80,7 +83,10 @@ def _concat_elu_grads(
         grad = _window(grad, 0, 2 * channels, top, left, size)
         buffer = _window(buffer, 0, 2 * channels, top, left, size)
     # The ELU's derivative from its output: where dropped that is 0, and the gradient is masked after.
-    grad = torch.ops.aten.elu_backward(grad, 1.0, scale, 1.0, True, buffer)
+    if overwrite:
+        torch.ops.aten.elu_backward.grad_input(grad, 1.0, scale, 1.0, True, buffer, grad_input=grad)
+    else:
+        grad = torch.ops.aten.elu_backward(grad, 1.0, scale, 1.0, True, buffer)
     if drop is not None:
         grad.masked_fill_(drop, 0.0)
     grads, start = [], 0
@@ -142,7 +148,7 @@ class _SkipSum(torch.autograd.Function):
         inputs_t = buffer.as_strided((b, rows * cols, k), (buffer.stride(0), 1, buffer.stride(1)))
         grad_weight = torch.bmm(flat, inputs_t)  # [b, c, k]
         grad_weight = (grad_weight if b == 1 else grad_weight.sum(0)).view(weight.shape)
-        grads = _concat_elu_grads(grad_inputs, buffer, NO_PADDING, None, 1.0, ctx.sizes)
+        grads = _concat_elu_grads(grad_inputs, buffer, NO_PADDING, None, 1.0, ctx.sizes, overwrite=True)
         return grad, grad_weight, *grads
 
 
