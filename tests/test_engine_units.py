@@ -1,4 +1,5 @@
-"""Fast checks of the engine's pure parts: spike detector, LR schedule, grids, checkpoint discovery, EMA."""
+"""Fast checks of the engine's pure parts: spike detector, LR schedule, grids, checkpoint discovery, EMA,
+clipping."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import nn
 from dist_vae.checkpoint import COMPLETE, CheckpointError, clean_partial, resolve_resume
 from dist_vae.engine.backend import EMA
 from dist_vae.engine.step import SpikeDetector, UpdateGate, lr_factor
+from dist_vae.engine.update import TorchUpdate
 from dist_vae.files import image_grid
 from dist_vae.run_layout import RunDir
 
@@ -145,3 +147,19 @@ def test_ema_follows_weights_with_warmed_up_decay() -> None:
     clone.load_state_dict(ema.state_dict(), ema.updates)
     assert clone.updates == 1 and torch.equal(clone.model.weight, ema.model.weight)
     assert math.isclose(decay, 2 / 11)
+
+
+@pytest.mark.parametrize("fused", [False, True])  # decided on the host (apply) / masked on the device
+def test_the_torch_update_clips_the_gradients_to_train_grad_clip(fused: bool) -> None:
+    """Gradients of norm 15 clipped to 3, then one SGD step of learning rate 1 from zero: the weights
+    are minus the clipped gradients, of norm 3 (15 unclipped)."""
+    weights = [nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(1, 3))]
+    optimizer = torch.optim.SGD(weights, lr=1.0, fused=fused)
+    path = TorchUpdate(None, None, optimizer, clip=3.0, scaler=None)  # type: ignore[arg-type]
+    weights[0].grad, weights[1].grad = torch.full((4,), 6.0), torch.full((1, 3), -3 * math.sqrt(3))
+    norm = path.grad_norm()
+    assert norm.item() == pytest.approx(15.0)
+    path.step_masked(torch.tensor(False), torch.tensor(False))
+    moved = torch.cat([w.detach().flatten() for w in weights])
+    assert moved.norm().item() == pytest.approx(3.0, rel=1e-5)
+    assert torch.allclose(moved[:4], torch.full((4,), -1.2)) and all(w.grad is None for w in weights)

@@ -15,23 +15,23 @@ from tests.model_fixtures import one_thread  # noqa: F401
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def reference_concat_elu(xs: tuple[torch.Tensor, ...], padding, keep, dropout: float) -> torch.Tensor:
+def reference_concat_elu(xs: tuple[torch.Tensor, ...], padding, drop, dropout: float) -> torch.Tensor:
     x = torch.cat(xs, dim=1)
     h = F.elu(torch.cat([x, -x], dim=1))
-    if keep is not None:
-        h = h * keep / (1.0 - dropout)
+    if drop is not None:
+        h = h * ~drop / (1.0 - dropout)
     return F.pad(h, padding)
 
 
-def reference_block(self, x, z, keep, *skips, cond=None, weights=None):
+def reference_block(self, x, z, drop, *skips, cond=None, weights=None):
     """GatedResnet._block, unfused: each convolution normalises its own weight and the block computes
     its own latent bias (this forward's precomputed `cond` and `weights` are ignored)."""
     h = self.conv_in(layers.concat_elu(x))
     if self.skip is not None:
         h = h + self.skip(layers.concat_elu(torch.cat(skips, dim=1)))
     h = layers.concat_elu(h)
-    if keep is not None:
-        h = h * keep / (1.0 - self.dropout)
+    if drop is not None:
+        h = h * ~drop / (1.0 - self.dropout)
     h = self.conv_out(h)
     if self.cond is not None:
         h = h + self.cond(z)[:, :, None, None]
@@ -79,11 +79,11 @@ def as_reference(model: PixelCNNpp) -> PixelCNNpp:
 def test_padded_concat_elu_equals_the_unfused_ops_to_the_last_bits(padding, dropout: float) -> None:
     g = torch.Generator().manual_seed(0)
     xs = tuple(torch.randn(2, c, 5, 6, generator=g, dtype=torch.float64) for c in (3, 4))
-    keep = torch.rand(2, 14, 5, 6, generator=g) >= dropout if dropout else None
+    drop = torch.rand(2, 14, 5, 6, generator=g) < dropout if dropout else None
     outs, grads = [], []
     for fn in (reference_concat_elu, padded_concat_elu):
         leaves = tuple(x.clone().requires_grad_() for x in xs)
-        out = fn(leaves, padding, keep, dropout)
+        out = fn(leaves, padding, drop, dropout)
         out.backward(torch.linspace(-2, 3, out.numel(), dtype=torch.float64).reshape(out.shape))
         outs.append(out.detach())
         grads.append([x.grad for x in leaves])

@@ -144,8 +144,10 @@ class EMA:
         decay = ((1 + n) / (10 + n)).clamp(max=self.decay)
         weight = torch.where(applied, 1.0 - decay, 0.0).float()
         (params, buffers), (shadow, shadow_buffers) = self._source, self._shadow
-        current = [p.detach() if p.dtype == torch.float32 else p.detach().float() for p in params]
-        lerp_all_(shadow, current, weight)
+        # The parameters themselves where float32 (read under no_grad: a detach each would be one more
+        # host operation per parameter); the others' float32 copies.
+        fp32 = all(p.dtype == torch.float32 for p in params)
+        lerp_all_(shadow, params if fp32 else [p.detach().float() for p in params], weight)
         if buffers:
             kept = [torch.where(applied, b, s) for b, s in zip(buffers, shadow_buffers, strict=True)]
             copy_all_(shadow_buffers, kept)

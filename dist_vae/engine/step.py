@@ -273,12 +273,12 @@ class UpdateStep:
                 b.update_path.backward(total)
             loss = loss + total.detach()
             window.add_output(out)
-        update = self._decide(step, loss)
+        update = self.decide(step, loss)
         window.steps += 1
         window.grad_norm = window.grad_norm + update.grad_norm
         return update
 
-    def _decide(self, step: int, loss: torch.Tensor) -> Update:
+    def decide(self, step: int, loss: torch.Tensor) -> Update:
         """Decide on the accumulated gradients (identically on every rank) and apply them masked."""
         b = self.backend
         norm = b.update_path.grad_norm()

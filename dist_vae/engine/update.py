@@ -28,6 +28,7 @@ from torch import nn
 
 from dist_vae.compat import accelerate as accelerate_compat
 from dist_vae.compat import deepspeed as deepspeed_compat
+from dist_vae.compat.torch_ops import TotalNorm
 from dist_vae.errors import BackendError
 
 
@@ -68,8 +69,8 @@ class TorchUpdate:
     ) -> None:
         self.acc, self.model, self.optimizer, self.clip, self.scaler = acc, model, optimizer, clip, scaler
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        self._grads: list[torch.Tensor] = []
         self._norm = torch.zeros(())
+        self._total_norm = TotalNorm()
         # torch's fused AdamW takes a device flag (`found_inf`) and skips the whole update with it:
         # weights, moments and step count. Other optimizers are decided on the host.
         self.syncs = not optimizer.defaults.get("fused")
@@ -84,27 +85,29 @@ class TorchUpdate:
     def grad_norm(self) -> torch.Tensor:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        self._grads = [p.grad for p in self.params if p.grad is not None]
-        self._norm = torch.nn.utils.get_total_norm(self._grads)
+        self._norm = self._total_norm([p.grad for p in self.params if p.grad is not None])
         return self._norm.float()
 
-    def apply(self) -> None:
+    def _clip(self) -> None:
+        """Scale the gradients by min(1, clip / norm): one foreach kernel. (The function takes the
+        parameters, not their gradients: given gradients it finds no `.grad` and clips nothing.)"""
         if self.clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(self._grads, self.clip, self._norm)
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.clip, self._norm, foreach=True)
+
+    def apply(self) -> None:
+        self._clip()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
-        self._grads = []
         self.optimizer.zero_grad(set_to_none=True)
 
     def step_masked(self, skip: torch.Tensor, nonfinite: torch.Tensor) -> None:
         if self.syncs:
             DeepSpeedUpdate.step_masked(self, skip, nonfinite)  # type: ignore[arg-type]
             return
-        if self.clip > 0:  # a non-finite norm makes the gradients NaN: the update is skipped anyway
-            torch.nn.utils.clip_grads_with_norm_(self._grads, self.clip, self._norm)
+        self._clip()  # a non-finite norm makes the gradients NaN: the update is skipped anyway
         self.optimizer.found_inf = skip.float()  # what GradScaler.step hands a fused optimizer
         try:
             self.optimizer.step()
@@ -112,11 +115,9 @@ class TorchUpdate:
             del self.optimizer.found_inf
         if self.scaler is not None:
             self.scaler.update()  # learns from unscale_'s own inf check: backs off, or counts a good step
-        self._grads = []
         self.optimizer.zero_grad(set_to_none=True)
 
     def discard(self, nonfinite: bool) -> None:
-        self._grads = []
         if self.scaler is not None:
             if nonfinite:
                 self.scaler.step(self.optimizer)  # sees the inf from unscale_, skips, and...

@@ -1,18 +1,18 @@
 """The gated resnet's elementwise work in few tensors and operations: its activation, dropout and
-padding as one tensor instead of five, and its gated residual sum; and a concatenation of many
-parameters whose backward is one split.
+padding as one tensor instead of five, its skip inputs' 1x1 convolution added in one matrix product,
+and its gated residual sum; and a concatenation of many parameters whose backward is one split.
 
 Written as `pad(dropout(elu(cat([*xs, *-xs]))))`, the block's input to each shifted convolution costs a
 negation, a concatenation, an ELU, a dropout product and quotient and a zero-padded copy: six
 tensors of up to twice the block's channels, each written once and read again by the next step.
-`padded_concat_elu` writes the same values once, into the padded buffer the convolution reads, and its
-backward applies the same formulas in the same order (the ELU's derivative from its input, the
-dropout's division before its mask). Values may differ in their last bits: torch's vectorised and
-scalar exp part ways by an ulp and which elements take which path depends on strides, and the two
-halves' derivatives are summed before the residual's rather than after (1e-15 relative in float64
-over a whole model). Training runs that amplify such bits diverge as they would on another machine.
-What it removes (allocations, bytes moved, kernel launches) does not depend on the device: on a GPU
-each avoided tensor is an avoided kernel launch and a round trip through memory.
+`padded_concat_elu` writes the same values once, into the padded buffer the convolution reads (the
+dropout's 1 / (1 - p) as the ELU's output scale, its mask as a fill), and its backward takes the ELU's
+derivative from that buffer, as autograd does for an in-place ELU. Values may differ in their last
+bits (summation order, the ELU's vectorised and scalar exp, the derivative from the output: 1e-15
+relative in float64 over a whole model); training runs that amplify such bits diverge as they would
+on another machine. Views are taken with one `as_strided` each: indexing dispatches a slice per
+dimension. What this removes (allocations, bytes moved, operations) does not depend on the device:
+on a GPU each avoided tensor is an avoided kernel launch and a round trip through memory.
 """
 
 from __future__ import annotations
@@ -21,69 +21,141 @@ import functools
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 
 Padding = tuple[int, int, int, int]  # (left, right, top, bottom), as F.pad takes it
+NO_PADDING: Padding = (0, 0, 0, 0)
 
 
-def _interior(buffer: torch.Tensor, padding: Padding) -> torch.Tensor:
+def _window(
+    t: torch.Tensor, start: int, channels: int, top: int = 0, left: int = 0, size=None
+) -> torch.Tensor:
+    """t[:, start : start + channels, top : top + h, left : left + w] for size (h, w) (default: t's)."""
+    h, w = size if size is not None else t.shape[2:]
+    stride = t.stride()
+    offset = t.storage_offset() + start * stride[1] + top * stride[2] + left * stride[3]
+    return t.as_strided((t.shape[0], channels, h, w), stride, offset)
+
+
+def _concat_elu(
+    xs: tuple[torch.Tensor, ...], padding: Padding, drop: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """The padded buffer of scale * elu([*xs, *-xs]), zero where `drop`."""
+    b, _, h, w = xs[0].shape
+    dtype = functools.reduce(torch.promote_types, (x.dtype for x in xs))  # as torch.cat promotes
+    channels = sum(x.shape[1] for x in xs)
     left, right, top, bottom = padding
-    return buffer[:, :, top : buffer.shape[2] - bottom, left : buffer.shape[3] - right]
+    shape = (b, 2 * channels, h + top + bottom, w + left + right)
+    # Zeros only where there is padding: every other value is written below. (torch.full: one
+    # operation fewer than torch.zeros.)
+    if any(padding):
+        buffer = torch.full(shape, 0.0, dtype=dtype, device=xs[0].device)
+    else:
+        buffer = torch.empty(shape, dtype=dtype, device=xs[0].device)
+    start = 0
+    for x in xs:
+        n = x.shape[1]
+        _window(buffer, start, n, top, left, (h, w)).copy_(x)
+        _window(buffer, channels + start, n, top, left, (h, w)).copy_(x).neg_()  # no out=: dynamo
+        start += n
+    inner = _window(buffer, 0, 2 * channels, top, left, (h, w)) if any(padding) else buffer
+    torch.ops.aten.elu_(inner, 1.0, scale, 1.0)
+    if drop is not None:
+        inner.masked_fill_(drop, 0.0)
+    return buffer
 
 
-def _elu_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """d elu(x) / dx times grad, from the input (as autograd's ELU backward computes it)."""
-    return torch.ops.aten.elu_backward(grad, 1.0, 1, 1, False, x)
+def _concat_elu_grads(
+    grad: torch.Tensor,
+    buffer: torch.Tensor,
+    padding: Padding,
+    drop: torch.Tensor | None,
+    scale: float,
+    sizes: list[int],
+    overwrite: bool = False,
+) -> list[torch.Tensor]:
+    """The gradients of `_concat_elu`'s inputs from its output's `grad` and the output itself;
+    `overwrite`: `grad` is this backward's own, and the ELU's derivative is applied in it (one
+    tensor of the buffer's size fewer at the peak)."""
+    left, right, top, bottom = padding
+    channels = buffer.shape[1] // 2
+    if any(padding):
+        size = (buffer.shape[2] - top - bottom, buffer.shape[3] - left - right)
+        grad = _window(grad, 0, 2 * channels, top, left, size)
+        buffer = _window(buffer, 0, 2 * channels, top, left, size)
+    # The ELU's derivative from its output: where dropped that is 0, and the gradient is masked after.
+    if overwrite:
+        torch.ops.aten.elu_backward.grad_input(grad, 1.0, scale, 1.0, True, buffer, grad_input=grad)
+    else:
+        grad = torch.ops.aten.elu_backward(grad, 1.0, scale, 1.0, True, buffer)
+    if drop is not None:
+        grad.masked_fill_(drop, 0.0)
+    grads, start = [], 0
+    for n in sizes:
+        grads.append(_window(grad, start, n) - _window(grad, channels + start, n))
+        start += n
+    return grads
 
 
 class _PaddedConcatElu(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, padding: Padding, keep: torch.Tensor | None, dropout: float, *xs: torch.Tensor):
-        b, _, h, w = xs[0].shape
-        dtype = functools.reduce(torch.promote_types, (x.dtype for x in xs))  # as torch.cat promotes
-        channels = sum(x.shape[1] for x in xs)
-        left, right, top, bottom = padding
-        buffer = xs[0].new_zeros(b, 2 * channels, h + top + bottom, w + left + right, dtype=dtype)
-        inner = _interior(buffer, padding)
-        start = 0
-        for x in xs:
-            inner[:, start : start + x.shape[1]].copy_(x)
-            inner[:, channels + start : channels + start + x.shape[1]].copy_(x).neg_()  # no out=: dynamo
-            start += x.shape[1]
-        F.elu(inner, inplace=True)
-        if keep is not None:
-            inner.mul_(keep).div_(1.0 - dropout)
-        ctx.padding, ctx.dropout = padding, dropout
-        ctx.save_for_backward(keep, *xs)
+    def forward(ctx, padding: Padding, drop: torch.Tensor | None, dropout: float, *xs: torch.Tensor):
+        ctx.padding, ctx.sizes = padding, [x.shape[1] for x in xs]
+        ctx.scale = 1.0 / (1.0 - dropout) if drop is not None else 1.0
+        buffer = _concat_elu(xs, padding, drop, ctx.scale)
+        ctx.save_for_backward(buffer, drop)
         return buffer
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        keep, *xs = ctx.saved_tensors
-        grad = _interior(grad, ctx.padding)
-        if keep is not None:
-            grad = grad.div(1.0 - ctx.dropout).mul(keep)
-        channels = grad.shape[1] // 2
-        grads, start = [], 0
-        for x in xs:
-            n = x.shape[1]
-            positive = _elu_grad(grad[:, start : start + n], x)
-            negative = _elu_grad(grad[:, channels + start : channels + start + n], -x)
-            grads.append(positive - negative)
-            start += n
-        return None, None, None, *grads
+        buffer, drop = ctx.saved_tensors
+        return None, None, None, *_concat_elu_grads(grad, buffer, ctx.padding, drop, ctx.scale, ctx.sizes)
 
 
 def padded_concat_elu(
     xs: tuple[torch.Tensor, ...],
-    padding: Padding = (0, 0, 0, 0),
-    keep: torch.Tensor | None = None,
+    padding: Padding = NO_PADDING,
+    drop: torch.Tensor | None = None,
     dropout: float = 0.0,
 ) -> torch.Tensor:
-    """F.pad(elu(cat([*xs, *(-x for x in xs)], 1)) * keep / (1 - dropout), padding) in one buffer.
+    """F.pad(elu(cat([*xs, *(-x for x in xs)], 1)) * ~drop / (1 - dropout), padding) in one buffer.
 
-    `keep` is the dropout mask over the unpadded output (None: no dropout)."""
-    return _PaddedConcatElu.apply(padding, keep, dropout, *xs)
+    `drop` is the dropout mask over the unpadded output, True where dropped (None: no dropout)."""
+    return _PaddedConcatElu.apply(padding, drop, dropout, *xs)
+
+
+class _SkipSum(torch.autograd.Function):
+    """h + W concat_elu(skips) per pixel: a 1x1 convolution without bias as one batched matrix
+    product that adds into h, with its backward written out (two more products). The weight [C, K,
+    1, 1] is read as the matrix [C, K] and its transpose by one view each, repeated over the batch."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, *skips: torch.Tensor):
+        buffer = _concat_elu(skips, NO_PADDING, None, 1.0)
+        (b, c, rows, cols), k = h.shape, buffer.shape[1]
+        w = weight.as_strided((b, c, k), (0, *weight.stride()[:2]))
+        out = torch.baddbmm(h.view(b, c, rows * cols), w, buffer.view(b, k, rows * cols))
+        ctx.sizes = [x.shape[1] for x in skips]
+        ctx.save_for_backward(weight, buffer)
+        return out.view(b, c, rows, cols)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, buffer = ctx.saved_tensors
+        (b, c, rows, cols), k = grad.shape, buffer.shape[1]
+        flat = grad.contiguous().view(b, c, rows * cols)
+        w_t = weight.as_strided((b, k, c), (0, *reversed(weight.stride()[:2])))
+        grad_inputs = torch.bmm(w_t, flat).view(buffer.shape)
+        inputs_t = buffer.as_strided((b, rows * cols, k), (buffer.stride(0), 1, buffer.stride(1)))
+        grad_weight = torch.bmm(flat, inputs_t)  # [b, c, k]
+        grad_weight = (grad_weight if b == 1 else grad_weight.sum(0)).view(weight.shape)
+        grads = _concat_elu_grads(grad_inputs, buffer, NO_PADDING, None, 1.0, ctx.sizes, overwrite=True)
+        return grad, grad_weight, *grads
+
+
+def skip_sum(h: torch.Tensor, weight: torch.Tensor, skips: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """h + conv2d(concat_elu(cat(skips, 1)), weight) for a 1x1 `weight` [C, 2 * skip channels, 1, 1]:
+    the convolution's bias belongs in h."""
+    return _SkipSum.apply(h, weight, *skips)
 
 
 class _GatedResidual(torch.autograd.Function):
@@ -96,10 +168,10 @@ class _GatedResidual(torch.autograd.Function):
         if cond is not None:
             h = h + cond
         half = h.shape[1] // 2
-        a, gate = h[:, :half], torch.sigmoid(h[:, half:])
+        a, gate = _window(h, 0, half), torch.sigmoid(_window(h, half, half))
         ctx.save_for_backward(a, gate)
         ctx.has_cond = cond is not None
-        return x + a * gate
+        return torch.addcmul(x, a, gate)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

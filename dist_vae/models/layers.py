@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dist_vae.models.fused_ops import gated_residual, padded_concat_elu
+from dist_vae.models.fused_ops import gated_residual, padded_concat_elu, skip_sum
 from dist_vae.models.weight_norm import Weights, WNConv2d, nin
 
 __all__ = ["WNConv2d", "nin"]  # with the blocks below, what pixelcnnpp builds from
@@ -78,12 +78,14 @@ class ShiftedConv2d(nn.Module):
     def on_concat_elu(
         self,
         x: torch.Tensor,
-        keep: torch.Tensor | None = None,
+        drop: torch.Tensor | None = None,
         dropout: float = 0.0,
         weights: Weights | None = None,
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """forward(concat_elu(x) * keep / (1 - dropout)), its input built in one padded buffer."""
-        return self.conv(padded_concat_elu((x,), self.padding, keep, dropout), weights)
+        """forward(concat_elu(x) * ~drop / (1 - dropout)), its input built in one padded buffer; `bias`
+        in place of the convolution's own."""
+        return self.conv(padded_concat_elu((x,), self.padding, drop, dropout), weights, bias)
 
     def frozen(self) -> FrozenConv:
         return FrozenConv(self.conv, top=self.padding[2], left=self.padding[0])
@@ -203,15 +205,17 @@ class GatedResnet(nn.Module):
         self,
         x: torch.Tensor,
         z: torch.Tensor | None,
-        keep: torch.Tensor | None,
+        drop: torch.Tensor | None,
         *skips: torch.Tensor,
         cond: torch.Tensor | None = None,
         weights: Weights | None = None,
     ) -> torch.Tensor:
-        h = self.conv_in.on_concat_elu(x, weights=weights)
-        if self.skip is not None:
-            h = h + self.skip(padded_concat_elu(skips), weights)
-        h = self.conv_out.on_concat_elu(h, keep, self.dropout, weights)
+        if self.skip is None:
+            h = self.conv_in.on_concat_elu(x, weights=weights)
+        else:  # the skip's 1x1 convolution adds into conv_in's output, its bias into conv_in's
+            h = self.conv_in.on_concat_elu(x, weights=weights, bias=self.conv_in.conv.bias + self.skip.bias)
+            h = skip_sum(h, self.skip.weight() if weights is None else weights[self.skip], skips)
+        h = self.conv_out.on_concat_elu(h, drop, self.dropout, weights)
         if self.cond is not None and cond is None:
             cond = self.cond(z)[:, :, None, None]
         return gated_residual(x, h, cond)
@@ -223,18 +227,22 @@ class GatedResnet(nn.Module):
         z: torch.Tensor | None = None,
         cond: torch.Tensor | None = None,
         weights: Weights | None = None,
+        threshold: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The block on x; `cond` (its latent bias [B, 2F, 1, 1]) and `weights` (its convolutions'),
         when given, are this forward's, computed by the caller for all blocks at once: the recomputation
-        under checkpointing then reuses them rather than computing them again."""
-        keep = None
+        under checkpointing then reuses them rather than computing them again. `threshold`: the
+        dropout probability as a float32 tensor, made once per forward by the caller (a Python number
+        is converted to a tensor at each comparison)."""
+        drop = None
         if self.training and self.dropout > 0:
             b, c, h, w = x.shape
-            keep = torch.rand(b, 2 * c, h, w, device=x.device) >= self.dropout
+            noise = torch.empty(b, 2 * c, h, w, device=x.device).uniform_()  # torch.rand's draws
+            drop = noise < (self.dropout if threshold is None else threshold)
         inputs = {"cond": cond, "weights": weights}
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(self._block, x, z, keep, *skips, use_reentrant=False, **inputs)
-        return self._block(x, z, keep, *skips, **inputs)
+            return checkpoint(self._block, x, z, drop, *skips, use_reentrant=False, **inputs)
+        return self._block(x, z, drop, *skips, **inputs)
 
     def frozen(self, z: torch.Tensor | None) -> FrozenGatedResnet:
         return FrozenGatedResnet(self, z)

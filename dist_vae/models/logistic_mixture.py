@@ -28,17 +28,19 @@ def num_params(nr_mix: int) -> int:
 
 
 def _unpack(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split [B, 10n, H, W] into logits [B,n,H,W] and means/log-scales/coeffs [B,3,n,H,W] (fp32)."""
+    """Split [B, 10n, H, W] into logits [B,n,H,W] and means/log-scales/coeffs [B,3,n,H,W] (fp32).
+
+    By one split and one unbind: their backward assembles the gradient in one operation each, where
+    each indexing's backward writes its part into a tensor of zeros of the whole."""
     b, c, h, w = params.shape
     if c % 10:
         raise ValueError(
             f"mixture parameters need 10 * nr_mix channels, got {c} (shape {tuple(params.shape)})"
         )
     n = c // 10
-    params = params.float()
-    rest = params[:, n:].reshape(b, 3, 3, n, h, w)
-    log_scales = rest[:, 1].clamp(min=MIN_LOG_SCALE)
-    return params[:, :n], rest[:, 0], log_scales, torch.tanh(rest[:, 2])
+    logits, rest = params.float().split([n, 9 * n], dim=1)
+    means, log_scales, coeffs = rest.reshape(b, 3, 3, n, h, w).unbind(1)
+    return logits, means, log_scales.clamp(min=MIN_LOG_SCALE), torch.tanh(coeffs)
 
 
 def _check_shapes(x: torch.Tensor, params: torch.Tensor) -> None:
@@ -53,14 +55,8 @@ def _check_shapes(x: torch.Tensor, params: torch.Tensor) -> None:
 def _component_means(means: torch.Tensor, coeffs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Per-component means [B,3,n,H,W] with green/blue shifted by the (known) red/green values."""
     red, green = x[:, 0:1], x[:, 1:2]  # [B,1,H,W] broadcast over components
-    return torch.stack(
-        [
-            means[:, 0],
-            means[:, 1] + coeffs[:, 0] * red,
-            means[:, 2] + coeffs[:, 1] * red + coeffs[:, 2] * green,
-        ],
-        dim=1,
-    )
+    (mean_r, mean_g, mean_b), (red_g, red_b, green_b) = means.unbind(1), coeffs.unbind(1)
+    return torch.stack([mean_r, mean_g + red_g * red, mean_b + red_b * red + green_b * green], dim=1)
 
 
 def pixel_log_prob(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:

@@ -70,7 +70,7 @@ class PixelCNNpp(nn.Module):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        self.n_stages, self.cond_dim = n_stages, cond_dim
+        self.n_stages, self.cond_dim, self.dropout = n_stages, cond_dim, dropout
         f = nr_filters
 
         def block(conv: type[nn.Module], n_skip: int) -> GatedResnet:
@@ -128,16 +128,18 @@ class PixelCNNpp(nn.Module):
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """The mixture parameters; each layer's weights and latent bias are computed for all layers at
-        once first (`normalized_weights`, `_conds`): a few operations instead of a few per layer."""
+        once first (`normalized_weights`, `_conds`): a few operations instead of a few per layer; so is
+        the dropout threshold the blocks compare their noise with."""
         self._check(x, z)
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         weights = normalized_weights(m for m in self.modules() if isinstance(m, WNConv2d))
         conds = self._conds(z)
+        threshold = torch.full((), self.dropout, device=x.device) if self.training and self.dropout else None
         outputs: list[torch.Tensor | None] = []
         for index, layer in enumerate(self.schedule):
             source = x if layer.source == IMAGE else outputs[layer.source]
             skips = tuple(outputs[s] for s in layer.skips)
-            outputs.append(_apply(layer, source, skips, z, weights, conds))
+            outputs.append(_apply(layer, source, skips, z, (weights, conds, threshold)))
             for done in self._released[index]:  # no later layer reads it: free it now
                 outputs[done] = None
         return self.out(F.elu(outputs[-1]), weights)
@@ -189,10 +191,10 @@ def _apply(
     x: torch.Tensor,
     skips: tuple[torch.Tensor, ...],
     z: torch.Tensor | None,
-    weights: Weights,
-    conds: dict[nn.Module, torch.Tensor],
+    shared: tuple[Weights, dict[nn.Module, torch.Tensor], torch.Tensor | None],
 ) -> torch.Tensor:
-    """A layer on whole maps, with this forward's weights and latent biases."""
+    """A layer on whole maps, with this forward's weights, latent biases and dropout threshold."""
+    weights, conds, threshold = shared
     if layer.kind == "init_u":
         return down_shift(layer.modules[0](x, weights))
     if layer.kind == "init_ul":
@@ -200,5 +202,5 @@ def _apply(
         return down_shift(up(x, weights)) + right_shift(left(x, weights))
     if layer.kind == "block":
         block = layer.modules[0]
-        return block(x, skips, z=z, cond=conds.get(block), weights=weights)
+        return block(x, skips, z=z, cond=conds.get(block), weights=weights, threshold=threshold)
     return layer.modules[0](x, weights)

@@ -12,10 +12,16 @@ forward of `model(x, step)` and one backward of its total loss, after a warm-up 
 whose name starts with "aten::", top-level and nested (`conv2d` -> `convolution` -> `_convolution` ->
 the backend's kernel counts as four), the forward recomputed by gradient checkpointing included. The
 nested ops are the backend's (here the CPU's): the count is comparable between trees on one machine
-kind, not across them. `convs`: `aten::convolution` plus `aten::convolution_backward` calls.
-`traced`: the operations torch.compile would trace (dispatched below autograd, on fake tensors, no
-nesting, no recomputation; `dist_vae.step_time.flops_and_operations`). `--optimizer` adds torch's fused
-AdamW step and zero_grad, counted apart (on the CPU its kernel runs per parameter).
+kind, not across them. One exception: a multi-tensor operation (`aten::_foreach_*`, `aten::_fused_*`:
+the update's norm, clipping, AdamW and EMA) counts once, without what it calls. On the CPU those
+kernels loop over the tensors and dispatch per-tensor operations (the fused AdamW about eight per
+parameter); on a GPU the host dispatches the operation once and it launches one multi-tensor kernel
+per chunk of tensors. `events` counts them too. `convs`: `aten::convolution` plus
+`aten::convolution_backward` calls. `traced`: the operations torch.compile would trace (dispatched
+below autograd, on fake tensors, no nesting, no recomputation;
+`dist_vae.step_time.flops_and_operations`). `--optimizer` adds the trainer's update after the
+backward, counted apart: the engine's own `UpdateStep.decide` on the backend `build_backend` makes
+(fp32, one process): gradient norm, skip decision, clipping, masked fused AdamW, EMA, zero_grad.
 
 Attribution: every module whose path has at most --depth names (indices collapsed to `*`) opens a
 profiler scope around its forward; a forward op belongs to its innermost scope, and a backward op to
@@ -47,6 +53,9 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from dist_vae.config import load_config
+from dist_vae.engine.backend import build_backend
+from dist_vae.engine.step import UpdateStep, make_gate
+from dist_vae.engine.stops import PreemptionFlag
 from dist_vae.models import build_model
 from dist_vae.step_time import flops_and_operations
 
@@ -62,6 +71,7 @@ CONFIGS = [
 WIDTH_FIELDS = ("channels", "nr_filters", "encoder_channels", "critic_hidden")
 SCOPE = "scope:"
 NODE = "autograd::engine::evaluate_function: "
+MULTI_TENSOR = ("aten::_foreach_", "aten::_fused_")  # counted once, without their per-tensor calls
 
 
 def scope_label(path: str, depth: int) -> str | None:
@@ -135,22 +145,40 @@ def step_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return step
 
 
+def counted(event) -> bool:
+    """Whether an aten event counts: not nested inside a multi-tensor operation (the docstring)."""
+    if not event.name.startswith("aten::"):
+        return False
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith(MULTI_TENSOR):
+            return False
+        parent = parent.cpu_parent
+    return True
+
+
 def count(step: Callable[[], None], model: nn.Module, depth: int | None, extra=None) -> dict:
-    """Profile one call of `step` (after a warm-up call): aten ops, convolutions, per-scope counts."""
+    """Profile one call of `step` and `extra` (after a warm-up call of `step`): aten ops, all aten
+    events, convolutions, per-scope counts (`extra`'s under "(update)")."""
     step()
     model.zero_grad(set_to_none=True)
     scopes = scoped(model, depth) if depth is not None else contextlib.nullcontext()
     with scopes, profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
         step()
         if extra is not None:
-            with record_function(SCOPE + "(optimizer)"):
+            with record_function(SCOPE + "(update)"):
                 extra()
     events = prof.events()
-    names = collections.Counter(e.name for e in events if e.name.startswith("aten::"))
+    ops = [e for e in events if counted(e)]
+    names = collections.Counter(e.name for e in ops)
+    scoped_events = attribute(events) if depth is not None else None
+    extra_events = scoped_events.get("(update)", 0) if scoped_events is not None else 0
     return {
-        "ops": sum(names.values()),
+        "ops": len(ops),
+        "events": sum(1 for e in events if e.name.startswith("aten::")),
+        "extra_events": extra_events,
         "convs": names["aten::convolution"] + names["aten::convolution_backward"],
-        "scopes": attribute(events) if depth is not None else None,
+        "scopes": attribute(ops) if depth is not None else None,
         "names": names,
     }
 
@@ -185,31 +213,51 @@ def host_floor(args: argparse.Namespace, config: str, resolution: int, ckpt: str
     return min(times), ops
 
 
+def trainer_update(config: str, overrides: list[str], res: int, checkpointing: bool, x: torch.Tensor):
+    """The model as the trainer builds it, a step (forward, the update path's backward) and the
+    trainer's update after it (UpdateStep.decide), fp32 in one process."""
+    path = ROOT / config if not Path(config).is_file() else config
+    extra = [
+        f"data.resolution={res}",
+        f"train.gradient_checkpointing={checkpointing}",
+        "train.precision=fp32",
+    ]
+    cfg = load_config(path, overrides + extra)
+    backend = build_backend(cfg, 1, 1.0)
+    updater = UpdateStep(cfg.train, cfg.seed, backend, make_gate(cfg.train), PreemptionFlag())
+    losses: list[torch.Tensor] = []
+
+    def step() -> None:
+        total = backend.model(x, step=1000).total()
+        backend.update_path.backward(total)
+        losses.append(total.detach())
+
+    def update() -> None:
+        updater.decide(1000, losses.pop())
+
+    step()  # the optimizer's state exists before the counted step
+    update()
+    return backend.raw_model, step, update
+
+
 def measure(args: argparse.Namespace, config: str) -> tuple:
     """Count (and print the attribution of) one config's step; its host floor unless --no-floor."""
     cfg, res, checkpointing, model = model_for(config, args.overrides, args.resolution, args.checkpointing)
-    step = step_fn(model, batch_of(args.batch, res))
-    update = None
+    x = batch_of(args.batch, res)
+    step, update = step_fn(model, x), None
     if args.optimizer:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-
-        def update() -> None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        step()  # the optimizer's state exists before the counted step
-        update()
+        del model
+        model, step, update = trainer_update(config, args.overrides, res, checkpointing, x)
     result = count(step, model, args.depth, update)
     traced = flops_and_operations(model, res)[1]
     floor = (None, None) if args.no_floor else host_floor(args, config, args.resolution, args.checkpointing)
-    opt_ops = result["scopes"].get("(optimizer)", 0)
     ckpt = "on" if checkpointing else "off"
     print(f"{config}: {cfg.model.kind}, {res} px, batch {args.batch}, checkpointing {ckpt}")
     for label, n in result["scopes"].most_common(args.top):
         print(f"    {n:8,d}  {label}")
     for name, n in result["names"].most_common(args.names):
         print(f"    {n:8,d}  {name}")
-    return (config, cfg.model.kind, res, checkpointing, result, traced, opt_ops, *floor)
+    return (config, cfg.model.kind, res, checkpointing, result, traced, *floor)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -218,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resolution", type=int, default=None, help="default: data.resolution")
     parser.add_argument("--batch", type=int, default=1, help="images per counted step (default 1)")
     parser.add_argument("--checkpointing", choices=("config", "on", "off"), default="config")
-    parser.add_argument("--optimizer", action="store_true", help="also count a fused AdamW step")
+    parser.add_argument("--optimizer", action="store_true", help="also count the trainer's update")
     parser.add_argument("--depth", type=int, default=2, help="module path names per attribution scope")
     parser.add_argument("--top", type=int, default=8, help="scopes listed per config")
     parser.add_argument("--names", type=int, default=0, help="also list the N most frequent op names")
@@ -232,12 +280,13 @@ def main(argv: list[str] | None = None) -> None:
     rows = [measure(args, config) for config in args.configs]
     print()
     header = f"{'config':26s} {'kind':14s} {'px':>4s} {'ckpt':>4s} {'aten ops':>9s} {'convs':>7s}"
-    header += f" {'traced':>7s} {'optim':>6s} {'floor s':>8s} {'us/op':>6s}"
+    header += f" {'traced':>7s} {'update':>6s} {'events':>7s} {'floor s':>8s} {'us/op':>6s}"
     print(header)
-    for config, kind, res, ckpt, result, traced, opt_ops, floor, floor_ops in rows:
-        ops = result["ops"] - opt_ops
-        line = f"{Path(config).name:26s} {kind:14s} {res:4d} {'on' if ckpt else 'off':>4s} {ops:9,d} "
-        line += f"{result['convs']:7,d} {traced:7,d} {opt_ops:6,d}"
+    for config, kind, res, ckpt, result, traced, floor, floor_ops in rows:
+        update = result["scopes"].get("(update)", 0)
+        line = f"{Path(config).name:26s} {kind:14s} {res:4d} {'on' if ckpt else 'off':>4s} "
+        line += f"{result['ops'] - update:9,d} {result['convs']:7,d} {traced:7,d} {update:6,d}"
+        line += f" {result['extra_events']:7,d}"
         if floor is not None:
             line += f" {floor:8.3f} {1e6 * floor / floor_ops:6.1f}"
         print(line)
