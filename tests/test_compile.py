@@ -109,3 +109,18 @@ def test_iterative_vae_compiles_one_graph_for_the_first_step_and_one_for_the_res
     model.compile(backend=counter)
     model(images(2), step=0).total().backward()
     assert counter.frame_count == 2
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_the_pixel_vae_compiles_to_one_graph_without_breaks_or_recompiles(checkpointing: bool) -> None:
+    """A graph break (an op dynamo cannot trace, in a fused block) splits the model into hundreds of
+    frames that hit the recompile limit and run eager: the loss still agrees, so only this sees it."""
+    cfg = load_config(None, [*TINY["pixel_vae"], "model.dropout=0.5"]).model
+    model = build_model(cfg, RESOLUTION, gradient_checkpointing=checkpointing).train()
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    model.compile(backend=counter)
+    for _ in range(2):
+        model(images(2), step=3).total().backward()
+    assert counter.frame_count == 1

@@ -31,6 +31,8 @@ def _window(
 ) -> torch.Tensor:
     """t[:, start : start + channels, top : top + h, left : left + w] for size (h, w) (default: t's)."""
     h, w = size if size is not None else t.shape[2:]
+    if torch.compiler.is_compiling():  # dynamo cannot trace storage_offset; compiled views cost nothing
+        return t[:, start : start + channels, top : top + h, left : left + w]
     stride = t.stride()
     offset = t.storage_offset() + start * stride[1] + top * stride[2] + left * stride[3]
     return t.as_strided((t.shape[0], channels, h, w), stride, offset)
@@ -143,9 +145,12 @@ class _SkipSum(torch.autograd.Function):
         weight, buffer = ctx.saved_tensors
         (b, c, rows, cols), k = grad.shape, buffer.shape[1]
         flat = grad.contiguous().view(b, c, rows * cols)
+        # Under autocast the forward's products ran in the gradient's dtype, not in the saved tensors'.
+        weight = weight.to(grad.dtype)
         w_t = weight.as_strided((b, k, c), (0, *reversed(weight.stride()[:2])))
         grad_inputs = torch.bmm(w_t, flat).view(buffer.shape)
-        inputs_t = buffer.as_strided((b, rows * cols, k), (buffer.stride(0), 1, buffer.stride(1)))
+        inputs = buffer.to(grad.dtype)
+        inputs_t = inputs.as_strided((b, rows * cols, k), (inputs.stride(0), 1, inputs.stride(1)))
         grad_weight = torch.bmm(flat, inputs_t)  # [b, c, k]
         grad_weight = (grad_weight if b == 1 else grad_weight.sum(0)).view(weight.shape)
         grads = _concat_elu_grads(grad_inputs, buffer, NO_PADDING, None, 1.0, ctx.sizes, overwrite=True)
