@@ -12,7 +12,10 @@ bits (summation order, the ELU's vectorised and scalar exp, the derivative from 
 relative in float64 over a whole model); training runs that amplify such bits diverge as they would
 on another machine. Views are taken with one `as_strided` each: indexing dispatches a slice per
 dimension. What this removes (allocations, bytes moved, operations) does not depend on the device:
-on a GPU each avoided tensor is an avoided kernel launch and a round trip through memory.
+on a GPU each avoided tensor is an avoided kernel launch and a round trip through memory. Under
+torch.compile each function is its plain formulation instead: inductor fuses that and derives its
+backward itself, where this module's writes into windows of a buffer would be traced as a copy of the
+whole buffer each.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import functools
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 
 Padding = tuple[int, int, int, int]  # (left, right, top, bottom), as F.pad takes it
 NO_PADDING: Padding = (0, 0, 0, 0)
@@ -31,8 +35,6 @@ def _window(
 ) -> torch.Tensor:
     """t[:, start : start + channels, top : top + h, left : left + w] for size (h, w) (default: t's)."""
     h, w = size if size is not None else t.shape[2:]
-    if torch.compiler.is_compiling():  # dynamo cannot trace storage_offset; compiled views cost nothing
-        return t[:, start : start + channels, top : top + h, left : left + w]
     stride = t.stride()
     offset = t.storage_offset() + start * stride[1] + top * stride[2] + left * stride[3]
     return t.as_strided((t.shape[0], channels, h, w), stride, offset)
@@ -98,6 +100,16 @@ def _concat_elu_grads(
     return grads
 
 
+def _plain_concat_elu(
+    xs: tuple[torch.Tensor, ...], padding: Padding, drop: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """`_concat_elu` as separate operations, for torch.compile: inductor fuses them into one kernel
+    itself, while the buffer writes of the eager version become a copy of the buffer each
+    (slice_scatter) in a traced graph, and its views (storage_offset) break the graph."""
+    y = F.elu(torch.cat([*xs, *(-x for x in xs)], 1)) * scale
+    return F.pad(y if drop is None else y.masked_fill(drop, 0.0), padding)
+
+
 class _PaddedConcatElu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, padding: Padding, drop: torch.Tensor | None, dropout: float, *xs: torch.Tensor):
@@ -122,6 +134,8 @@ def padded_concat_elu(
     """F.pad(elu(cat([*xs, *(-x for x in xs)], 1)) * ~drop / (1 - dropout), padding) in one buffer.
 
     `drop` is the dropout mask over the unpadded output, True where dropped (None: no dropout)."""
+    if torch.compiler.is_compiling():
+        return _plain_concat_elu(xs, padding, drop, 1.0 / (1.0 - dropout) if drop is not None else 1.0)
     return _PaddedConcatElu.apply(padding, drop, dropout, *xs)
 
 
@@ -160,6 +174,8 @@ class _SkipSum(torch.autograd.Function):
 def skip_sum(h: torch.Tensor, weight: torch.Tensor, skips: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """h + conv2d(concat_elu(cat(skips, 1)), weight) for a 1x1 `weight` [C, 2 * skip channels, 1, 1]:
     the convolution's bias belongs in h."""
+    if torch.compiler.is_compiling():
+        return h + F.conv2d(_plain_concat_elu(skips, NO_PADDING, None, 1.0), weight)
     return _SkipSum.apply(h, weight, *skips)
 
 
@@ -189,6 +205,9 @@ class _GatedResidual(torch.autograd.Function):
 
 def gated_residual(x: torch.Tensor, h: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
     """x + a * sigmoid(b) for [a, b] = h + cond along channels (cond [B, C, 1, 1] or None)."""
+    if torch.compiler.is_compiling():  # inductor fuses the plain expression and derives its backward
+        a, b = (h if cond is None else h + cond).chunk(2, 1)
+        return torch.addcmul(x, a, torch.sigmoid(b))
     return _GatedResidual.apply(x, h, cond)
 
 
@@ -208,4 +227,6 @@ class _Concat(torch.autograd.Function):
 
 def concat(tensors: Iterable[torch.Tensor], dim: int = 0) -> torch.Tensor:
     """torch.cat(tensors, dim), for many parameters concatenated once per forward (see `_Concat`)."""
+    if torch.compiler.is_compiling():
+        return torch.cat(list(tensors), dim)
     return _Concat.apply(dim, *tensors)
