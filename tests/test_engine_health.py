@@ -86,6 +86,7 @@ def train(shards: Path, run_dir: Path, reg: str) -> tuple[subprocess.CompletedPr
     return proc, events
 
 
+@pytest.mark.slow
 def test_an_elbo_run_whose_code_collapses_warns_once_and_a_run_without_the_kl_does_not(
     collapse_shards: Path, tmp_path: Path
 ) -> None:

@@ -35,6 +35,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_training_halves_the_probe_frechet_distance_of_samples(shards: Path, tmp_path: Path) -> None:
     run(
         "dist_vae/train.py", "--config", "configs/demo_scenes.yaml", f"run_dir={tmp_path}",
