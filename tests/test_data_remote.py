@@ -225,13 +225,15 @@ def test_a_store_down_mid_stream_reaches_the_main_process_as_unreachable(
     """From a DataLoader worker (forked after the backoff was shortened here), as its own type: the
     trainer checkpoints and exits 6 on it, where another DataError is a refusal."""
     monkeypatch.setattr(storage, "BACKOFF_S", 0.001)
-    stream = iter(ShardStream(cfg(URL, tmp_path / "cache", remote_retries=2), seed=3, batch_size=5))
+    # A cache of three shards: read-ahead cannot have the whole split before the store goes down.
+    data = cfg(URL, tmp_path / "cache", remote_retries=2, cache_bytes=3 * largest(local_shards))
+    stream = iter(ShardStream(data, seed=3, batch_size=5))
     next(stream)
     proxy.down = True
     with pytest.raises(
         StoreUnreachable, match=r"^s3://shards/set/\S+: object store unreachable after 2 retries"
     ):
-        for _ in range(20):  # two epochs: every worker needs a shard it has not opened yet
+        for _ in range(20):  # two epochs: the shards evicted meanwhile are needed again
             next(stream)
     assert proxy.refused > 0
 
