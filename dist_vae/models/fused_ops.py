@@ -112,10 +112,9 @@ def _plain_concat_elu(
 
 class _PaddedConcatElu(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, padding: Padding, drop: torch.Tensor | None, dropout: float, *xs: torch.Tensor):
-        ctx.padding, ctx.sizes = padding, [x.shape[1] for x in xs]
-        ctx.scale = 1.0 / (1.0 - dropout) if drop is not None else 1.0
-        buffer = _concat_elu(xs, padding, drop, ctx.scale)
+    def forward(ctx, padding: Padding, drop: torch.Tensor | None, scale: float, *xs: torch.Tensor):
+        ctx.padding, ctx.sizes, ctx.scale = padding, [x.shape[1] for x in xs], scale
+        buffer = _concat_elu(xs, padding, drop, scale)
         ctx.save_for_backward(buffer, drop)
         return buffer
 
@@ -134,9 +133,10 @@ def padded_concat_elu(
     """F.pad(elu(cat([*xs, *(-x for x in xs)], 1)) * ~drop / (1 - dropout), padding) in one buffer.
 
     `drop` is the dropout mask over the unpadded output, True where dropped (None: no dropout)."""
+    scale = 1.0 / (1.0 - dropout) if drop is not None else 1.0
     if torch.compiler.is_compiling():
-        return _plain_concat_elu(xs, padding, drop, 1.0 / (1.0 - dropout) if drop is not None else 1.0)
-    return _PaddedConcatElu.apply(padding, drop, dropout, *xs)
+        return _plain_concat_elu(xs, padding, drop, scale)
+    return _PaddedConcatElu.apply(padding, drop, scale, *xs)
 
 
 class _SkipSum(torch.autograd.Function):
