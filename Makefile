@@ -17,7 +17,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -qq -U pip
 	$(BIN)/python -m pip install -qq "$(TORCH)"
 	$(BIN)/python -m pip install -qq -e ".[dev,deepspeed,metrics,wandb,mlflow]"
+	TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions $(BIN)/python -c "$(DEEPSPEED_OP)" > /dev/null 2>&1 \
+	  || echo "note: DeepSpeed's CPU op was not built now: DeepSpeed builds it at its first launch"
 	touch $@
+
+# On a machine without a GPU DeepSpeed compiles its CPU shared-memory op (g++, about a minute) the
+# first time it starts: built here once, through DeepSpeed's own call, into the environment's
+# extension directory, which tests/conftest.py hands to every process the tests launch.
+DEEPSPEED_OP = from deepspeed.comm.torch import build_shm_op; build_shm_op()
 
 # Procedural bedrooms (16 px), their factor probe (trained once, cached beside the shards), a small
 # iterative VAE, then the report: the sample grid's path, FID and the probe's scores against val.

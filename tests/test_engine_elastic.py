@@ -1,5 +1,5 @@
 """A run continues on another number of processes: a 2-process run stopped at step 4 is
-finished on 1 and on 3 processes under both train.resize policies (DDP; DeepSpeed ZeRO-2 2 -> 1),
+finished on 1 and on 3 processes under both train.resize policies (DDP; DeepSpeed ZeRO-2 2 -> 2 -> 1),
 with the step count, the data position, the LR schedule and the global batch (or the scaled LR) as
 promised; resuming on the same new world size twice gives identical checkpoints."""
 
@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dist_vae.checkpoint import STATE_FILE
@@ -109,12 +110,22 @@ def test_two_to_one_with_scale_lr_halves_the_lr(stopped: Path, demo_shards: Path
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_two_to_one_keeps_the_global_batch(demo_shards: Path, tmp_path: Path) -> None:
-    """ZeRO-2's partitioned optimizer state, written by 2 ranks, continues on 1 with accumulation 2."""
-    run_dir = tmp_path / "run"
-    check(run(launch("deepspeed_zero2.yaml", 2, run_dir, demo_shards, f"train.steps={K}"), timeout=300))
-    cmd = launch("deepspeed_zero2.yaml", 1, run_dir, demo_shards, f"train.steps={STEPS}")
-    proc = run(cmd, timeout=300)
+def test_deepspeed_zero2_resumes_on_two_then_continues_on_one(demo_shards: Path, tmp_path: Path) -> None:
+    """ZeRO-2 on 2 ranks stops at step 2 and resumes to K (only the missing updates run, DeepSpeed's
+    own counters kept); its partitioned optimizer state then continues on 1 with accumulation 2."""
+    run_dir, record = tmp_path / "run", tmp_path / "inputs"
+    record.mkdir()
+    check(run(launch("deepspeed_zero2.yaml", 2, run_dir, demo_shards, "train.steps=2"), timeout=300))
+    first = checkpoint_contents(RunDir(run_dir).checkpoint(2))
+    assert first["state.json"]["engine"]["global_steps"] == 2
+    cmd = launch("deepspeed_zero2.yaml", 2, run_dir, demo_shards, f"train.steps={K}")
+    check(run(cmd, timeout=300, HARNESS_RECORD=str(record)))
+    assert [len((record / f"rank-{rank}.txt").read_text().split()) for rank in (0, 1)] == [K - 2, K - 2]
+    resumed = checkpoint_contents(RunDir(run_dir).checkpoint(K))
+    assert resumed["state.json"]["engine"]["global_steps"] == K
+    before, after = first["model.safetensors"], resumed["model.safetensors"]
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    proc = run(launch("deepspeed_zero2.yaml", 1, run_dir, demo_shards, f"train.steps={STEPS}"), timeout=300)
     check(proc)
     assert (
         "world size 2 -> 1: keep_global_batch, global batch 12 = 1 x 6 x 2 (accumulate 1 -> 2)" in proc.stderr
