@@ -83,17 +83,13 @@ def _unreachable_at_start(run_dir: str, error: Exception) -> int:
     """The object store failed past its retries during start-up (the manifest): one line and the
     requeue marker that cluster/launch.sh reads (a multi-process launcher replaces the exit code)."""
     from dist_vae.checkpoint import complete_checkpoints
-    from dist_vae.engine.stops import UNREACHABLE, write_requeue_marker
+    from dist_vae.engine.stops import store_unreachable_line
 
     run = RunDir(run_dir)
     saved = complete_checkpoints(run.root)
     step = saved[-1][0] if saved else 0
-    write_requeue_marker(run, step, UNREACHABLE)
-    print(
-        f"error: {error}; nothing trained (newest checkpoint: step {step}); exit "
-        f"{int(ExitCode.STORE_UNREACHABLE)}: run the same command again once the store answers",
-        file=sys.stderr,
-    )
+    progress = f"nothing trained (newest checkpoint: step {step})"
+    print(store_unreachable_line(run, step, error, progress), file=sys.stderr)
     return ExitCode.STORE_UNREACHABLE
 
 

@@ -181,6 +181,16 @@ def write_requeue_marker(run: RunDir, step: int, reason: str) -> None:
     write_marker(run, "requeue", f"step {step}\nreason {reason}\n", stale=("done", "diverged"))
 
 
+def store_unreachable_line(run: RunDir, step: int, error: Exception, progress: str) -> str:
+    """Leave the requeue marker (reason UNREACHABLE) and return the one line that ends the run with
+    exit 6, mid-run or at start-up alike; `progress` says what was kept."""
+    write_requeue_marker(run, step, UNREACHABLE)
+    return (
+        f"error: {error}; {progress}; exit {int(ExitCode.STORE_UNREACHABLE)}: run the same command again "
+        "once the store answers (cluster/launch.sh requeues the job after STORE_RETRY_DELAY seconds)"
+    )
+
+
 def write_done_marker(run: RunDir, step: int) -> None:
     """Tell the cluster script (and a later `resume=auto`) that the run reached train.steps."""
     write_marker(run, "done", f"step {step}\n", stale=("requeue", "diverged"))

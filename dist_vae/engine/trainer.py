@@ -40,11 +40,10 @@ from dist_vae.engine.step import UpdateStep, make_gate
 from dist_vae.engine.stops import (
     INTERRUPT,
     LEASE_LOST,
-    UNREACHABLE,
     PreemptionFlag,
     RunOwner,
     Watchdog,
-    write_requeue_marker,
+    store_unreachable_line,
 )
 from dist_vae.errors import ConfigError, DistVaeError, ExitCode
 from dist_vae.metrics.during_training import check_fid_ready
@@ -206,13 +205,9 @@ class Trainer:
             if step > self.checkpoints.saved:
                 self.checkpoints.save(step)
         if acc.is_main_process:
-            write_requeue_marker(self.run, step, UNREACHABLE)
             saved = f"checkpoint {self.run.checkpoint(step)}" if step else "nothing trained yet"
-            self.logger.line(
-                f"error: {error}; stopped at step {step} ({saved}); exit {int(ExitCode.STORE_UNREACHABLE)}: "
-                "run the same command again once the store answers (cluster/launch.sh requeues the job "
-                "after STORE_RETRY_DELAY seconds)"
-            )
+            progress = f"stopped at step {step} ({saved})"
+            self.logger.line(store_unreachable_line(self.run, step, error, progress))
         elif not isinstance(error, PeerUnreachable):  # rank 0 names only its own or a peer's failure
             print(f"error: rank {acc.process_index}: {error}", file=sys.stderr)
         acc.wait_for_everyone()  # no rank exits before the marker exists (see Checkpointer.requeue)
