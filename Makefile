@@ -36,7 +36,7 @@ demo: env
 
 # Two pytest workers, one per core; a file's tests stay on one worker (they share module fixtures).
 test: env
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=25 -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=25 -n 2 --dist loadfile --no-loadscope-reorder
 
 # Each ratio next to its target, measured side by side in one run (docs/performance.md).
 bench: env

@@ -21,6 +21,15 @@ if sys.prefix != sys.base_prefix:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with slow tests first (a stable sort: each file's own order stays). Under `--dist
+    loadfile --no-loadscope-reorder` pytest-xdist hands a worker the next whole file in this order
+    whenever it is down to 2 tests, so short files fill the end and no long one starts last while
+    the other worker idles (its default order, by number of tests, put the long one-test files last)."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
+
+
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Directory of 32 px demo shards: 96 images, a fifth of them in val, 16 per shard."""
