@@ -34,7 +34,8 @@ demo: env
 	$(BIN)/python dist_vae/train.py --config configs/demo_scenes.yaml run_dir=$(RUN_DIR) data.path=$(SCENES)
 	$(BIN)/python tools/demo_report.py $(RUN_DIR) --fid 100 --scale 6
 
-# Two pytest workers, one per core; a file's tests stay on one worker (they share module fixtures).
+# Two pytest workers, one per core; a file's tests stay on one worker (they share module fixtures),
+# and files are handed out in tests/conftest.py's order (the slow ones first).
 test: env
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=25 -n 2 --dist loadfile --no-loadscope-reorder
 
