@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.data_fixtures import make_demo_shards
+from tests.remote_fixtures import BUCKET, FaultyProxy, create_bucket, moto_server, s3_env
 from tests.slurm_local import SLURM_PACKAGES, LocalSlurm, ensure_commands
 
 # DeepSpeed builds its CPU shared-memory op on first use (about a minute of g++) into one directory per
@@ -45,3 +46,21 @@ def slurm() -> Iterator[LocalSlurm]:
         pytest.skip(missing)
     with LocalSlurm(nodes=2) as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[int]:
+    """moto's S3 server on 127.0.0.1 with the bucket BUCKET, one per test module; its port."""
+    with moto_server() as port:
+        create_bucket(port, BUCKET)
+        yield port
+
+
+@pytest.fixture
+def proxy(server: int, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultyProxy]:
+    """A proxy failing about 10% of the requests; the environment points the client at it."""
+    p = FaultyProxy(server, rate=0.1, seed=1)
+    for key, value in s3_env(p.url).items():
+        monkeypatch.setenv(key, value)
+    yield p
+    p.close()

@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+BUCKET = "shards"  # the bucket the `server` fixture (tests/conftest.py) creates
 SLOW_DOWN = (
     b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
     b"Content-Length: 89\r\n\r\n"

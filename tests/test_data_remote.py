@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
-import sys
 import threading
 import time
 from itertools import islice
@@ -24,17 +22,10 @@ from dist_vae.data.shards import ShardSettings, build_shards
 from dist_vae.data.storage import RemoteError, Store, StoreUnreachable
 from dist_vae.data.stream import DataError, ShardStream, local_root, manifest_sha256, read_manifest
 from tests.data_fixtures import id_images
-from tests.remote_fixtures import FaultyProxy, create_bucket, moto_server, s3_env, sampled_sizes, upload_dir
+from tests.remote_fixtures import BUCKET, FaultyProxy, s3_env, sampled_sizes, upload_dir
 
-BUCKET, URL = "shards", "s3://shards/set"
+URL = f"s3://{BUCKET}/set"
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def server() -> object:
-    with moto_server() as port:
-        create_bucket(port, BUCKET)
-        yield port
 
 
 @pytest.fixture(scope="module")
@@ -47,16 +38,6 @@ def local_shards(tmp_path_factory: pytest.TempPathFactory, server: int) -> Path:
     build_shards(settings, root / "shards", progress=False)
     upload_dir(server, root / "shards", URL)
     return root / "shards"
-
-
-@pytest.fixture
-def proxy(server: int, monkeypatch: pytest.MonkeyPatch) -> object:
-    """A proxy failing about 10% of the requests; the environment points the client at it."""
-    p = FaultyProxy(server, rate=0.1, seed=1)
-    for key, value in s3_env(p.url).items():
-        monkeypatch.setenv(key, value)
-    yield p
-    p.close()
 
 
 def cfg(path: str | Path, cache: Path, **kw: object) -> DataConfig:
@@ -248,37 +229,6 @@ def test_no_client_is_inherited_across_fork(server: int, monkeypatch: pytest.Mon
         os._exit(0 if store.read("a") == b"x" else 1)
     assert os.waitpid(pid, 0)[1] == 0
     assert dataclasses.replace(store).read("a") == b"x"
-
-
-@pytest.mark.slow
-def test_make_shards_to_s3_uploads_the_local_build_and_a_rerun_finishes_it(
-    server: int, proxy: FaultyProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    args = ("--source", "demo:40", "--resolution", "16", "--val-fraction", "0.2", "--workers", "1",
-            "--no-progress", "--shard-size", "8")  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(ROOT / "tools" / "make_shards.py"), *args]
-    url = "s3://shards/built"
-    local = tmp_path / "stage"  # the local build the upload must equal, file for file
-    made = [*cmd, "--out", url, "--stage", str(local)]
-    proc = subprocess.run(made, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    for key, value in s3_env(f"http://127.0.0.1:{server}").items():
-        monkeypatch.setenv(key, value)  # checks straight at the server
-    store = Store(url)
-    files = sorted(p.name for p in local.iterdir() if p.is_file() and not p.name.startswith("."))
-    assert "manifest.json" in files and any(n.endswith(".idx.json") for n in files), files
-
-    def remote(name: str) -> bytes:
-        return store.read(name)
-
-    assert all(remote(n) == (local / n).read_bytes() for n in files)
-    # An upload cut short (the manifest and a shard never arrived): the same command finishes it.
-    for name in ("manifest.json", files[0]):
-        store.delete(name)
-    proc = subprocess.run(made, env={**env, **s3_env(proxy.url)}, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert all(remote(n) == (local / n).read_bytes() for n in files)
 
 
 def test_three_parts_on_their_own_stages_and_the_finish_upload_what_one_process_builds(

@@ -133,3 +133,17 @@ def test_data_imports_of_dist_vae_only_leaf_utilities_adapters_and_itself(path: 
             assert any(module == m or module.startswith(m + ".") for m in DATA_MAY_IMPORT), (
                 f"{path.relative_to(ROOT)} imports {module}; data/ may import only {DATA_MAY_IMPORT}"
             )
+
+
+MAX_LINES = 300
+
+
+def test_no_source_file_is_over_the_line_limit() -> None:
+    """A module past 300 lines holds more than one job: split it by concern."""
+    long = [
+        f"{path.relative_to(ROOT)}: {n} lines"
+        for folder in ("dist_vae", "tools", "tests")
+        for path in files(folder)
+        if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES
+    ]
+    assert not long, f"over {MAX_LINES} lines:\n" + "\n".join(long)

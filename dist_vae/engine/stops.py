@@ -20,26 +20,22 @@ holder, a gone holder's lease is taken over with one line, and a trainer whose l
 over (it looked gone) stops at its next step boundary without writing more (exit 2).
 
 Hangs: a daemon thread waits on a monotonic deadline that the trainer moves forward at each step
-boundary (`between_steps`). Waiting needs no help from the main thread, so a rank stuck in C code (a
-gloo or NCCL collective, a sleep, a DataLoader wait) is still caught. On expiry the rank writes the
-Python stacks of all its threads (faulthandler) to `RUN_DIR/hang/rank-R.txt`, prints one line and
-leaves with `ExitCode.HANG` through `os._exit` (the main thread cannot be asked to unwind). Checkpoints
-are written atomically, so a rank dying in a save leaves only a temporary that the next start removes;
-DataLoader workers die with it (PR_SET_PDEATHSIG, data/workers.py).
-
-Every rank's watchdog fires on its own: the rank that hangs and the ranks blocked in a collective
-waiting for it. Step boundaries are synchronised by the step's all-reduce, so their deadlines fall
-within moments of each other; each waits `GRACE_S` after its dump before exiting so that no peer's
-collective fails (and unwinds its stack) before that peer has dumped too.
+boundary (`between_steps`), so a rank stuck in C code (a collective, a sleep, a DataLoader wait) is
+still caught. On expiry the rank writes the stacks of all its threads (faulthandler) to
+`RUN_DIR/hang/rank-R.txt`, prints one line and leaves with `ExitCode.HANG` through `os._exit` (the
+main thread cannot be asked to unwind); a save it cuts short is a temporary that the next start
+removes, and DataLoader workers die with it (PR_SET_PDEATHSIG, data/workers.py). Every rank's
+watchdog fires on its own, within moments of the others' (the step's all-reduce aligns the
+boundaries); each waits `GRACE_S` after its dump so that no peer's collective fails (and unwinds its
+stack) before that peer has dumped too.
 
 Bounds: a step gets `train.hang_timeout` seconds or, unset, the larger of `MIN_STEP_TIMEOUT_S` and
 `MEDIAN_FACTOR` times the median of the recent step times (15 minutes until steps have been timed).
 Evaluation, sampling and checkpoint saving run between steps and may rightly take longer: while
 they run (`between_steps`) the bound is `train.action_timeout` instead.
 
-This module imports only the standard library (and the stdlib-only leaves errors.py, run_layout.py) at
-load time, so train.py installs the signal handlers before torch is imported (seconds, during which a
-signal would otherwise kill the process).
+Only the standard library (and the stdlib-only errors.py, run_layout.py) is imported here, so train.py
+installs the signal handlers before torch loads (seconds in which a signal would kill the process).
 """
 
 from __future__ import annotations
@@ -182,8 +178,7 @@ def write_requeue_marker(run: RunDir, step: int, reason: str) -> None:
 
 
 def store_unreachable_line(run: RunDir, step: int, error: Exception, progress: str) -> str:
-    """Leave the requeue marker (reason UNREACHABLE) and return the one line that ends the run with
-    exit 6, mid-run or at start-up alike; `progress` says what was kept."""
+    """Leave the requeue marker and return the line of exit 6; `progress` says what was kept."""
     write_requeue_marker(run, step, UNREACHABLE)
     return (
         f"error: {error}; {progress}; exit {int(ExitCode.STORE_UNREACHABLE)}: run the same command again "
