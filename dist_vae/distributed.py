@@ -7,6 +7,7 @@ state (`tool_state`, `tool_device`). Work over ranks is always split by `share`.
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable
 
@@ -107,9 +108,14 @@ def needs_gloo() -> bool:
 def tool_state() -> PartialState:
     """Accelerate's process state for the tools, with gloo when there is no GPU.
 
-    Without a GPU, Accelerate needs cpu=True to see torchrun's processes as MULTI_CPU.
+    Without a GPU, Accelerate needs cpu=True to see torchrun's processes as MULTI_CPU. The process
+    group is destroyed at exit, as the trainer does: a gloo group whose threads live on into the
+    interpreter's shutdown can abort a finished process ("terminate called without an active
+    exception", SIGABRT), which the launcher reports as a failed run.
     """
-    return PartialState(cpu=not torch.cuda.is_available(), **({"backend": "gloo"} if needs_gloo() else {}))
+    state = PartialState(cpu=not torch.cuda.is_available(), **({"backend": "gloo"} if needs_gloo() else {}))
+    atexit.register(state.destroy_process_group)
+    return state
 
 
 def tool_device(name: str | None, state: PartialState) -> torch.device:
