@@ -47,6 +47,11 @@ TINY = [
 ]
 
 
+def recorded(record: Path, rank: int) -> list[str]:
+    """The checksums of the training batches `rank` read, one per micro-batch (HARNESS_RECORD=record)."""
+    return (record / f"rank-{rank}.txt").read_text().split()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -11,11 +11,7 @@ import pytest
 
 from dist_vae.checkpoint import complete_checkpoints
 from dist_vae.run_layout import RunDir
-from tests.engine_util import LAUNCH, accelerate_cmd, check, checkpoint_contents, run
-
-
-def recorded(record: Path, rank: int) -> list[str]:
-    return (record / f"rank-{rank}.txt").read_text().split()
+from tests.engine_util import LAUNCH, accelerate_cmd, check, checkpoint_contents, recorded, run
 
 
 @pytest.mark.slow
