@@ -52,10 +52,11 @@ bench: env
 	$(BIN)/python tools/bench/fid.py
 	$(if $(BASE),$(BIN)/python tools/bench/speed.py --baseline $(BASE))
 
-# On a GPU machine: img/s, memory and MFU; with BASE=REV also this tree's step time against REV's on
-# the GPU (tools/bench/speed.py, run by gpu.py), with what each step allocates and launches.
+# On a GPU machine: the trainer's step per execution mode beside the planner's prediction (DOCS=1
+# writes that table into docs/performance.md), then img/s, memory and MFU; with BASE=REV also this
+# tree's step time against REV's on the GPU (tools/bench/speed.py, run by gpu.py).
 bench-gpu: env
-	$(BIN)/python tools/bench/gpu.py $(if $(BASE),--baseline $(BASE))
+	$(BIN)/python tools/bench/gpu.py $(if $(BASE),--baseline $(BASE)) $(if $(DOCS),--write-docs docs/performance.md)
 
 lint: env
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,17 +1,24 @@
-"""GPU check: img/s, peak memory and MFU of both models, one NCCL process group, and (given a base
-revision) the step time against it. Prints one or two tables.
+"""GPU check: the trainer's step per execution mode against the planner, then img/s, peak memory
+and MFU of both models over precisions and checkpointing, one NCCL process group, and (given a base
+revision) the step time against it.
 
-    PYTHONPATH=. python tools/bench/gpu.py [--baseline REV]   # on a GPU machine
+    PYTHONPATH=. python tools/bench/gpu.py [--baseline REV] [--write-docs docs/performance.md]
     PYTHONPATH=. python tools/bench/gpu.py --tiny             # anywhere: tiny models on the CPU
 
-Cases: {PixelVAE (configs/lsun_64_pixelvae.yaml), iterative VAE (configs/lsun_256_iterative.yaml)}
-x {64, 256} px x {bf16, fp16 with GradScaler loss scaling} x gradient checkpointing {off, on} x
-torch.compile {off, on}; each a real training step (autocast forward, backward, AdamW). Eager cases
-run first; compiled ones (slow to build) then run while --budget seconds last, and the rest are
-listed as not run. MFU = FLOPs per image (dist_vae/flops.py, no recompute) x img/s / peak.
---tiny swaps in tiny models at 8 px, fp32 and bf16 (compiled: bf16), gloo for NCCL, torch.compile's "eager"
-backend (dynamo is exercised, inductor's code generation is not) and the process's peak RSS for
-memory; there is no MFU without a peak.
+First table (tools/bench/gpu_modes.py): both LSUN configs, each mode of dist_vae/step_time.py (eager,
+compiled, graphed) at the config's per-GPU batch and at the planner's smallest compute-bound batch
+(marked *): operations, kernels, host and GPU time per step, step time, img/s, MFU and the regime,
+beside the prediction. --write-docs PATH writes that table into PATH, a copy of docs/performance.md
+with the table between its bench-gpu markers, after every row (a run cut short keeps its rows).
+
+Second table: {PixelVAE (configs/lsun_64_pixelvae.yaml), iterative VAE (configs/lsun_256_iterative.yaml)}
+x {64, 256} px x {bf16, fp16 with GradScaler loss scaling} x gradient checkpointing {off, on}, eager,
+a bare training step each (autocast forward, backward, AdamW) at a fixed batch.
+MFU = FLOPs per image (dist_vae/flops.py, no recompute) x img/s / peak. No case starts after
+--budget seconds; those left are listed as not run.
+--tiny swaps in tiny models at 8 px, batches of 2 to 4, torch.compile's "eager" backend (dynamo is
+exercised, inductor's code generation is not), gloo for NCCL and the process's peak RSS for memory;
+there is no MFU or prediction without a peak (--peak-flops), and no graphed row without CUDA.
 
 Then, with --baseline REV (or --baseline-tree DIR where the copy has no git history),
 tools/bench/speed.py's before/after on the same device: each case's step time in this tree against
@@ -36,6 +43,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import gpu_modes  # tools/bench/gpu_modes.py, beside this file
 import speed  # tools/bench/speed.py, beside this file
 import torch
 import torch.distributed as dist
@@ -47,6 +55,7 @@ from dist_vae.models import build_model
 from dist_vae.precision import DTYPES
 
 ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs" / "performance.md"
 MODELS = {"pixel_vae": "configs/lsun_64_pixelvae.yaml", "iterative_vae": "configs/lsun_256_iterative.yaml"}
 TINY = {
     "pixel_vae": ["model.nr_resnet=1", "model.nr_filters=8", "model.nr_mix=2", "model.n_stages=2",
@@ -81,11 +90,6 @@ def model_config(kind: str, tiny: bool) -> Any:
     return load_config(ROOT / MODELS[kind], TINY[kind] if tiny else []).model
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def peak_memory_gib(device: torch.device) -> float:
     """Peak allocated by PyTorch on a GPU; the process's peak RSS on a CPU (whole process)."""
     if device.type == "cuda":
@@ -109,20 +113,17 @@ class Case:
     resolution: int
     precision: str
     checkpointing: bool
-    compiled: bool
 
     def labels(self) -> list[str]:
-        """The table's first five cells."""
-        flags = ["on" if self.checkpointing else "off", "on" if self.compiled else "off"]
-        return [self.kind, str(self.resolution), self.precision, *flags]
+        """The table's first four cells."""
+        return [self.kind, str(self.resolution), self.precision, "on" if self.checkpointing else "off"]
 
 
 def run_case(
-    case: Case, device: torch.device, backend: str, steps: int, tiny: bool, peak_override: float | None
+    case: Case, device: torch.device, steps: int, tiny: bool, peak_override: float | None
 ) -> list[str]:
     """Table cells of one case: batch, img/s, peak GiB, MFU % ('OOM' when it does not fit)."""
     batch = BATCH[case.resolution]
-    torch.compiler.reset()  # each case compiles afresh; old graphs would count towards the recompile limit
     torch.manual_seed(0)
     model = build_model(model_config(case.kind, tiny), case.resolution, case.checkpointing)
     peak = peak_flops(device, DTYPES[case.precision], peak_override)
@@ -131,14 +132,14 @@ def run_case(
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        step = TrainStep(model, case.precision, device, backend if case.compiled else None)
+        step = TrainStep(model, case.precision, device, None)
         x = torch.rand(batch, 3, case.resolution, case.resolution, device=device) * 2 - 1
-        for i in range(1 if tiny else 2):  # warm-up: compilation, cuDNN autotuning, allocator growth
+        for i in range(1 if tiny else 2):  # warm-up: cuDNN autotuning, allocator growth
             step(x, i)
-        synchronize(device)
+        gpu_modes.synchronize(device)
         started = time.perf_counter()
         losses = [step(x, i) for i in range(steps)]
-        synchronize(device)
+        gpu_modes.synchronize(device)
         seconds = time.perf_counter() - started
     except torch.OutOfMemoryError:
         return [str(batch), "OOM", "-", "-"]
@@ -160,7 +161,7 @@ def process_group_check(device: torch.device) -> str:
     try:
         value = torch.full((4,), 3.0, device=device)
         dist.all_reduce(value)
-        synchronize(device)
+        gpu_modes.synchronize(device)
         ok = bool((value == 3.0).all())
     finally:
         dist.destroy_process_group()
@@ -174,23 +175,46 @@ def process_group_check(device: torch.device) -> str:
 def cases(tiny: bool) -> list[Case]:
     resolutions = (8,) if tiny else (64, 256)
     precisions = ("fp32", "bf16") if tiny else ("bf16", "fp16")
-    # Compiled cases last (slow to build), and among each half bf16 without checkpointing first: the
-    # rows most worth having if the time budget cuts the table short.
-    grid = itertools.product((False, True), precisions, (False, True), MODELS, resolutions)
-    # --tiny compiles its bf16 cases only: dynamo traces fp32 the same way, minus autocast.
-    return [
-        Case(kind, r, p, ckpt, compiled)
-        for compiled, p, ckpt, kind, r in grid
-        if not (tiny and compiled and p == "fp32")
-    ]
+    # bf16 without checkpointing first: the rows most worth having if the budget cuts the table short.
+    grid = itertools.product(precisions, (False, True), MODELS, resolutions)
+    return [Case(kind, r, p, ckpt) for p, ckpt, kind, r in grid]
+
+
+def modes_table(args: argparse.Namespace, device: torch.device, started: float) -> None:
+    """The first table (gpu_modes.py), printed row by row and written into --write-docs after each."""
+    overrides = {kind: [*TINY[kind], "data.resolution=8"] if args.tiny else [] for kind in MODELS}
+    plans = [gpu_modes.make_plan(str(ROOT / path), overrides[kind], device, args.peak_flops)
+             for kind, path in MODELS.items()]  # fmt: skip
+    rows = []
+    for plan in plans:
+        batch = 2 if args.tiny else load_config(plan.path, plan.overrides).data.batch_size
+        rows += gpu_modes.planned_rows(plan, batch, 4 if args.tiny else None, device.type == "cuda")
+    rows.sort(key=gpu_modes.priority)
+    title = f"{device_name(device)}, torch {torch.__version__}; * the planner's batch"
+    print(f"\nthe trainer's step per mode ({title})")
+    print(gpu_modes.text_line([name for name, _ in gpu_modes.COLUMNS]), flush=True)
+    warmup, backend = (1, "eager") if args.tiny else (gpu_modes.WARMUP, None)
+    for row in rows:
+        if time.perf_counter() - started > args.budget:
+            row.cells = row.cells or {"note": "not run: --budget spent"}
+        gpu_modes.run_row(row, device, args.steps or (1 if args.tiny else 5), warmup, backend)
+        print(gpu_modes.text_line(gpu_modes.cells_of(row)), flush=True)
+        if args.write_docs:
+            gpu_modes.write_docs(gpu_modes.markdown(rows, title), DOCS, args.write_docs)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU, in seconds")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per case (default 5, tiny 1)")
-    parser.add_argument("--budget", type=float, default=270.0, help="seconds after which no case starts")
+    parser.add_argument("--budget", type=float, default=420.0, help="seconds after which no case starts")
     parser.add_argument("--peak-flops", type=float, default=None, help="FLOP/s for MFU on an unlisted device")
+    parser.add_argument("--write-docs", type=Path, help="docs/performance.md with the first table in it")
+    parser.add_argument("--no-modes", action="store_true", help="skip the first table")
     base = parser.add_mutually_exclusive_group()
     base.add_argument("--baseline", metavar="REV", help="then speed.py's step times against this revision")
     base.add_argument("--baseline-tree", type=Path, help="the same against a checkout without git history")
@@ -198,19 +222,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     steps = args.steps or (1 if args.tiny else 5)
-    backend = "eager" if args.tiny else "inductor"
     started = time.perf_counter()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device {name}, torch {torch.__version__}, compile backend {backend}, {steps} timed steps")
+    print(f"device {device_name(device)}, torch {torch.__version__}, {steps} timed steps")
     print(process_group_check(device))
+    if not args.no_modes:
+        modes_table(args, device, started)
     memory = "peak GiB" if device.type == "cuda" else "RSS GiB"
-    header = ["model", "px", "prec", "ckpt", "compile", "batch", "img/s", memory, "MFU %"]
-    print("".join(f"{h:>14}" if i == 0 else f"{h:>9}" for i, h in enumerate(header)))
+    header = ["model", "px", "prec", "ckpt", "batch", "img/s", memory, "MFU %"]
+    print("\n" + "".join(f"{h:>14}" if i == 0 else f"{h:>9}" for i, h in enumerate(header)))
     for case in cases(args.tiny):
         if time.perf_counter() - started > args.budget:
             cells = ["-", "not run", "-", "-"]
         else:
-            cells = run_case(case, device, backend, steps, args.tiny, args.peak_flops)
+            cells = run_case(case, device, steps, args.tiny, args.peak_flops)
         row = [*case.labels(), *cells]
         print("".join(f"{c:>14}" if i == 0 else f"{c:>9}" for i, c in enumerate(row)), flush=True)
     if args.baseline or args.baseline_tree:
