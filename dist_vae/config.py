@@ -60,7 +60,7 @@ class TrainConfig:
     max_consecutive_skips: int = at_least(5, 0)  # after this many, the next update is applied anyway
     # This many non-finite updates in a row end the run: exit code 4, nothing new saved.
     max_nonfinite_skips: int = at_least(10, 1)
-    # fp16 loss scaling (the trainer's GradScaler, or DeepSpeed's loss_scale_window): the scale doubles
+    # fp16 loss scaling (the trainer's GradScaler; fp16 is refused under DeepSpeed): the scale doubles
     # after this many updates without overflow; an overflow halves it and skips the update.
     loss_scale_growth_interval: int = at_least(2000, 1)
     # torch.compile the model in place, before DDP/DeepSpeed wrap it. auto: on a GPU only (on the CPU

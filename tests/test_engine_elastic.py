@@ -1,7 +1,7 @@
 """A run continues on another number of processes: a 2-process run stopped at step 4 is
-finished on 1 and on 3 processes under both train.resize policies (DDP; DeepSpeed ZeRO-2 2 -> 2 -> 1),
-with the step count, the data position, the LR schedule and the global batch (or the scaled LR) as
-promised; resuming on the same new world size twice gives identical checkpoints."""
+finished on 1 and on 3 processes under both train.resize policies (DDP; DeepSpeed ZeRO-2 in bf16,
+2 -> 2 -> 1), with the step count, the data position, the LR schedule and the global batch (or the
+scaled LR) as promised; resuming on the same new world size twice gives identical checkpoints."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ K, STEPS, LR, WARMUP = 4, 8, 1e-3, 6
 # Per-rank batch 6 on 2 processes: global batch 12, which 1 and 3 processes can keep. A constant
 # schedule whose warm-up outlasts the first part shows a schedule that restarted.
 RUN = ["data.batch_size=6", "train.schedule=constant", f"train.warmup={WARMUP}", f"train.lr={LR}"]
+BF16 = ["train.precision=bf16"]
 
 
 def launch(config: str, processes: int, run_dir: Path, shards: Path, *overrides: str) -> list[str]:
@@ -119,21 +120,25 @@ def test_two_to_one_with_scale_lr_halves_the_lr(stopped: Path, demo_shards: Path
 
 @pytest.mark.slow
 def test_deepspeed_zero2_resumes_on_two_then_continues_on_one(demo_shards: Path, tmp_path: Path) -> None:
-    """ZeRO-2 on 2 ranks stops at step 2 and resumes to K (only the missing updates run, DeepSpeed's
-    own counters kept); its partitioned optimizer state then continues on 1 with accumulation 2."""
+    """ZeRO-2 in bf16 (the LSUN configs' precision) on 2 ranks stops at step 2 and resumes to K (only
+    the missing updates run, DeepSpeed's own counters kept); its partitioned optimizer state then
+    continues on 1 with accumulation 2."""
     run_dir, record = tmp_path / "run", tmp_path / "inputs"
     record.mkdir()
-    check(run(launch("deepspeed_zero2.yaml", 2, run_dir, demo_shards, "train.steps=2"), timeout=300))
+
+    def zero2(processes: int, steps: int) -> list[str]:
+        return launch("deepspeed_zero2.yaml", processes, run_dir, demo_shards, f"train.steps={steps}", *BF16)
+
+    check(run(zero2(2, 2), timeout=300))
     first = checkpoint_contents(RunDir(run_dir).checkpoint(2))
     assert first["state.json"]["engine"]["global_steps"] == 2
-    cmd = launch("deepspeed_zero2.yaml", 2, run_dir, demo_shards, f"train.steps={K}")
-    check(run(cmd, timeout=300, HARNESS_RECORD=str(record)))
+    check(run(zero2(2, K), timeout=300, HARNESS_RECORD=str(record)))
     assert len(recorded(record, 0)) == len(recorded(record, 1)) == K - 2
     resumed = checkpoint_contents(RunDir(run_dir).checkpoint(K))
     assert resumed["state.json"]["engine"]["global_steps"] == K
     before, after = first["model.safetensors"], resumed["model.safetensors"]
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    proc = run(launch("deepspeed_zero2.yaml", 1, run_dir, demo_shards, f"train.steps={STEPS}"), timeout=300)
+    proc = run(zero2(1, STEPS), timeout=300)
     check(proc)
     assert (
         "world size 2 -> 1: keep_global_batch, global batch 12 = 1 x 6 x 2 (accumulate 1 -> 2)" in proc.stderr

@@ -1,8 +1,8 @@
 """fp16 on the CPU: the trainer's own GradScaler, on 1 and then 2 gloo processes. An
 overflowing update is skipped (weights, moments and EMA as they were), halves the scale, is counted
 apart from the non-finite updates that stop a run, and the scale grows back after the growth interval;
-the scaler's state continues through the resume on another number of processes. DeepSpeed's fp16 is
-refused on CPU. The kill -9 bit-exact fp16 case is test_engine_resume.py's, parametrized."""
+the scaler's state continues through the resume on another number of processes. fp16 under DeepSpeed
+is refused, a resume included. The kill -9 bit-exact fp16 case is test_engine_resume.py's, parametrized."""
 
 from __future__ import annotations
 
@@ -13,9 +13,17 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dist_vae.checkpoint import EMA_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, complete_checkpoints
+from dist_vae.checkpoint import (
+    EMA_FILE,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    complete_checkpoints,
+    restore_scaler,
+    scaler_state,
+)
 from dist_vae.config import ConfigError, load_config
-from dist_vae.engine.backend import make_accelerator
+from dist_vae.engine.backend import DEEPSPEED_FP16, make_accelerator
 from dist_vae.run_layout import RunDir
 from tests.engine_util import accelerate_cmd, assert_same, check, checkpoint_contents, python_cmd, run
 
@@ -88,13 +96,32 @@ def test_overflows_are_skipped_on_one_and_two_processes_and_the_scaler_resumes(
     logged = {e.step: e.value for e in events.Scalars("train/loss_scale")}
     assert logged == {s: found[s]["scaler"]["scale"] for s in found}
     assert events.Scalars("skipped/overflow")[-1].value == found[STEPS]["meta"]["skipped"]["overflow"]
+    # Resumed under DeepSpeed (what `accelerate launch` sets for a DeepSpeed config): refused, nothing
+    # written.
+    before = {step: checkpoint_contents(path) for step, path in complete_checkpoints(tmp_path)}
+    proc = run(
+        python_cmd(tmp_path, demo_shards, f"train.steps={STEPS + 2}", *FP16), ACCELERATE_USE_DEEPSPEED="true"
+    )
+    check(proc, 2)
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {DEEPSPEED_FP16}"
+    after = {step: checkpoint_contents(path) for step, path in complete_checkpoints(tmp_path)}
+    assert_same(before, after, "checkpoints")
 
 
-def test_deepspeed_fp16_is_refused_where_its_accelerator_has_none(monkeypatch: pytest.MonkeyPatch) -> None:
-    from deepspeed.accelerator import get_accelerator
-
-    if get_accelerator().is_fp16_supported():
-        pytest.skip(f"DeepSpeed's {get_accelerator().device_name()} accelerator runs fp16 here")
+def test_deepspeed_fp16_is_refused_before_the_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(ConfigError, match=r"'train\.precision' under DeepSpeed: .* has no fp16; use bf16"):
+    with pytest.raises(ConfigError) as error:
         make_accelerator(load_config(None, ["train.precision=fp16"]))
+    assert str(error.value) == DEEPSPEED_FP16
+    assert not torch.distributed.is_initialized()
+
+
+def test_restore_scaler_ignores_deepspeeds_static_scale_and_caps_the_tracker() -> None:
+    def fresh() -> torch.amp.GradScaler:
+        return torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=INTERVAL)
+
+    scaler = fresh()
+    restore_scaler(scaler, {"cur_scale": 1.0})  # a bf16 or fp32 ZeRO checkpoint's: not a GradScaler's
+    assert scaler_state(scaler) == scaler_state(fresh())
+    restore_scaler(scaler, {"scale": 32.0, "_growth_tracker": 7})  # saved under a longer interval
+    assert (scaler.get_scale(), scaler.state_dict()["_growth_tracker"]) == (32.0, INTERVAL - 1)

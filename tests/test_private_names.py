@@ -28,7 +28,7 @@ DOCUMENTED_DESPITE_UNDERSCORE = {"_exit"}  # os._exit is public API of the stand
 PRIVATE_FIELDS = {
     "bit16_groups", "bf16_groups", "averaged_gradients", "all_grad_tensors", "micro_step_id", "cpu_offload",
     "global_steps", "global_samples", "micro_steps", "skipped_steps",
-    "cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis", "deepspeed_engine_wrapped",
+    "deepspeed_engine_wrapped",
 }  # fmt: skip
 
 

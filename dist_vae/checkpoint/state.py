@@ -249,27 +249,21 @@ def restore_engine_counters(model: nn.Module, counters: dict[str, int] | None) -
         deepspeed_compat.restore_engine_counters(engine, counters)
 
 
-def scaler_state(model: nn.Module, scaler: torch.amp.GradScaler | None) -> dict[str, Any] | None:
-    """The fp16 loss scale and its growth tracking: the trainer's GradScaler or DeepSpeed's loss scaler.
-    Every rank holds the same (its overflow check reads the all-reduced gradients), so it is global."""
-    engine = as_deepspeed_engine(model)
-    if engine is not None:
-        return deepspeed_compat.loss_scaler_state(engine)
+def scaler_state(scaler: torch.amp.GradScaler | None) -> dict[str, Any] | None:
+    """The trainer's fp16 loss scale and its growth tracking (DDP or one process: fp16 is refused
+    under DeepSpeed). Every rank holds the same (its overflow check reads the all-reduced gradients),
+    so it is global."""
     return scaler.state_dict() if scaler is not None else None
 
 
-def restore_scaler(
-    model: nn.Module, scaler: torch.amp.GradScaler | None, state: dict[str, Any] | None
-) -> None:
+def restore_scaler(scaler: torch.amp.GradScaler | None, state: dict[str, Any] | None) -> None:
     """Continue the saved scale and growth tracker under this run's configured hyperparameters (a
-    tracker past a shortened interval grows the scale at the next clean update). A DeepSpeed run's
-    scale (`cur_scale`) continues here with a fresh growth count."""
-    if state is None:
+    tracker past a shortened interval grows the scale at the next clean update). A state without a
+    GradScaler's `scale` is ignored: bf16 and fp32 ZeRO checkpoints hold DeepSpeed's static scaler,
+    `{"cur_scale": 1.0}`, which says nothing about fp16."""
+    if scaler is None or state is None or "scale" not in state:
         return
-    engine = as_deepspeed_engine(model)
-    if engine is not None:
-        deepspeed_compat.restore_loss_scaler(engine, state)
-    elif scaler is not None:
-        tracker = min(int(state.get("_growth_tracker", 0)), scaler.get_growth_interval() - 1)
-        scale = float(state.get("scale", state.get("cur_scale", scaler.get_scale())))
-        scaler.load_state_dict({**scaler.state_dict(), "scale": scale, "_growth_tracker": tracker})
+    tracker = min(int(state.get("_growth_tracker", 0)), scaler.get_growth_interval() - 1)
+    scaler.load_state_dict(
+        {**scaler.state_dict(), "scale": float(state["scale"]), "_growth_tracker": tracker}
+    )

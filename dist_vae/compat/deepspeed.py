@@ -2,8 +2,8 @@
 
 Supported: deepspeed 0.19.x (the suite runs 0.19.8). These names are not DeepSpeed's public API:
 the ZeRO-1/2 optimizer's gradient buffers and micro-step id (its overflow branch, which
-`release_gradients` repeats), its `bit16_groups` / `bf16_groups`, the engine's step and sample
-counters, and the loss scaler's fields. `check_supported` names whichever of them the installed
+`release_gradients` repeats), its `bit16_groups` / `bf16_groups`, and the engine's step and sample
+counters. `check_supported` names whichever of them the installed
 DeepSpeed lacks, so that an upgrade fails in one line instead of deep inside a step.
 """
 
@@ -19,7 +19,6 @@ from dist_vae.errors import BackendError
 
 SUPPORTED = "0.19"
 ENGINE_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
-SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
 ZERO_METHODS = ("_release_preflattened_grad_buffers", "reset_cpu_buffers", "scaled_global_norm", "zero_grad")
 ZERO_FIELDS = ("micro_step_id", "cpu_offload", "averaged_gradients", "all_grad_tensors", "bit16_groups")
 
@@ -86,23 +85,3 @@ def engine_counters(engine: Any) -> dict[str, int]:
 def restore_engine_counters(engine: Any, counters: dict[str, int]) -> None:
     for name in ENGINE_COUNTERS:
         setattr(engine, name, counters[name])
-
-
-def loss_scaler_state(engine: Any) -> dict[str, float] | None:
-    """The fp16 loss scale and its growth tracking (None when the engine has no loss scaler)."""
-    scaler = getattr(engine.optimizer, "loss_scaler", None)
-    if scaler is None:
-        return None
-    return {key: float(getattr(scaler, key)) for key in SCALER_FIELDS if hasattr(scaler, key)}
-
-
-def restore_loss_scaler(engine: Any, state: dict[str, Any]) -> None:
-    """Write back what `loss_scaler_state` read, each field in its current type (DeepSpeed has no
-    loader for the scaler alone)."""
-    scaler = getattr(engine.optimizer, "loss_scaler", None)
-    for key, value in state.items():
-        current = getattr(scaler, key, None)
-        if torch.is_tensor(current):
-            current.fill_(value)
-        elif current is not None:
-            setattr(scaler, key, type(current)(value))

@@ -36,54 +36,60 @@ from dist_vae.step_time import flops_and_operations, host_bound_warning
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 
 
-def check_deepspeed_fp16() -> None:
-    """ConfigError in one line where DeepSpeed cannot run fp16 (its CPU accelerator has no fp16),
-    before DeepSpeed fails at its first step with a ValueError."""
-    # deepspeed is imported only under DeepSpeed: it is slow to load and optional elsewhere.
-    from deepspeed.accelerator import get_accelerator
+# Refused before the Accelerator exists: DeepSpeed's fp16 mode casts the weights and nothing else, so
+# the models' fp32 buffers (iterative_nets.py's `fold`, used where autocast is off) meet fp16 weights
+# in the first forward, whose matmul raises.
+DEEPSPEED_FP16 = (
+    "bad value 'fp16' for 'train.precision' under DeepSpeed: DeepSpeed's fp16 mode casts the weights to "
+    "fp16, which these models' fp32 buffers do not meet; use bf16 (the LSUN configs' precision) with "
+    "DeepSpeed, or fp16 with DDP (configs/accelerate/ddp.yaml) or one process"
+)
 
-    found = get_accelerator()
-    if not found.is_fp16_supported():
-        raise ConfigError(
-            f"bad value 'fp16' for 'train.precision' under DeepSpeed: DeepSpeed's {found.device_name()} "
-            "accelerator has no fp16; use bf16 or fp32 with DeepSpeed there, or fp16 with DDP or one "
-            "process (configs/accelerate/cpu_debug.yaml)"
-        )
+
+def own_autocast(precision: str, deepspeed: bool) -> torch.dtype | None:
+    """The dtype of the autocast the trainer runs itself (Backend.autocast); None: Accelerate's (bf16
+    outside DeepSpeed) or none. fp16: Accelerate 1.x makes no GradScaler and no autocast on the CPU
+    (it would silently train fp32), so the trainer owns both everywhere (update.py). bf16: DeepSpeed's
+    casts the weights, which then meet the models' fp32 inputs and buffers; the trainer's autocast over
+    fp32 weights is what bf16 is under DDP too."""
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16" and deepspeed:
+        return torch.bfloat16
+    return None
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
     # Without a GPU, Accelerate needs cpu=True to treat torchrun's processes as MULTI_CPU (else it
     # reports DistributedType.NO and nothing is wrapped in DDP), but cpu=True also turns DeepSpeed
     # off, which handles CPU by itself. Either way the backend must be gloo, not MPI.
+    t = cfg.train
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    if deepspeed and cfg.train.precision == "fp16":
-        check_deepspeed_fp16()
+    if deepspeed and t.precision == "fp16":
+        raise ConfigError(DEEPSPEED_FP16)
     cpu = not torch.cuda.is_available() and not deepspeed
-    # fp16 goes to Accelerate only under DeepSpeed, whose fp16 optimizer keeps its own loss scaler.
-    # Elsewhere Accelerate 1.x makes no GradScaler and no autocast on CPU (it would silently train
-    # fp32), so the trainer owns both on every device (Backend.autocast, update.py's TorchUpdate).
-    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16" if deepspeed else "no"}[cfg.train.precision]
+    # Accelerate's mixed precision only where the trainer runs no autocast of its own: under DeepSpeed
+    # the weights and ZeRO's reduced gradients then stay fp32.
+    precision = "no" if t.precision == "fp32" or own_autocast(t.precision, deepspeed) else t.precision
     # The timeout ends a collective whose peer died or hangs (DeepSpeed's init_distributed gets it too).
-    timeout = timedelta(seconds=cfg.train.collective_timeout)
+    timeout = timedelta(seconds=t.collective_timeout)
     group = InitProcessGroupKwargs(timeout=timeout, **({"backend": "gloo"} if needs_gloo() else {}))
     try:
         accelerator = Accelerator(cpu=cpu, mixed_precision=precision, kwargs_handlers=[group])
     except torch.distributed.DistError as exc:  # a rank that never joined: one line, not a traceback
-        key = f"train.collective_timeout={cfg.train.collective_timeout:g}"
+        key = f"train.collective_timeout={t.collective_timeout:g}"
         raise BackendError(
             f"the process group did not form within {key} s ({str(exc).splitlines()[0]}); check that "
             "every rank started and MASTER_ADDR:MASTER_PORT is reachable from all of them"
         ) from exc
     # The launcher's environment may carry its own accumulation count; the run config decides.
-    accelerator.gradient_accumulation_steps = cfg.train.accumulate
+    accelerator.gradient_accumulation_steps = t.accumulate
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
-        ds["gradient_accumulation_steps"] = cfg.train.accumulate
-        ds["gradient_clipping"] = cfg.train.grad_clip
+        ds["gradient_accumulation_steps"] = t.accumulate
+        ds["gradient_clipping"] = t.grad_clip
         ds["steps_per_print"] = 2**31 - 1  # the progress bar and TensorBoard are the only per-step output
-        if ds.get("fp16", {}).get("enabled"):
-            ds["fp16"]["loss_scale_window"] = cfg.train.loss_scale_growth_interval
     return accelerator
 
 
@@ -180,6 +186,7 @@ class Backend:
     base_lrs: list[float]  # configured LRs times the resize's scale
     peak_flops: float | None  # perf/mfu's denominator; None when unknown (no perf/mfu logged)
     flops_per_image: float
+    autocast_dtype: torch.dtype | None  # the trainer's own autocast (own_autocast), else None
 
     @property
     def eval_model(self) -> nn.Module:
@@ -187,10 +194,10 @@ class Backend:
         return self.ema.model if self.ema is not None else self.raw_model
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
-        """The forwards' mixed precision: fp16 autocast where the trainer owns the loss scaler (and so
-        the autocast: `make_accelerator`), else Accelerate's (bf16, or none)."""
-        if self.update_path.scaler is not None:
-            return torch.autocast(self.accelerator.device.type, dtype=torch.float16)
+        """The forwards' mixed precision: the trainer's own autocast where it runs one (fp16
+        everywhere, bf16 under DeepSpeed: `own_autocast`), else Accelerate's (bf16, or none)."""
+        if self.autocast_dtype is not None:
+            return torch.autocast(self.accelerator.device.type, dtype=self.autocast_dtype)
         return self.accelerator.autocast()
 
     def set_lr(self, factor: float) -> None:
@@ -256,5 +263,6 @@ def build_backend(cfg: Config, world_size: int, lr_scale: float) -> Backend:
     growth = t.loss_scale_growth_interval if t.precision == "fp16" else None
     update_path = make_update_path(acc, prepared, optimizer, t.grad_clip, growth)  # the raw optimizer
     return Backend(
-        acc, prepared, raw_model, prepared_optimizer, update_path, ema, group_names, base_lrs, peak, per_image
-    )
+        acc, prepared, raw_model, prepared_optimizer, update_path, ema, group_names, base_lrs, peak,
+        per_image, own_autocast(t.precision, acc.distributed_type == DistributedType.DEEPSPEED),
+    )  # fmt: skip

@@ -232,7 +232,7 @@ class Checkpointer:
         b = self.backend
         path = checkpoint.save_checkpoint(
             b.accelerator, self.run.root, step, model=b.model, optimizer=b.optimizer, ema=b.ema,
-            scaler_state=checkpoint.scaler_state(b.model, b.update_path.scaler), meta=self.meta(),
+            scaler_state=checkpoint.scaler_state(b.update_path.scaler), meta=self.meta(),
             keep=self.cfg.train.keep_checkpoints,
         )  # fmt: skip
         if self.pending is not None and b.accelerator.is_main_process:
@@ -246,7 +246,7 @@ class Checkpointer:
         loaded = checkpoint.load_checkpoint(
             b.accelerator, path, model=b.model, optimizer=b.optimizer, ema=b.ema
         )
-        checkpoint.restore_scaler(b.model, b.update_path.scaler, loaded.scaler_state)
+        checkpoint.restore_scaler(b.update_path.scaler, loaded.scaler_state)
         self.streams.load_state_dict(loaded.meta)
         self.gate.load_state_dict(loaded.meta)
         self.saved = loaded.step

@@ -12,7 +12,8 @@ global gradient norm, decide (engine/step.py) whether to apply the update, then 
   the engine never steps on its own; the ZeRO optimizer's global norm of the reduced gradient
   partitions before stepping, then either the engine's own step (which clips and steps) or the same
   gradient release ZeRO does when it drops an overflowing step. Both reach into ZeRO's private
-  fields through dist_vae/compat/deepspeed.py alone.
+  fields through dist_vae/compat/deepspeed.py alone. No fp16 here: it is refused under DeepSpeed
+  (engine/backend.py), so no loss scaling either.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from dist_vae.errors import BackendError
 
 
 class UpdatePath(Protocol):
-    scaler: torch.amp.GradScaler | None  # the trainer's fp16 loss scaler (DeepSpeed keeps its own)
+    scaler: torch.amp.GradScaler | None  # the trainer's fp16 loss scaler (None under DeepSpeed)
     syncs: bool  # whether step_masked reads its flag on the host
 
     def accumulating(self, sync: bool) -> contextlib.AbstractContextManager[None]:
@@ -138,13 +139,11 @@ class DeepSpeedUpdate:
         if stage not in (1, 2) or not isinstance(self.zero, DeepSpeedZeroOptimizer):
             raise BackendError(
                 f"DeepSpeed ZeRO stage {stage} with {type(self.zero).__name__} is not supported: use "
-                "zero_stage 1 or 2 (configs/accelerate/deepspeed_zero1.yaml, deepspeed_zero2.yaml); "
-                "bf16 with ZeRO-1 needs data_types.grad_accum_dtype=bf16 in the DeepSpeed config"
+                "zero_stage 1 or 2 (configs/accelerate/deepspeed_zero1.yaml, deepspeed_zero2.yaml)"
             )
         deepspeed_compat.check_supported(self.zero, self.engine)
-        self.fp16 = self.engine.fp16_enabled()
         self.syncs = True  # ZeRO's step reads its overflow flag on the host: so does the decision
-        self.scaler: torch.amp.GradScaler | None = None  # under fp16 the engine scales the loss itself
+        self.scaler: torch.amp.GradScaler | None = None
 
     @contextlib.contextmanager
     def accumulating(self, sync: bool) -> Iterator[None]:
@@ -152,7 +151,7 @@ class DeepSpeedUpdate:
         yield
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)  # divides by gradient_accumulation_steps; scales for fp16
+        self.engine.backward(loss)  # divides by gradient_accumulation_steps
 
     def grad_norm(self) -> torch.Tensor:
         return deepspeed_compat.global_grad_norm(self.zero)
@@ -167,10 +166,7 @@ class DeepSpeedUpdate:
             self.apply()
 
     def discard(self, nonfinite: bool) -> None:
-        if nonfinite and self.fp16:
-            self.engine.step()  # ZeRO's overflow branch: drops the gradients and lowers the loss scale
-            return
-        deepspeed_compat.release_gradients(self.zero)  # the gradient release of that same branch
+        deepspeed_compat.release_gradients(self.zero)  # the gradient release of ZeRO's overflow branch
 
 
 def make_update_path(
