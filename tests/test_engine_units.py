@@ -1,5 +1,5 @@
 """Fast checks of the engine's pure parts: spike detector, LR schedule, grids, checkpoint discovery, EMA,
-clipping, the log window."""
+clipping, the log window, the refusals of train.cuda_graphs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dist_vae.checkpoint import COMPLETE, CheckpointError, clean_partial, resolve_resume
-from dist_vae.engine.backend import EMA
+from dist_vae.engine.backend import EMA, cuda_graphs_refusal
 from dist_vae.engine.monitor import Window
 from dist_vae.engine.step import SpikeDetector, UpdateGate, lr_factor
 from dist_vae.engine.update import TorchUpdate
@@ -182,3 +182,11 @@ def test_the_log_window_keeps_copies_of_the_outputs_a_graph_replay_overwrites() 
     first = window.codes[0]
     assert first.mean.eq(1.0).all() and first.kl.eq(0.5).all() and first.variance.eq(0.25).all()
     assert window.micro_batches == 2 and window.codes[1].kl.eq(100.0).all()
+
+
+def test_cuda_graphs_are_refused_without_a_gpu_under_deepspeed_and_with_accumulation() -> None:
+    assert cuda_graphs_refusal("cuda", deepspeed=False, accumulate=1) is None
+    assert "needs a GPU" in (cuda_graphs_refusal("cpu", deepspeed=False, accumulate=1) or "")
+    assert "DeepSpeed" in (cuda_graphs_refusal("cuda", deepspeed=True, accumulate=1) or "")
+    refusal = cuda_graphs_refusal("cuda", deepspeed=False, accumulate=3) or ""
+    assert "train.accumulate=1 (this run has 3)" in refusal and "train.resize=scale_lr" in refusal
