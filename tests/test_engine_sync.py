@@ -3,9 +3,11 @@ neither log, evaluation nor checkpoint steps, torch.profiler finds no `aten::_lo
 (what `.item()`, `bool(tensor)` and `float(tensor)` run, from Python or from inside an operator) and
 no copy to the host, and no Python code of the step calls a tensor's `.tolist()`, `.item()`,
 `__bool__`, `__float__`, `__int__`, `.numpy()` or `.cpu()` (`.tolist()` reads CPU memory without an
-aten operation, so only this sees it on the CPU; the data pipeline's host tensors are left out). The
-skip decision, the fp16 scaler and the counts stay on the device; a divergence is read at the next
-log point.
+aten operation, so only this sees it on the CPU; the data pipeline's host tensors are left out), nor
+builds a tensor from host data on the run's device with `torch.tensor` or `torch.as_tensor` (on a GPU
+a copy from pageable memory that waits for the device; on the CPU no copy at all, so the profiler
+cannot tell it from a host tensor). The skip decision, the fp16 scaler and the counts stay on the
+device; a divergence is read at the next log point.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import dataclasses
 import math
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,30 +39,52 @@ QUIET = ["train.steps=10", "train.log_every=10", "train.eval_every=10", "train.s
 FIRST, LAST = 2, 7  # before_step(2) .. before_step(7): the updates that make steps 3 to 7
 SYNCS = ("aten::_local_scalar_dense", "aten::item")
 READERS = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu")
+BUILDERS = ("tensor", "as_tensor")  # given a device: host data copied there
 STEP_CODE = ("dist_vae/engine/", "dist_vae/distributed.py", "dist_vae/models/", "dist_vae/compat/")
+
+
+def counting(
+    original: Callable[..., object],
+    key: str,
+    counts: Counter[str],
+    active: list[bool],
+    counted: Callable[..., bool] = lambda *args, **kwargs: True,
+) -> Callable[..., object]:
+    """`original`, counting under `key` its calls by the step's own code while `active[0]`."""
+
+    def call(*args: object, **kwargs: object) -> object:
+        caller = sys._getframe(1).f_code.co_filename
+        if active[0] and any(part in caller for part in STEP_CODE) and counted(*args, **kwargs):
+            counts[key] += 1
+        return original(*args, **kwargs)
+
+    return call
+
+
+def on_a_device(*args: object, device: object = None, **_: object) -> bool:
+    """Whether torch.tensor / torch.as_tensor was given a device (as_tensor takes it third)."""
+    return device is not None or len(args) > 2
 
 
 @contextmanager
 def python_reads(counts: Counter[str], active: list[bool]) -> Iterator[None]:
-    """Counts the calls of READERS made by the step's own code while `active[0]`."""
-    originals = {name: getattr(torch.Tensor, name) for name in READERS}
-
-    def wrapped(name: str, original: object) -> object:
-        def reader(self: torch.Tensor, *args: object, **kwargs: object) -> object:
-            caller = sys._getframe(1).f_code.co_filename
-            if active[0] and any(part in caller for part in STEP_CODE):
-                counts[f"Tensor.{name}"] += 1
-            return original(self, *args, **kwargs)  # type: ignore[operator]
-
-        return reader
-
-    for name, original in originals.items():
-        setattr(torch.Tensor, name, wrapped(name, original))
+    """Counts the calls of READERS, and of BUILDERS given a device, made by the step's own code while
+    `active[0]`."""
+    patches: dict[tuple[object, str], Callable[..., object]] = {}
+    for name in READERS:
+        patches[torch.Tensor, name] = counting(getattr(torch.Tensor, name), f"Tensor.{name}", counts, active)
+    for name in BUILDERS:
+        patches[torch, name] = counting(
+            getattr(torch, name), f"torch.{name}(device=)", counts, active, on_a_device
+        )
+    originals = {(owner, name): getattr(owner, name) for owner, name in patches}
+    for (owner, name), replacement in patches.items():
+        setattr(owner, name, replacement)
     try:
         yield
     finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
+        for (owner, name), original in originals.items():
+            setattr(owner, name, original)
 
 
 INPUTS: set[tuple[int, tuple[int, ...]]] = set()  # (address, shape) of the model's inputs, profiled steps

@@ -1,5 +1,5 @@
 """Fast checks of the engine's pure parts: spike detector, LR schedule, grids, checkpoint discovery, EMA,
-clipping."""
+clipping, the log window, the refusals of train.cuda_graphs."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ import torch
 from torch import nn
 
 from dist_vae.checkpoint import COMPLETE, CheckpointError, clean_partial, resolve_resume
-from dist_vae.engine.backend import EMA
+from dist_vae.engine.backend import EMA, cuda_graphs_refusal
+from dist_vae.engine.monitor import Window
 from dist_vae.engine.step import SpikeDetector, UpdateGate, lr_factor
 from dist_vae.engine.update import TorchUpdate
 from dist_vae.files import image_grid
+from dist_vae.models.output import CodeStats, LossOutput
 from dist_vae.run_layout import RunDir
 
 
@@ -163,3 +165,28 @@ def test_the_torch_update_clips_the_gradients_to_train_grad_clip(fused: bool) ->
     moved = torch.cat([w.detach().flatten() for w in weights])
     assert moved.norm().item() == pytest.approx(3.0, rel=1e-5)
     assert torch.allclose(moved[:4], torch.full((4,), -1.2)) and all(w.grad is None for w in weights)
+
+
+def test_the_log_window_keeps_copies_of_the_outputs_a_graph_replay_overwrites() -> None:
+    """A captured graph's next replay writes its outputs in place: what the window keeps of the first
+    micro-batch must not change with them."""
+    code = CodeStats(torch.ones(2, 3), torch.full((3,), 0.5), torch.full((3,), 0.25), "kl")
+    out = LossOutput(torch.tensor(2.0), {"bpd": torch.tensor(3.0)}, {"critic": torch.tensor(5.0)}, code)
+    window = Window()
+    window.add_output(out)
+    for t in (out.loss, out.scalars["bpd"], out.aux_losses["critic"], code.mean, code.kl, code.variance):
+        t.fill_(100.0)  # the replay
+    window.add_output(out)
+    sums = {name: value.item() for name, value in window.scalars.items()}
+    assert sums == {"loss": 102.0, "bpd": 103.0, "aux/critic": 105.0}
+    first = window.codes[0]
+    assert first.mean.eq(1.0).all() and first.kl.eq(0.5).all() and first.variance.eq(0.25).all()
+    assert window.micro_batches == 2 and window.codes[1].kl.eq(100.0).all()
+
+
+def test_cuda_graphs_are_refused_without_a_gpu_under_deepspeed_and_with_accumulation() -> None:
+    assert cuda_graphs_refusal("cuda", deepspeed=False, accumulate=1) is None
+    assert "needs a GPU" in (cuda_graphs_refusal("cpu", deepspeed=False, accumulate=1) or "")
+    assert "DeepSpeed" in (cuda_graphs_refusal("cuda", deepspeed=True, accumulate=1) or "")
+    refusal = cuda_graphs_refusal("cuda", deepspeed=False, accumulate=3) or ""
+    assert "train.accumulate=1 (this run has 3)" in refusal and "train.resize=scale_lr" in refusal

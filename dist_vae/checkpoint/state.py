@@ -196,7 +196,7 @@ def load_optimizer_state(
         for group, params, entry in zip(inner.param_groups, groups, saved, strict=True):
             per_param = [_saved(tensors, entry["state"], names[id(p)]) for p in params]
             if entry["state"]:
-                _load_partition(inner, group["params"][0], params, per_param, source)
+                _load_partition(inner, group, params, per_param, source)
         return
     per_param = [
         _saved(tensors, entry["state"], names[id(p)])
@@ -210,24 +210,28 @@ def load_optimizer_state(
 
 def _load_partition(
     inner: torch.optim.Optimizer,
-    flat: torch.Tensor,
+    group: dict[str, Any],
     params: list[nn.Parameter],
     per_param: list[Tensors],
     source: Path,
 ) -> None:
-    """Fill one ZeRO group's flat state (created here when this engine has not stepped yet) through
-    DeepSpeed's per-parameter setters."""
+    """Fill one ZeRO param `group`'s flat state (created here when this engine has not stepped yet)
+    through DeepSpeed's per-parameter setters. The step count goes where torch's own
+    Optimizer.load_state_dict puts it: a fused or capturable AdamW's kernel reads it in device memory
+    as float32, so it moves to the flat parameter's device there; elsewhere it stays on the CPU."""
     from deepspeed.utils import lazy_init_hp_params_optimizer_state, safe_set_full_optimizer_state
 
     steps = {float(saved["step"]) for saved in per_param if "step" in saved}
     if len(steps) > 1:
         raise CheckpointError(f"{source}: one optimizer group's parameters have step counts {sorted(steps)}; "
                           "ZeRO keeps one count per group")  # fmt: skip
+    flat = group["params"][0]
+    fused = bool(group.get("fused") or group.get("capturable"))
     state = inner.state[flat]
     for saved in per_param:
         for key, value in saved.items():
             if key == "step":
-                state["step"] = value.clone()
+                state["step"] = value.to(flat.device, torch.float32, copy=True) if fused else value.clone()
             elif key not in state:
                 state[key] = torch.zeros_like(flat)
     lazy_init_hp_params_optimizer_state(params, flat, inner.state)

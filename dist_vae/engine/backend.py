@@ -211,18 +211,28 @@ def compiles(train: TrainConfig, device: torch.device) -> bool:
     return train.compile == "on" or (train.compile == "auto" and device.type == "cuda")
 
 
-def check_cuda_graphs(acc: Accelerator) -> None:
-    """train.cuda_graphs: torch.compile's "reduce-overhead" mode, which keeps gradient checkpointing's
-    recomputation and DDP's bucketed all-reduce outside the graphs it captures, copies each batch into
-    its own static input buffers and replays the forward and the backward without the host. Refused
-    without a GPU and under DeepSpeed, whose engine steps and reduces outside torch.compile's view."""
-    if acc.device.type != "cuda":
-        raise BackendError("train.cuda_graphs=true needs a GPU, and this run has none: set it to false")
-    if acc.distributed_type == DistributedType.DEEPSPEED:
-        raise BackendError(
+def cuda_graphs_refusal(device_type: str, deepspeed: bool, accumulate: int) -> str | None:
+    """Why train.cuda_graphs=true cannot run here, or None. It is torch.compile's "reduce-overhead"
+    mode, which keeps gradient checkpointing's recomputation and DDP's bucketed all-reduce outside the
+    graphs it captures, copies each batch into its own static input buffers and replays the forward
+    and the backward without the host. Refused without a GPU; under DeepSpeed, whose engine steps and
+    reduces outside torch.compile's view; and with more than one micro-batch per update (the effective
+    `accumulate`, after a resize), because the first micro-batch's gradients become `.grad` in the
+    graph's memory and the next replay overwrites them."""
+    if device_type != "cuda":
+        return "train.cuda_graphs=true needs a GPU, and this run has none: set it to false"
+    if deepspeed:
+        return (
             "train.cuda_graphs=true is not supported under DeepSpeed: use configs/accelerate/ddp.yaml or "
             "set train.cuda_graphs=false"
         )
+    if accumulate > 1:
+        return (
+            f"train.cuda_graphs=true needs train.accumulate=1 (this run has {accumulate}): captured graphs "
+            "overwrite the gradients one micro-batch leaves for the next; set train.cuda_graphs=false, or "
+            "train.resize=scale_lr where a resize raised the accumulation"
+        )
+    return None
 
 
 def warn_if_host_bound(model: nn.Module, cfg: Config, peak: float) -> None:
@@ -252,7 +262,10 @@ def build_backend(cfg: Config, world_size: int, lr_scale: float) -> Backend:
     if peak and acc.device.type == "cuda" and acc.is_main_process:  # on a GPU only
         warn_if_host_bound(model, cfg, peak)
     if t.cuda_graphs:
-        check_cuda_graphs(acc)
+        deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        refusal = cuda_graphs_refusal(acc.device.type, deepspeed, t.accumulate)
+        if refusal:
+            raise BackendError(refusal)
         model.compile(mode="reduce-overhead")  # CUDA graphs through inductor's cudagraph trees
     elif compiles(t, acc.device):
         if t.compile == "auto" and acc.is_main_process:

@@ -114,7 +114,12 @@ class RunLogger:
 
 @dataclass
 class Window:
-    """Running sums between two log points (device tensors, read once at the log point)."""
+    """Running sums between two log points (device tensors, read once at the log point).
+
+    The window keeps copies, never the model's output tensors themselves: under
+    `train.cuda_graphs=true` those live in the captured graph's memory, which the next replay
+    overwrites before the log point reads them.
+    """
 
     scalars: dict[str, torch.Tensor] = field(default_factory=dict)
     codes: list[CodeStats] = field(default_factory=list)  # each micro-batch's use of the code
@@ -127,7 +132,7 @@ class Window:
 
     def add(self, name: str, value: torch.Tensor) -> None:
         value = value.detach().float()
-        self.scalars[name] = self.scalars[name] + value if name in self.scalars else value
+        self.scalars[name] = self.scalars[name] + value if name in self.scalars else value.clone()
 
     def add_output(self, out: LossOutput) -> None:
         """One micro-batch's loss, scalars, auxiliary losses and code statistics."""
@@ -137,7 +142,8 @@ class Window:
         for name, value in out.aux_losses.items():
             self.add(f"aux/{name}", value)
         if out.code is not None:
-            self.codes.append(out.code)
+            c = out.code
+            self.codes.append(CodeStats(c.mean.clone(), c.kl.clone(), c.variance.clone(), c.regularizer))
         self.micro_batches += 1
 
     @contextmanager

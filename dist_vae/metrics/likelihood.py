@@ -57,7 +57,9 @@ def mutual_information(
     """I(x; z) under q(z|x) = N(mean, exp(logvar)) for the N encoded inputs, in nats.
 
     I = E_x E_{z~q(z|x)} [log q(z|x) - log q(z)], with the aggregate posterior q(z) the mixture of
-    all N encoders. The estimate cannot exceed log N, so N must be large next to exp(I).
+    all N encoders. The estimate cannot exceed log N, so N must be large next to exp(I). The draws
+    come from `generator` on its own device (a tool's CUDA generator may score means kept on the CPU)
+    and move to the means' device.
     """
     if mean.dim() != 2 or mean.shape != logvar.shape:
         raise ValueError(
@@ -66,8 +68,9 @@ def mutual_information(
     mean, logvar = mean.double(), logvar.double()
     n = mean.shape[0]
     total = torch.zeros((), dtype=torch.float64, device=mean.device)
+    where = generator.device if generator is not None else mean.device
     for _ in range(samples):
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=where).to(mean.device)
         z = mean + torch.exp(0.5 * logvar) * noise
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)

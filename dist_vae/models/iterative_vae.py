@@ -212,7 +212,7 @@ class IterativeVAE(nn.Module):
             scalars.update({f"gate/step{t}": g for t, g in enumerate(gates.unbind(), start=2)})
         total_kl = kl.detach().sum(0)
         scalars["rec"], scalars["kl"] = rec_steps.sum(), total_kl.mean()
-        scalars["kl_weight"] = torch.tensor(beta, device=loss.device)
+        scalars["kl_weight"] = torch.full((), beta, device=loss.device)
         nll = (-self._log_likelihood(sse[-1].detach(), dims) + total_kl).mean() / dims
         scalars["bpd"] = nll / math.log(2.0)
         # Every ladder latent of every step is one unit: D = T x sum(latent_dims), in `posterior()`'s
