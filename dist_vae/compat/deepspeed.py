@@ -3,8 +3,8 @@
 Supported: deepspeed 0.19.x (the suite runs 0.19.8). These names are not DeepSpeed's public API:
 the ZeRO-1/2 optimizer's gradient buffers and micro-step id (its overflow branch, which
 `release_gradients` repeats), its `bit16_groups` / `bf16_groups`, and the engine's step and sample
-counters. `check_supported` names whichever of them the installed
-DeepSpeed lacks, so that an upgrade fails in one line instead of deep inside a step.
+counters. `check_supported` names whichever of them the installed DeepSpeed lacks, so that an
+upgrade fails in one line instead of deep inside a step.
 """
 
 from __future__ import annotations

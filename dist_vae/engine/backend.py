@@ -261,8 +261,8 @@ def build_backend(cfg: Config, world_size: int, lr_scale: float) -> Backend:
     per_image = flops_per_image(model, cfg.data.resolution) if peak else 0.0
     if peak and acc.device.type == "cuda" and acc.is_main_process:  # on a GPU only
         warn_if_host_bound(model, cfg, peak)
+    deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
     if t.cuda_graphs:
-        deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
         refusal = cuda_graphs_refusal(acc.device.type, deepspeed, t.accumulate)
         if refusal:
             raise BackendError(refusal)
@@ -277,5 +277,5 @@ def build_backend(cfg: Config, world_size: int, lr_scale: float) -> Backend:
     update_path = make_update_path(acc, prepared, optimizer, t.grad_clip, growth)  # the raw optimizer
     return Backend(
         acc, prepared, raw_model, prepared_optimizer, update_path, ema, group_names, base_lrs, peak,
-        per_image, own_autocast(t.precision, acc.distributed_type == DistributedType.DEEPSPEED),
+        per_image, own_autocast(t.precision, deepspeed),
     )  # fmt: skip
