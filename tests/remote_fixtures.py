@@ -238,3 +238,22 @@ def s3_copy(local: Path, url: str, **faults: float) -> Iterator[FaultyProxy]:
             yield proxy
         finally:
             proxy.close()
+
+
+def make_public(port: int, bucket: str, prefix: str) -> None:
+    """Let anyone read the objects under `prefix` of `bucket` without credentials (a bucket policy), as
+    a public bucket or a plain web server serves them: HEAD and GET, nothing else."""
+    import json
+
+    import boto3
+
+    statement = {"Effect": "Allow", "Principal": "*", "Action": ["s3:GetObject", "s3:HeadObject"],
+                 "Resource": f"arn:aws:s3:::{bucket}/{prefix}*"}  # fmt: skip
+    env = s3_env("")
+    client = boto3.client(
+        "s3", endpoint_url=f"http://127.0.0.1:{port}", region_name=env["AWS_REGION"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+    )  # fmt: skip
+    client.put_bucket_policy(
+        Bucket=bucket, Policy=json.dumps({"Version": "2012-10-17", "Statement": [statement]})
+    )

@@ -1,5 +1,5 @@
 """Fast checks of the engine's pure parts: spike detector, LR schedule, grids, checkpoint discovery, EMA,
-clipping, the log window, the refusals of train.cuda_graphs."""
+clipping, the log window, the refusals of train.cuda_graphs, DDP's buffer broadcasts."""
 
 from __future__ import annotations
 
@@ -9,15 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_vae.checkpoint import COMPLETE, CheckpointError, clean_partial, resolve_resume
-from dist_vae.engine.backend import EMA, cuda_graphs_refusal
+from dist_vae.engine.backend import EMA, cuda_graphs_refusal, spare_buffer_broadcasts
 from dist_vae.engine.monitor import Window
 from dist_vae.engine.step import SpikeDetector, UpdateGate, lr_factor
 from dist_vae.engine.update import TorchUpdate
 from dist_vae.files import image_grid
 from dist_vae.models.output import CodeStats, LossOutput
 from dist_vae.run_layout import RunDir
+from tests.test_compile import one_process_group
+from tests.test_plan_memory import tiny_model
 
 
 def stable_norms(n: int, seed: int = 0) -> list[float]:
@@ -190,3 +193,16 @@ def test_cuda_graphs_are_refused_without_a_gpu_under_deepspeed_and_with_accumula
     assert "DeepSpeed" in (cuda_graphs_refusal("cuda", deepspeed=True, accumulate=1) or "")
     refusal = cuda_graphs_refusal("cuda", deepspeed=False, accumulate=3) or ""
     assert "train.accumulate=1 (this run has 3)" in refusal and "train.resize=scale_lr" in refusal
+
+
+def test_ddp_broadcasts_before_each_forward_only_buffers_a_checkpoint_keeps(tmp_path: Path) -> None:
+    """The iterative VAE's `fold` buffers are constants outside its state_dict: no collective per
+    forward for them. Running statistics are state: still broadcast."""
+    with one_process_group(tmp_path / "store"):
+        constants = DDP(tiny_model("iterative_vae"))
+        statistics = DDP(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
+        assert constants.will_sync_module_buffers() and statistics.will_sync_module_buffers()  # DDP's default
+        for wrapped in (constants, statistics):
+            spare_buffer_broadcasts(wrapped)
+        assert not constants.will_sync_module_buffers()
+        assert statistics.will_sync_module_buffers()

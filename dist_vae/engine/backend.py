@@ -19,6 +19,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from dist_vae.checkpoint import raw_module
 from dist_vae.compat.torch_ops import copy_all_, lerp_all_
@@ -101,6 +102,19 @@ def start_accelerator(cfg: Config, world_size: int) -> Accelerator:
     if acc.num_processes != world_size:
         raise ConfigError(f"Accelerate sees {acc.num_processes} processes but WORLD_SIZE is {world_size}")
     return acc
+
+
+def spare_buffer_broadcasts(prepared: nn.Module) -> None:
+    """DDP broadcasts rank 0's buffers before every forward, one collective per micro-batch, which
+    only state that changes in training needs, and such state is checkpointed (a persistent buffer:
+    running statistics). Constants each rank builds alike (non-persistent: iterative_nets.py's `fold`)
+    are not sent. Set on the wrapper, the broadcast at construction stays; the keyword
+    `broadcast_buffers=False` (deprecated since torch 2.13) would skip that too."""
+    if isinstance(prepared, DistributedDataParallel):
+        model = prepared.module
+        prepared.broadcast_buffers = bool(
+            {name for name, _ in model.named_buffers()} & set(model.state_dict())
+        )
 
 
 def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -272,6 +286,7 @@ def build_backend(cfg: Config, world_size: int, lr_scale: float) -> Backend:
             print("train.compile=auto on a GPU: compile", file=sys.stderr, flush=True)
         model.compile()  # in place: parameter names, checkpoints and param_groups() stay as they are
     prepared, prepared_optimizer = acc.prepare(model, optimizer)
+    spare_buffer_broadcasts(prepared)
     raw_model = raw_module(prepared)
     growth = t.loss_scale_growth_interval if t.precision == "fp16" else None
     update_path = make_update_path(acc, prepared, optimizer, t.grad_clip, growth)  # the raw optimizer
