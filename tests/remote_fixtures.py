@@ -177,6 +177,20 @@ def sampled_sizes(cache: Path) -> Iterator[list[int]]:
         sampler.join()
 
 
+def id_shard_set(root: Path, count: int) -> Path:
+    """`count` id images (tests/data_fixtures.py) in root/images, built into 8 px PNG shards of 7 images,
+    all in train, under root/shards."""
+    from dist_vae.data.shards import ShardSettings, build_shards
+    from tests.data_fixtures import id_images
+
+    id_images(root / "images", count)
+    settings = ShardSettings(
+        source=f"folder:{root / 'images'}", resolution=8, format="png", shard_size=7, val_fraction=0.0
+    )
+    build_shards(settings, root / "shards", progress=False)
+    return root / "shards"
+
+
 @contextlib.contextmanager
 def moto_server() -> Iterator[int]:
     """A moto S3 server on 127.0.0.1 (port chosen by the system); yields its port."""

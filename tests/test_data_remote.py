@@ -18,11 +18,9 @@ from dist_vae.config import DataConfig
 from dist_vae.data import storage
 from dist_vae.data.cache import ShardCache
 from dist_vae.data.order import SampleOrder
-from dist_vae.data.shards import ShardSettings, build_shards
 from dist_vae.data.storage import RemoteError, Store, StoreUnreachable
 from dist_vae.data.stream import DataError, ShardStream, local_root, manifest_sha256, read_manifest
-from tests.data_fixtures import id_images
-from tests.remote_fixtures import BUCKET, FaultyProxy, s3_env, sampled_sizes, upload_dir
+from tests.remote_fixtures import BUCKET, FaultyProxy, id_shard_set, s3_env, sampled_sizes, upload_dir
 
 URL = f"s3://{BUCKET}/set"
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,14 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def local_shards(tmp_path_factory: pytest.TempPathFactory, server: int) -> Path:
-    root = tmp_path_factory.mktemp("remote")
-    id_images(root / "images", 45)
-    settings = ShardSettings(
-        source=f"folder:{root / 'images'}", resolution=8, format="png", shard_size=7, val_fraction=0.0
-    )
-    build_shards(settings, root / "shards", progress=False)
-    upload_dir(server, root / "shards", URL)
-    return root / "shards"
+    shards = id_shard_set(tmp_path_factory.mktemp("remote"), 45)
+    upload_dir(server, shards, URL)
+    return shards
 
 
 def cfg(path: str | Path, cache: Path, **kw: object) -> DataConfig:

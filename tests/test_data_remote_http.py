@@ -11,10 +11,8 @@ import pytest
 import torch
 
 from dist_vae.commands.make_shards import main as make_shards
-from dist_vae.data.shards import ShardSettings, build_shards
 from dist_vae.data.stream import DataError, ShardStream
-from tests.data_fixtures import id_images
-from tests.remote_fixtures import BUCKET, FaultyProxy, make_public, s3_env, upload_dir
+from tests.remote_fixtures import BUCKET, FaultyProxy, id_shard_set, make_public, s3_env, upload_dir
 from tests.test_data_remote import batches, cfg
 
 PUBLIC = "public"  # the prefix of BUCKET anyone may read
@@ -22,16 +20,11 @@ PUBLIC = "public"  # the prefix of BUCKET anyone may read
 
 @pytest.fixture(scope="module")
 def local_shards(tmp_path_factory: pytest.TempPathFactory, server: int) -> Path:
-    root = tmp_path_factory.mktemp("http")
-    id_images(root / "images", 30)
-    settings = ShardSettings(
-        source=f"folder:{root / 'images'}", resolution=8, format="png", shard_size=7, val_fraction=0.0
-    )
-    build_shards(settings, root / "shards", progress=False)
-    upload_dir(server, root / "shards", f"s3://{BUCKET}/{PUBLIC}/set")
-    upload_dir(server, root / "shards", f"s3://{BUCKET}/private/set")
+    shards = id_shard_set(tmp_path_factory.mktemp("http"), 30)
+    upload_dir(server, shards, f"s3://{BUCKET}/{PUBLIC}/set")
+    upload_dir(server, shards, f"s3://{BUCKET}/private/set")
     make_public(server, BUCKET, f"{PUBLIC}/")
-    return root / "shards"
+    return shards
 
 
 @pytest.fixture(autouse=True)
