@@ -50,6 +50,7 @@ bench: env
 	$(BIN)/python tools/bench/iterative.py
 	$(BIN)/python tools/bench/pixelcnnpp.py
 	$(BIN)/python tools/bench/fid.py
+	$(BIN)/python tools/bench/ddp_params.py
 	$(if $(BASE),$(BIN)/python tools/bench/speed.py --baseline $(BASE))
 
 # On a GPU machine: the trainer's step per execution mode beside the planner's prediction (DOCS=1
