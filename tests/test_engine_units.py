@@ -4,8 +4,10 @@ clipping, the log window, the refusals of train.cuda_graphs, DDP's buffer broadc
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -14,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dist_vae.checkpoint import COMPLETE, CheckpointError, clean_partial, resolve_resume
 from dist_vae.engine.backend import EMA, cuda_graphs_refusal, spare_buffer_broadcasts
 from dist_vae.engine.monitor import Window
-from dist_vae.engine.step import SpikeDetector, UpdateGate, lr_factor
+from dist_vae.engine.step import SpikeDetector, UpdateGate, lr_factor, preserved_rng
 from dist_vae.engine.update import TorchUpdate
 from dist_vae.files import image_grid
 from dist_vae.models.output import CodeStats, LossOutput
@@ -206,3 +208,15 @@ def test_ddp_broadcasts_before_each_forward_only_buffers_a_checkpoint_keeps(tmp_
             spare_buffer_broadcasts(wrapped)
         assert not constants.will_sync_module_buffers()
         assert statistics.will_sync_module_buffers()
+
+
+def test_side_work_in_preserved_rng_takes_no_draws_from_the_step() -> None:
+    def draws() -> tuple[float, float, float]:
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    expected = draws()
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    with preserved_rng():
+        draws()
+    assert draws() == expected

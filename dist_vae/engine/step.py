@@ -72,16 +72,16 @@ def seed_everything_for_step(seed: int, step: int, rank: int) -> None:
 def preserved_rng() -> Iterator[None]:
     """Side work inside a step (fetching a batch, whose DataLoader may seed its workers from the global
     stream) runs inside this so it takes no draws from the step's stream."""
-    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    py_state, np_state = random.getstate(), np.random.get_state()
+    # This process's GPU only: the step draws on no other, and every visible GPU's would be read twice
+    # per micro-batch on a node whose ranks each see all of them.
+    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
     try:
-        yield
+        with torch.random.fork_rng(devices=devices):
+            yield
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
-        torch.set_rng_state(torch_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
 
 
 class TrainingDiverged(RuntimeError):
