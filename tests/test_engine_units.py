@@ -156,6 +156,20 @@ def test_ema_follows_weights_with_warmed_up_decay() -> None:
     assert math.isclose(decay, 2 / 11)
 
 
+def test_the_ema_follows_a_model_that_prepare_moved_to_the_device() -> None:
+    """Accelerate and DeepSpeed move the model to the run's device after the EMA copied it there: the
+    parameters stay the same objects, the buffers (the iterative VAE's `fold`) become new tensors.
+    The meta device stands in for the GPU: an update reading the buffers left behind mixes devices."""
+    model = tiny_model("iterative_vae")
+    ema = EMA(model, decay=0.9, device="meta")
+    model.to("meta")
+    ema.follow(model)
+    ema.update()
+    (_, buffers), (_, shadow) = ema._source, ema._shadow
+    assert buffers and all(b.is_meta and b is now for b, now in zip(buffers, model.buffers(), strict=True))
+    assert all(s.is_meta for s in shadow) and ema._updates.is_meta
+
+
 @pytest.mark.parametrize("fused", [False, True])  # decided on the host (apply) / masked on the device
 def test_the_torch_update_clips_the_gradients_to_train_grad_clip(fused: bool) -> None:
     """Gradients of norm 15 clipped to 3, then one SGD step of learning rate 1 from zero: the weights

@@ -137,21 +137,23 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
 
 
 class EMA:
-    """A frozen fp32 copy of `model` whose weights trail the trained ones.
-
-    The effective decay is min(decay, (1 + n) / (10 + n)) after n updates, so early in training the
-    average is not dominated by the random initialisation. Built before the model is compiled or
-    wrapped (the copy must not share a compiled forward), it follows the same parameter objects, which
-    DDP and DeepSpeed ZeRO-1/2 keep (they move or re-view the data, not the parameters), with a
-    few foreach kernels per update.
+    """A frozen fp32 copy of `model` whose weights trail the trained ones, a few foreach kernels per
+    update. The effective decay is min(decay, (1 + n) / (10 + n)) after n updates, so early in training
+    the average is not dominated by the random initialisation. Built before the model is compiled or
+    wrapped (the copy must not share a compiled forward), it follows the parameter objects, which DDP
+    and DeepSpeed keep; moving the model to the GPU replaces its buffers: `follow` it after prepare.
     """
 
     def __init__(self, model: nn.Module, decay: float, device: torch.device | str = "cpu") -> None:
         self.decay = decay
         self.model = copy.deepcopy(model).float().eval().requires_grad_(False).to(device)
-        self._source = (list(model.parameters()), list(model.buffers()))
         self._shadow = (list(self.model.parameters()), list(self.model.buffers()))
         self._updates = torch.zeros((), dtype=torch.long, device=device)
+        self.follow(model)
+
+    def follow(self, model: nn.Module) -> None:
+        """Average `model`'s parameters and buffers as they are now (again once prepare has moved it)."""
+        self._source = (list(model.parameters()), list(model.buffers()))
 
     @torch.no_grad()
     def update(self, applied: torch.Tensor | None = None) -> None:
@@ -288,6 +290,8 @@ def build_backend(cfg: Config, world_size: int, lr_scale: float) -> Backend:
     prepared, prepared_optimizer = acc.prepare(model, optimizer)
     spare_buffer_broadcasts(prepared)
     raw_model = raw_module(prepared)
+    if ema is not None:  # prepare moved the model to the device: its buffers are new tensors
+        ema.follow(raw_model)
     growth = t.loss_scale_growth_interval if t.precision == "fp16" else None
     update_path = make_update_path(acc, prepared, optimizer, t.grad_clip, growth)  # the raw optimizer
     return Backend(
