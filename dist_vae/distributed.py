@@ -1,6 +1,6 @@
 """Every collective and process-group helper of the project, and the one rule for a rank's share.
 
-The trainer reaches its collectives through an Accelerator (`agree`, `sum_over_ranks`); metrics and
+The trainer reaches its collectives through an Accelerator (`agree`, `spread`, `sum_over_ranks`); metrics and
 the tools use the default process group (`world`, `agreed`, `gather_rows`) and Accelerate's process
 state (`tool_state`, `tool_device`). Work over ranks is always split by `share`.
 """
@@ -39,6 +39,12 @@ def agree_on_device(acc: Accelerator, values: list[torch.Tensor]) -> torch.Tenso
     if acc.num_processes > 1:
         dist.all_reduce(votes, op=dist.ReduceOp.MAX)
     return votes
+
+
+def spread(acc: Accelerator, value: int) -> tuple[int, int]:
+    """(lowest, highest) of `value` over the ranks (collective; exact below 2**24)."""
+    votes = agree(acc, [torch.tensor(float(v), device=acc.device) for v in (value, -value)])
+    return int(-votes[1]), int(votes[0])
 
 
 def host_vote(acc: Accelerator) -> Callable[[bool], bool]:

@@ -10,6 +10,8 @@ real forward hooks to whatever model `build_model` returns, driven by environmen
   HARNESS_RECORD=DIR   append a checksum of every training input batch to DIR/rank-<RANK>.txt
   HARNESS_SAVE_SLEEP=0.5  sleep that many seconds before each file a checkpoint save writes (a save
                        slow enough to be interrupted in the middle)
+  HARNESS_BLIND_RANK=1  that rank finds no checkpoint to resume (a node whose listing of the shared
+                       file system is stale)
   HARNESS_SLEEP_AT=1:4:600  rank 1 sleeps 600 s in `sleep_inside_step` before its training forward
                        call 4 (0-based): a hang inside a step, while the other ranks wait in its collective
 """
@@ -86,6 +88,14 @@ def slow_saves(seconds: float) -> None:
     store.write_synced = slow_write
 
 
+def blind_rank() -> None:
+    from dist_vae import checkpoint
+
+    checkpoint.resolve_resume = lambda resume, run_dir: None
+
+
+if os.environ.get("HARNESS_BLIND_RANK") == os.environ.get("RANK", "0"):
+    blind_rank()
 if os.environ.get("HARNESS_SAVE_SLEEP"):
     slow_saves(float(os.environ["HARNESS_SAVE_SLEEP"]))
 register_module_forward_pre_hook(record_inputs)

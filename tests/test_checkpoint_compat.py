@@ -58,9 +58,10 @@ def test_format2_checkpoint_loads_and_gives_the_same_losses_and_gradients(kind: 
 @pytest.mark.usefixtures("one_thread")
 def test_format2_optimizer_state_resumes_on_the_fused_adamw() -> None:
     """The fixture saved `fused: None` with its moments; the trainer's optimizer is fused, and the
-    resumed run must keep the fused kernel and the saved moments, then step them."""
+    resumed run must keep the fused kernel and the saved moments, then step them, with the weight
+    decay this run configures (the fixture saved 0)."""
     run_dir = FIXTURES / "pixel_vae"
-    cfg = load_config(RunDir(run_dir).config)
+    cfg = load_config(RunDir(run_dir).config, ["train.weight_decay=0.25"])
     model = build_model(cfg.model, cfg.data.resolution, cfg.train.gradient_checkpointing)
     optimizer = make_optimizer(model, cfg)
     assert {group["fused"] for group in optimizer.param_groups} == {True}
@@ -68,6 +69,7 @@ def test_format2_optimizer_state_resumes_on_the_fused_adamw() -> None:
     path = newest_verified(run_dir)
     load_checkpoint(acc, path, model=model, optimizer=optimizer, ema=None)
     assert {group["fused"] for group in optimizer.param_groups} == {True}
+    assert {group["weight_decay"] for group in optimizer.param_groups} == {0.25}
     saved = read_tensors(path / OPTIMIZER_FILE)
     names = dict(model.named_parameters())
     name = "decoder.up_u.0.0.conv_out.conv.v"

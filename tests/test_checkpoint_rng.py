@@ -1,5 +1,6 @@
 """Random streams come from (seed, step, rank), not from checkpoints: the same triple gives the same
-draws in any process, and a 2-process run resumed half way ends bit-identical to an uninterrupted one."""
+draws in any process, and a 2-process run resumed half way ends bit-identical to an uninterrupted one
+(after a start in which the ranks found different checkpoints was refused)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,11 @@ def test_two_process_run_resumed_half_way_is_bit_identical(demo_shards: Path, tm
     whole, halves = tmp_path / "whole", tmp_path / "halves"
     check(run(accelerate_cmd("cpu_debug.yaml", whole, demo_shards, *overrides, "train.steps=4")))
     check(run(accelerate_cmd("cpu_debug.yaml", halves, demo_shards, *overrides, "train.steps=2")))
+    # Rank 1 sees no checkpoint (a stale listing): every rank refuses, and the resume below still holds.
+    blind = run(accelerate_cmd("cpu_debug.yaml", halves, demo_shards, *overrides, "train.steps=4"),
+                HARNESS_BLIND_RANK="1")  # fmt: skip
+    refusal = f"error: the ranks found different checkpoints to resume in run_dir {halves} (steps 0 to 2)"
+    assert blind.returncode != 0 and blind.stderr.count(refusal) == 2, blind.stderr[-3000:]  # both ranks
     check(run(accelerate_cmd("cpu_debug.yaml", halves, demo_shards, *overrides, "train.steps=4")))
     (step_a, a), (step_b, b) = complete_checkpoints(whole)[-1], complete_checkpoints(halves)[-1]
     assert step_a == step_b == 4

@@ -112,6 +112,9 @@ def load_weights(acc: Accelerator, model: nn.Module, tensors: Tensors, source: P
 # How torch computes an update, not which update: this process's choice stands (a run saved before
 # the trainer used the fused AdamW, or saved on another kind of device, resumes on this one's kernel).
 IMPLEMENTATION_SWITCHES = ("foreach", "fused", "capturable", "differentiable")
+# Set from this run's config (engine/backend.py's make_optimizer; the LR again at every step), not the
+# checkpoint's: a resume with a changed train.weight_decay, which it announces, trains with it.
+CONFIGURED = ("lr", "weight_decay")
 
 
 def _hyperparameters(group: dict[str, Any], index: int) -> dict[str, Any]:
@@ -190,7 +193,7 @@ def load_optimizer_state(
             )
     for group, entry in zip(inner.param_groups, saved, strict=True):
         for key, value in entry.items():
-            if key not in ("params", "state", *IMPLEMENTATION_SWITCHES):
+            if key not in ("params", "state", *IMPLEMENTATION_SWITCHES, *CONFIGURED):
                 group[key] = tuple(value) if isinstance(group.get(key), tuple) else value
     if zero is not None:
         for group, params, entry in zip(inner.param_groups, groups, saved, strict=True):

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from dist_vae import checkpoint
 from dist_vae.config import Config, ConfigError, to_yaml
-from dist_vae.distributed import rank0_says
+from dist_vae.distributed import rank0_says, spread
 from dist_vae.engine.backend import Backend
 from dist_vae.engine.feeds import Streams
 from dist_vae.engine.step import TrainingDiverged, UpdateGate
@@ -185,12 +185,18 @@ def check_resume(cfg: Config, resume_from: Path | None, step: int) -> ConfigChan
 
 def claim_run_dir(acc: Accelerator, cfg: Config, change: ConfigChange, refused: str | None) -> None:
     """Every rank learns whether rank 0 was `refused` the run directory's lease (ConfigError naming the
-    holder, on every rank); then rank 0 clears a killed save's leftovers and records the config this
-    run trains with, and every rank waits for it. A refused resume (`check_resume`) never gets here,
-    leaving config.yaml as it was."""
+    holder, on every rank) and whether every rank resumes the same step (else a ConfigError); then rank
+    0 clears a killed save's leftovers and records the config this run trains with, and every rank
+    waits for it. A refused resume (`check_resume`) never gets here, leaving config.yaml as it was."""
     refused = rank0_says(acc, refused)
     if refused is not None:
         raise ConfigError(refused)
+    low, high = spread(acc, change.step)  # each rank chose its checkpoint alone, before the group formed
+    if low != high:
+        raise ConfigError(
+            f"the ranks found different checkpoints to resume in run_dir {cfg.run_dir} (steps {low} to "
+            f"{high}): every node must see it on one shared file system, without stale listings"
+        )
     run = RunDir(cfg.run_dir)
     if acc.is_main_process:
         checkpoint.clean_partial(run.root)
