@@ -102,7 +102,11 @@ def gather_rows(local: torch.Tensor) -> torch.Tensor:
     # torchmetrics is the optional [metrics] extra: loaded only where rows are gathered.
     from torchmetrics.utilities.distributed import gather_all_tensors
 
-    return torch.cat(gather_all_tensors(local.contiguous()))
+    # NCCL gathers GPU tensors only: rows kept on the CPU (a tool's --device cpu) travel through the GPU.
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else local.device
+    )
+    return torch.cat(gather_all_tensors(local.contiguous().to(device))).to(local.device)
 
 
 def needs_gloo() -> bool:
