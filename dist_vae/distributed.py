@@ -90,13 +90,15 @@ def agreed(value: int, op: dist.ReduceOp.RedOpType) -> int:
 
 
 def gather_rows(local: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows, concatenated in rank order, on every rank (shares may differ in size)."""
+    """Every rank's rows, concatenated in rank order, on every rank (shares may differ in size), on
+    `local`'s device; through the GPU under NCCL, which takes no CPU tensor (a tool's --device cpu)."""
     if world()[1] == 1:
         return local
     # torchmetrics is the optional [metrics] extra: loaded only where rows are gathered.
     from torchmetrics.utilities.distributed import gather_all_tensors
 
-    return torch.cat(gather_all_tensors(local.contiguous()))
+    device = "cuda" if dist.get_backend() == "nccl" else local.device
+    return torch.cat(gather_all_tensors(local.contiguous().to(device))).to(local.device)
 
 
 def needs_gloo() -> bool:
