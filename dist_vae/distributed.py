@@ -96,13 +96,13 @@ def agreed(value: int, op: dist.ReduceOp.RedOpType) -> int:
 
 
 def gather_rows(local: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows, concatenated in rank order, on every rank (shares may differ in size)."""
+    """Every rank's rows, concatenated in rank order, on every rank (shares may differ in size), on
+    `local`'s device; through the GPU under NCCL, which takes no CPU tensor (a tool's --device cpu)."""
     if world()[1] == 1:
         return local
     # torchmetrics is the optional [metrics] extra: loaded only where rows are gathered.
     from torchmetrics.utilities.distributed import gather_all_tensors
 
-    # NCCL gathers GPU tensors only: rows kept on the CPU (a tool's --device cpu) travel through the GPU.
     device = (
         torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else local.device
     )

@@ -14,6 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
+from dist_vae.commands.sample import draw
+from dist_vae.run_dir import load_run
 from dist_vae.run_layout import RunDir
 from tests.engine_util import LAUNCH, free_port
 
@@ -153,6 +155,15 @@ def test_sample_on_two_processes_writes_the_whole_grids(run_dir: Path, tmp_path:
     assert Image.open(tmp_path / "chain_data.png").size == (2 * cell + 2, 3 * cell + 2)  # 3 chains
     rows = 1 if "kind: pixel_vae" in RunDir(run_dir).config.read_text() else 3
     assert Image.open(tmp_path / "ancestral.png").size == (3 * cell + 2, rows * cell + 2)
+
+
+def test_a_share_past_a_small_split_draws_no_data_chain(run_dir: Path, shards: Path) -> None:
+    """--n above the val split's size under several processes: the last process's rows of the data
+    chains are empty, and it draws its noise chains rather than failing on the empty start."""
+    val = json.loads((shards / "manifest.json").read_text())["splits"]["val"]["count"]
+    grids = draw(load_run(run_dir), range(val, val + 1), val + 1, chain_steps=1, seed=0, rank=1)
+    assert grids["chain_data"].shape == (0, 2, 3, RESOLUTION, RESOLUTION)
+    assert grids["chain_noise"].shape == (1, 2, 3, RESOLUTION, RESOLUTION)
 
 
 def test_tools_name_what_is_missing_in_a_bad_run_dir(tmp_path: Path) -> None:

@@ -64,7 +64,8 @@ def draw(
     starts = {"chain_data": data, "chain_noise": noise}
     grids = {"ancestral": torch.stack(prior_samples(model, len(rows), generator), dim=1).cpu()}
     for name, start in starts.items():
-        chain = markov_chain(model, start[rows.start : rows.stop].to(device), chain_steps, generator)
+        mine = start[rows.start : rows.stop].to(device)  # empty past a split smaller than n
+        chain = markov_chain(model, mine, chain_steps, generator) if len(mine) else [mine] * (chain_steps + 1)
         grids[name] = torch.stack(chain, dim=1).cpu()
     return grids
 

@@ -5,6 +5,7 @@ periodic action is one more `Periodic` in `periodic_actions`."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -64,7 +65,12 @@ class Evaluation:
         acc, cfg = self.backend.accelerator, self.cfg
         totals = torch.zeros(3, dtype=torch.float64, device=acc.device)  # bits, images, unreachable
         unreachable: StoreUnreachable | None = None
-        with evaluating(self.backend.eval_model) as net, self.backend.autocast():
+        # The trained weights under train.cuda_graphs run eagerly here: in inference each call of a
+        # captured forward starts a new generation of CUDA graph trees, which frees the outputs of the
+        # call before, and the iterative VAE's unroll keeps every step's (one captured call per step).
+        captured = cfg.train.cuda_graphs and self.backend.ema is None
+        eager = torch.compiler.set_stance("force_eager") if captured else contextlib.nullcontext()
+        with evaluating(self.backend.eval_model) as net, self.backend.autocast(), eager:
             torch.manual_seed(cfg.seed + step)
             try:
                 for i, x in enumerate(self.streams.val):
