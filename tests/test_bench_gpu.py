@@ -31,17 +31,30 @@ def table(lines: list[str], first: str) -> list[list[str]]:
     return rows
 
 
+BASELINE = "HEAD"  # any revision of the tree will do: the test checks the comparison, not its result
+
+
 @pytest.mark.slow
 def test_tiny_gpu_bench_prints_every_row_with_finite_numbers(tmp_path: Path) -> None:
+    """One run for both tables and, where the checkout has the history, the before/after against
+    BASELINE (each start of the bench costs seconds)."""
     docs = tmp_path / "performance.md"
+    has_baseline = subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{BASELINE}^{{commit}}"])
+    versus = [
+        "--baseline",
+        BASELINE,
+        "--speed-args",
+        "--rounds 1 --steps 1 --threads 1 --cases iterative-demo",
+    ]
     out = subprocess.run(
         [sys.executable, "tools/bench/gpu.py", "--tiny", "--budget", "1e9", "--peak-flops", "1e9",
-         "--write-docs", str(docs)],
+         "--write-docs", str(docs), *(versus if has_baseline.returncode == 0 else [])],
         cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
     ).stdout  # fmt: skip
     lines = out.splitlines()
     assert "process group gloo, world size 1: init + all_reduce ok" in out, out
-    assert "this tree against" not in out  # the before/after runs only against a given revision
+    if has_baseline.returncode == 0:
+        check_versus_baseline(lines, out)
 
     modes = table(lines, "config")
     measured = [row for row in modes if row[1] != "graphed"]
@@ -98,21 +111,8 @@ def test_gpu_time_is_the_union_of_the_kernels_intervals() -> None:
     assert busy_ms([]) == 0.0
 
 
-BASELINE = "HEAD"  # any revision of the tree will do: the test checks the comparison, not its result
-
-
-def test_versus_baseline_prints_speed_before_after_on_the_same_device() -> None:
-    has_baseline = subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{BASELINE}^{{commit}}"])
-    if has_baseline.returncode != 0:
-        pytest.skip(f"this checkout has no git history up to {BASELINE}")
-    speed_args = ["--speed-args", "--rounds 1 --steps 1 --threads 1 --cases iterative-demo"]
-    bench = ["tools/bench/gpu.py", "--tiny", "--no-modes", "--budget", "0", "--baseline", BASELINE]
-    bench += speed_args
-    out = subprocess.run(
-        [sys.executable, *bench],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
-    ).stdout  # fmt: skip
-    lines = out.splitlines()
+def check_versus_baseline(lines: list[str], out: str) -> None:
+    """speed.py's before/after against BASELINE, appended after the tables."""
     title = f"step time, this tree against {BASELINE} (tools/bench/speed.py)"
     assert title in lines and lines[lines.index(title) + 1].startswith("cpu, 1 threads"), out
     timed, counted = (line.split() for line in lines if line.startswith("iterative-demo"))

@@ -1,6 +1,7 @@
 """Fault injection: a 2-process gloo run, its whole process tree killed with
-SIGKILL at 10 random moments (half of them while a checkpoint is being written) and resumed each
-time, ends with exactly the weights of an uninterrupted 2-process run."""
+SIGKILL at 6 random moments (half of them while a checkpoint is being written) and resumed each
+time, ends with exactly the weights of an uninterrupted 2-process run. (One process killed at random
+moments, fp32 and fp16: tests/test_engine_resume.py.)"""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from dist_vae.run_layout import RunDir
 from tests.engine_util import accelerate_cmd, assert_same, check, checkpoint_contents, env, run
 
 STEPS = 30
-KILLS = 10
+KILLS = 6
 OVERRIDES = [f"train.steps={STEPS}", "train.checkpoint_every=1", "train.log_every=1", "train.eval_every=7",
              "train.sample_every=100", "train.schedule=constant", "train.warmup=6"]  # fmt: skip
 
@@ -49,7 +50,7 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-def test_two_process_run_killed_ten_times_ends_bit_exact(demo_shards: Path, tmp_path: Path) -> None:
+def test_two_process_run_killed_six_times_ends_bit_exact(demo_shards: Path, tmp_path: Path) -> None:
     reference = tmp_path / "reference"
     check(run(accelerate_cmd("cpu_debug.yaml", reference, demo_shards, *OVERRIDES), timeout=300))
     killed = tmp_path / "killed"
@@ -62,7 +63,7 @@ def test_two_process_run_killed_ten_times_ends_bit_exact(demo_shards: Path, tmp_
         proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # Every other kill lands inside a checkpoint write begun by this launch, the others at a random
         # time from the launch (start-up, loading, training), but before it gets 2 steps further, so
-        # that all ten kills fit in the run however fast the machine is.
+        # that all the kills fit in the run however fast the machine is.
         if kill % 2 == 0:
             deadline = time.monotonic() + 180
             while (
