@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_vae.models.iterative_vae import IterativeVAE, IterativeVAEConfig
 from dist_vae.models.pixel_vae import PixelVAE, PixelVAEConfig
@@ -75,3 +76,28 @@ def test_grid_rows_tile_one_step_samples_near_square() -> None:
     rows = grid_samples(model, 5, torch.Generator().manual_seed(0))
     assert [r.shape[0] for r in rows] == [3]  # 3 per row; the short last row is dropped
     assert model.training
+
+
+def test_cached_generation_under_autocast_casts_each_frozen_weight_once() -> None:
+    """Autocast caches casts of leaf parameters only, so the sampler's detached weights would be cast
+    again at every generated pixel: they are cast once, when frozen. The bias stays in float32."""
+    torch.manual_seed(0)
+    model = PixelVAE(PixelVAEConfig(latent_dim=4, nr_resnet=1, nr_filters=8, nr_mix=3, n_stages=2), 8).eval()
+    conv = model.decoder.out
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        weight, bias = conv.frozen()
+    assert (weight.dtype, bias.dtype) == (torch.bfloat16, torch.float32)
+    assert torch.equal(weight, conv.frozen()[0].to(torch.bfloat16))
+    casts = []
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].dim() == 4 and args[0].shape[0] > 1:
+                casts.append(tuple(args[0].shape))  # weights [out, in, kh, kw]; maps' windows have batch 1
+            return func(*args, **(kwargs or {}))
+
+    z = torch.randn(1, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), Casts():
+        model.generate(z, torch.Generator().manual_seed(3))
+    layers = sum(1 for m in model.decoder.modules() if type(m).__name__ == "WNConv2d")
+    assert 0 < len(casts) <= layers, (len(casts), layers)  # once each, at freezing: not per pixel

@@ -55,8 +55,15 @@ class WNConv2d(nn.Module):
         return self.g * self.v / torch.linalg.vector_norm(self.v, dim=self.norm_dims, keepdim=True)
 
     def frozen(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weight and bias as constants, computed once for many inference steps."""
-        return self.weight().detach(), self.bias.detach()
+        """Weight and bias as constants, computed once for many inference steps. Under autocast the
+        weight is cast here once: autocast caches casts of leaf parameters only, so it would cast this
+        detached weight again at every step (a kernel per layer per pixel on a GPU). The bias stays:
+        some steps add it outside autocast's operations, where its dtype decides the sum's."""
+        weight = self.weight().detach()
+        device = weight.device.type
+        if torch.is_autocast_enabled(device):
+            weight = weight.to(torch.get_autocast_dtype(device))
+        return weight, self.bias.detach()
 
     def forward(
         self, x: torch.Tensor, weights: Weights | None = None, bias: torch.Tensor | None = None
