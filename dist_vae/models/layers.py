@@ -40,6 +40,9 @@ class FrozenConv:
 
     def __init__(self, conv: WNConv2d, top: int, left: int) -> None:
         self.weight, self.bias = conv.frozen()
+        # The bias in the weight's dtype (autocast's, when frozen under it) for this class's own
+        # convolution and matrix product, which autocast would otherwise cast to it at every call.
+        self.own_bias = self.bias.to(self.weight.dtype)
         self.stride, self.top, self.left = conv.stride, top, left
         self.kh, self.kw = self.weight.shape[-2:]
         self.matrix = self.weight.flatten(1).T.contiguous()
@@ -53,8 +56,10 @@ class FrozenConv:
 
     def __call__(self, window: torch.Tensor) -> torch.Tensor:
         if window.shape[-1] == self.kw:  # one output position: a matrix product, far cheaper than conv2d
-            return torch.addmm(self.bias, window.reshape(window.shape[0], -1), self.matrix)[:, :, None, None]
-        return F.conv2d(window, self.weight, self.bias, stride=self.stride)
+            return torch.addmm(self.own_bias, window.reshape(window.shape[0], -1), self.matrix)[
+                :, :, None, None
+            ]
+        return F.conv2d(window, self.weight, self.own_bias, stride=self.stride)
 
 
 class ShiftedConv2d(nn.Module):
