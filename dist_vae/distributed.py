@@ -86,11 +86,21 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def _collective_device(default: torch.device | str) -> torch.device:
+    """Where the default group's collectives take their tensors: this process's GPU under NCCL, which
+    takes no CPU tensor; `default` elsewhere."""
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device(default)
+    )
+
+
 def agreed(value: int, op: dist.ReduceOp.RedOpType) -> int:
     """`value` reduced over the ranks with `op` (MIN of flags: every rank's; MAX: any rank's)."""
     if world()[1] == 1:
         return value
-    count = torch.tensor([value], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    count = torch.tensor([value], device=_collective_device("cpu"))
     dist.all_reduce(count, op=op)
     return int(count.item())
 
@@ -103,10 +113,8 @@ def gather_rows(local: torch.Tensor) -> torch.Tensor:
     # torchmetrics is the optional [metrics] extra: loaded only where rows are gathered.
     from torchmetrics.utilities.distributed import gather_all_tensors
 
-    device = (
-        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else local.device
-    )
-    return torch.cat(gather_all_tensors(local.contiguous().to(device))).to(local.device)
+    rows = local.contiguous().to(_collective_device(local.device))
+    return torch.cat(gather_all_tensors(rows)).to(local.device)
 
 
 def needs_gloo() -> bool:
